@@ -1,0 +1,76 @@
+"""Generate (or, with --check, verify) the Python code for every .proto under protos/.
+
+Generated modules live beside their .proto files and are committed; `--check`
+regenerates into a temporary tree and fails if anything differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import pathlib
+import shutil
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def generate(out: pathlib.Path) -> None:
+    import grpc_tools
+    from grpc_tools import protoc
+
+    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "protos").rglob("*.proto"))
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        *sources,
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+
+
+def generated_files(tree: pathlib.Path) -> set[pathlib.Path]:
+    return {
+        p.relative_to(tree)
+        for pattern in ("*_pb2.py", "*_pb2.pyi")
+        for p in (tree / "protos").rglob(pattern)
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if generated code is stale")
+    ns = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp)
+        generate(out)
+        fresh = generated_files(out)
+        if ns.check:
+            committed = generated_files(ROOT)
+            stale = sorted(
+                str(p)
+                for p in fresh | committed
+                if p not in fresh
+                or p not in committed
+                or not filecmp.cmp(out / p, ROOT / p, shallow=False)
+            )
+            if stale:
+                print("generated protobuf code is stale:", *stale, sep="\n  ", file=sys.stderr)
+                print("run: python scripts/genprotos.py", file=sys.stderr)
+                return 1
+            return 0
+        for p in generated_files(ROOT) - fresh:
+            (ROOT / p).unlink()
+        for p in fresh:
+            (ROOT / p).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / p, ROOT / p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
