@@ -1,0 +1,191 @@
+"""A thin, typed wrapper around the runc binary.
+
+Each command's options are a dataclass that builds its own flags; failures
+raise ``RuncError`` carrying runc's own last error line (from its JSON log),
+which is what a person needs to act on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import FailedPrecondition, NotFound, StasisError, Unavailable
+from runtime.proc import Completed, Spawner, Stdio
+
+DEFAULT_ROOT = "/run/containerd/runc"
+
+
+class RuncError(Unavailable):
+    """runc exited non-zero; the message holds the command and runc's last error."""
+
+    def __init__(self, command: str, status: int, detail: str) -> None:
+        self.command = command
+        self.status = status
+        self.detail = detail
+        super().__init__(f"runc {command} failed (exit {status}): {detail}")
+
+
+def _classify(err: RuncError) -> StasisError:
+    """Map the runc errors that have a precise meaning to their error class."""
+    low = err.detail.lower()
+    if "does not exist" in low or "not found" in low or "no such" in low:
+        return NotFound(str(err))
+    if "not running" in low or "already" in low or "cannot" in low or "stopped" in low:
+        return FailedPrecondition(str(err))
+    return err
+
+
+@dataclass(frozen=True)
+class CreateOpts:
+    """Options of ``runc create`` / ``runc run``."""
+
+    pid_file: str
+    console_socket: str | None = None
+    no_pivot: bool = False
+    no_new_keyring: bool = False
+
+    def args(self) -> list[str]:
+        """The command-line flags."""
+        out = ["--pid-file", self.pid_file]
+        if self.console_socket:
+            out += ["--console-socket", self.console_socket]
+        if self.no_pivot:
+            out.append("--no-pivot")
+        if self.no_new_keyring:
+            out.append("--no-new-keyring")
+        return out
+
+
+@dataclass(frozen=True)
+class ExecOpts:
+    """Options of ``runc exec --detach``."""
+
+    process_json: str
+    pid_file: str
+    console_socket: str | None = None
+
+    def args(self) -> list[str]:
+        """The command-line flags."""
+        out = ["--detach", "--process", self.process_json, "--pid-file", self.pid_file]
+        if self.console_socket:
+            out += ["--console-socket", self.console_socket]
+        return out
+
+
+@dataclass
+class Runc:
+    """One runc binary with its state root; every call goes through ``spawner``."""
+
+    spawner: Spawner
+    root: str = DEFAULT_ROOT
+    binary: str = "runc"
+    log: str | None = None
+    systemd_cgroup: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def _argv(self, command: str, args: Sequence[str], log: str | None) -> list[str]:
+        argv = [self.binary, "--root", self.root]
+        if log:
+            argv += ["--log", log, "--log-format", "json"]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        return [*argv, command, *args]
+
+    async def _run(
+        self,
+        command: str,
+        args: Sequence[str],
+        *,
+        stdio: Stdio = Stdio(),
+        capture: bool = False,
+        input: bytes | None = None,
+        log: str | None = None,
+    ) -> Completed:
+        log = log or self.log
+        env = None
+        if self.extra_env:
+            env = {**os.environ, **self.extra_env}
+        done = await self.spawner.run(
+            self._argv(command, args, log), stdio=stdio, capture=capture, input=input, env=env
+        )
+        if done.status != 0:
+            raise _classify(RuncError(command, done.status, last_error(log)))
+        return done
+
+    async def create(self, id: str, bundle: str, opts: CreateOpts, stdio: Stdio) -> None:
+        """``runc create``: set up the container; its init waits for ``start``."""
+        await self._run("create", ["--bundle", bundle, *opts.args(), id], stdio=stdio)
+
+    async def start(self, id: str) -> None:
+        """``runc start``: let the created init exec the user process."""
+        await self._run("start", [id])
+
+    async def exec(self, id: str, opts: ExecOpts, stdio: Stdio) -> None:
+        """``runc exec --detach``: start an extra process in a running container."""
+        await self._run("exec", [*opts.args(), id], stdio=stdio)
+
+    async def kill(self, id: str, sig: int = signal.SIGTERM, *, all: bool = False) -> None:
+        """``runc kill``: signal the init (or, with ``all``, every process)."""
+        args = ["--all"] if all else []
+        await self._run("kill", [*args, id, str(sig)])
+
+    async def delete(self, id: str, *, force: bool = False) -> None:
+        """``runc delete``: remove the container's state and cgroup."""
+        args = ["--force"] if force else []
+        await self._run("delete", [*args, id])
+
+    async def state(self, id: str) -> dict[str, Any]:
+        """``runc state``: the container's state as runc reports it."""
+        done = await self._run("state", [id], capture=True)
+        state: dict[str, Any] = json.loads(done.stdout)
+        return state
+
+    async def ps(self, id: str) -> list[int]:
+        """``runc ps --format json``: PIDs of every process in the container."""
+        done = await self._run("ps", ["--format", "json", id], capture=True)
+        pids = json.loads(done.stdout or b"[]")
+        return [int(p) for p in pids or []]
+
+    async def pause(self, id: str) -> None:
+        """``runc pause``: freeze every process of the container."""
+        await self._run("pause", [id])
+
+    async def resume(self, id: str) -> None:
+        """``runc resume``: thaw a paused container."""
+        await self._run("resume", [id])
+
+    async def update(self, id: str, resources_json: bytes) -> None:
+        """``runc update -r -``: apply new LinuxResources."""
+        await self._run("update", ["--resources", "-", id], input=resources_json)
+
+    async def version(self) -> str:
+        """The first line of ``runc --version``."""
+        done = await self.spawner.run([self.binary, "--version"], capture=True)
+        return done.stdout.decode(errors="replace").splitlines()[0] if done.stdout else ""
+
+
+def last_error(log: str | None) -> str:
+    """The last error runc wrote to its JSON log (or a note that there is none)."""
+    if not log:
+        return "no runc log"
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            lines = f.read().splitlines()
+    except OSError:
+        return f"no runc log at {log}"
+    for raw in reversed(lines):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            return str(entry.get("msg", raw.decode(errors="replace")))
+    return f"see {log}"

@@ -1,0 +1,254 @@
+"""containerd-shim-stasis-v2: the binary containerd runs for runtime io.containerd.stasis.v2.
+
+``start`` picks (or reuses) the shim serving the container's group and prints
+its socket address; ``delete`` cleans up after a dead shim. Both run on every
+container lifecycle, so this module imports only the standard library: the
+serving code (asyncio, protobuf) is imported in the forked daemon alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+SOCKET_DIR = "/run/containerd/s"
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+VERSION = "0.1.0"
+
+
+@dataclass
+class Flags:
+    """The flags containerd passes (Go flag syntax: -name value or -name=value)."""
+
+    namespace: str = ""
+    id: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    bundle: str = ""
+    debug: bool = False
+    version: bool = False
+    action: str = ""
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    """Parse containerd's shim command line; unknown flags are an error."""
+    f = Flags()
+    names = {"namespace", "id", "address", "publish-binary", "bundle", "socket", "debug", "v"}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-") or arg == "-":
+            if f.action:
+                raise SystemExit(f"unexpected argument {arg!r}")
+            f.action = arg
+            i += 1
+            continue
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name not in names:
+            raise SystemExit(f"flag provided but not defined: -{name}")
+        if name in ("debug", "v"):
+            on = value.lower() not in ("false", "0") if eq else True
+            if name == "debug":
+                f.debug = on
+            else:
+                f.version = on
+            i += 1
+            continue
+        if not eq:
+            i += 1
+            if i >= len(argv):
+                raise SystemExit(f"flag needs an argument: -{name}")
+            value = argv[i]
+        if name != "socket":
+            setattr(f, name.replace("-", "_"), value)
+        i += 1
+    return f
+
+
+def group_id(bundle: str, id: str) -> str:
+    """The id whose shim serves this container: its pod's sandbox, or itself."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as fh:
+            annotations = json.load(fh).get("annotations") or {}
+    except (OSError, ValueError):
+        return id
+    for key in GROUP_ANNOTATIONS:
+        value = annotations.get(key)
+        if value:
+            return str(value)
+    return id
+
+
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    """The shim socket for a group; distinct from the runc shim's for the same group."""
+    key = os.path.normpath(os.path.join("/", containerd_address, namespace, group))
+    digest = hashlib.sha256(f"stasis:{key}".encode()).hexdigest()
+    return os.path.join(SOCKET_DIR, digest)
+
+
+def _alive(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _listen(path: str) -> socket.socket | None:
+    """Bind the group's socket (mode 0600); None when a live shim already owns it."""
+    os.makedirs(SOCKET_DIR, mode=0o711, exist_ok=True)
+    for _ in range(2):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        except OSError as e:
+            s.close()
+            if e.errno != 98:  # EADDRINUSE
+                raise
+            if _alive(path):
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            continue
+        finally:
+            os.umask(old)
+        s.listen(128)
+        return s
+    raise SystemExit(f"cannot bind shim socket {path}")
+
+
+def _write_atomic(path: str, data: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(data)
+    os.rename(tmp, path)
+
+
+def start(f: Flags) -> int:
+    """Print the address of the shim for this container, starting one if needed."""
+    bundle = f.bundle or os.getcwd()
+    namespace = f.namespace or os.environ.get("NAMESPACE", "")
+    if not f.id or not namespace or not f.address:
+        raise SystemExit("start needs -id, -namespace and -address")
+    with contextlib.suppress(OSError):
+        sys.stdin.buffer.read()  # the runtime options; Create carries them again
+    path = socket_path(f.address, namespace, group_id(bundle, f.id))
+    sock = _listen(path)
+    if sock is not None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _daemon(sock, f, namespace, bundle, path)
+            finally:
+                os._exit(code)
+        sock.close()
+        _write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
+    address = f"unix://{path}"
+    _write_atomic(os.path.join(bundle, "address"), address)
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _daemon(sock: socket.socket, f: Flags, namespace: str, bundle: str, path: str) -> int:
+    """The forked shim daemon: detach from start's stdio and session, then serve."""
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+    from shim.serve import serve
+
+    return serve(
+        sock,
+        socket_path=path,
+        namespace=namespace,
+        bundle=bundle,
+        ttrpc_address=os.environ.get("TTRPC_ADDRESS", f.address + ".ttrpc"),
+        debug=f.debug,
+    )
+
+
+def _encode_delete_response(exit_status: int, at_ns: int) -> bytes:
+    # DeleteResponse{pid=1, exit_status=2, exited_at=3 Timestamp{seconds=1, nanos=2}},
+    # hand-encoded so `delete` stays free of the protobuf import.
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            b = n & 0x7F
+            n >>= 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    ts = b"\x08" + varint(at_ns // 1_000_000_000) + b"\x10" + varint(at_ns % 1_000_000_000)
+    return b"\x10" + varint(exit_status) + b"\x1a" + varint(len(ts)) + ts
+
+
+def delete(f: Flags) -> int:
+    """Clean up after a shim that is gone: force-delete the container and unmount its rootfs."""
+    bundle = f.bundle or os.getcwd()
+    namespace = f.namespace or os.environ.get("NAMESPACE", "")
+    root = "/run/containerd/runc"
+    binary = "runc"
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(bundle, "options.json"), "rb") as fh:
+            opts = json.load(fh)
+        root = opts.get("root") or root
+        binary = opts.get("binary_name") or binary
+    if f.id:
+        argv = [binary, "--root", os.path.join(root, namespace), "delete", "--force", f.id]
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                pid = os.posix_spawnp(
+                    binary,
+                    argv,
+                    os.environ,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, null, i) for i in (0, 1, 2)],
+                )
+            finally:
+                os.close(null)
+            os.waitpid(pid, 0)
+    rootfs = os.path.join(bundle, "rootfs")
+    if os.path.isdir(rootfs):
+        from runtime.mount import unmount_all
+
+        with contextlib.suppress(OSError):
+            unmount_all(rootfs)
+    sys.stdout.buffer.write(_encode_delete_response(128 + 9, time.time_ns()))
+    sys.stdout.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of containerd-shim-stasis-v2."""
+    f = parse_flags(sys.argv[1:] if argv is None else argv)
+    if f.version:
+        print(f"containerd-shim-stasis-v2 version {VERSION}")
+        return 0
+    if f.action == "start":
+        return start(f)
+    if f.action == "delete":
+        return delete(f)
+    sys.stderr.write(
+        "containerd-shim-stasis-v2 is started by containerd (actions: start, delete)\n"
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
