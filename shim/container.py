@@ -91,9 +91,10 @@ class Container:
         )
         rootfs: str | None = None
         io: ProcessIO | None = None
-        # `shim delete` runs without the daemon and needs to find runc's state.
-        with open(os.path.join(cfg.bundle, "options.json"), "w", encoding="utf-8") as fh:
-            json.dump({"root": opts.root, "binary_name": opts.binary_name}, fh)
+        if opts.root or opts.binary_name:
+            # `shim delete` runs without the daemon and must find runc's state.
+            with open(os.path.join(cfg.bundle, "options.json"), "w", encoding="utf-8") as fh:
+                json.dump({"root": opts.root, "binary_name": opts.binary_name}, fh)
         try:
             if cfg.rootfs:
                 rootfs = os.path.join(cfg.bundle, "rootfs")
