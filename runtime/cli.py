@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a counting container through Stasis")
-    d.add_argument("--image", default="docker.io/stasis/busybox:demo")
+    d.add_argument("--image", default="docker.io/stasis/busybox:test")
     d.add_argument("--seconds", type=float, default=2.0)
     d.set_defaults(func=demo)
     ns = parser.parse_args(argv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,12 +31,27 @@ class RuncError(Unavailable):
         super().__init__(f"runc {command} failed (exit {status}): {detail}")
 
 
+# runc's own messages for a missing container and for a wrong state; anything
+# else (e.g. "executable file not found" from the container's process) stays a
+# plain RuncError.
+_NOT_FOUND = re.compile(r"container\b[^:]*\b(does not exist|not found)|no such process")
+_WRONG_STATE = (
+    "container not running",
+    "container is not running",
+    "container is paused",
+    "container not paused",
+    "cannot start an already running container",
+    "cannot start a container that has stopped",
+    "container is stopped",
+)
+
+
 def _classify(err: RuncError) -> StasisError:
     """Map the runc errors that have a precise meaning to their error class."""
     low = err.detail.lower()
-    if "does not exist" in low or "not found" in low or "no such" in low:
+    if _NOT_FOUND.search(low):
         return NotFound(str(err))
-    if "not running" in low or "already" in low or "cannot" in low or "stopped" in low:
+    if any(m in low for m in _WRONG_STATE):
         return FailedPrecondition(str(err))
     return err
 

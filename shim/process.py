@@ -104,7 +104,8 @@ class _Running(_State):
 
     async def pause(self) -> None:
         await self.p.runc.pause(self.p.container_id)
-        self.p._transition(_Paused)
+        if self.p._state is self:  # not if it exited meanwhile
+            self.p._transition(_Paused)
 
 
 class _Paused(_State):
@@ -115,7 +116,8 @@ class _Paused(_State):
 
     async def resume(self) -> None:
         await self.p.runc.resume(self.p.container_id)
-        self.p._transition(_Running)
+        if self.p._state is self:  # not if it exited meanwhile
+            self.p._transition(_Running)
 
 
 class _Stopped(_State):
@@ -141,7 +143,9 @@ class _Deleted(_State):
         raise NotFound(f"process {self.p.describe()} was deleted")
 
     def exited(self, e: Exit) -> None:
-        pass
+        # A created process deleted (killed) before it ran exits afterwards.
+        if self.p._exit is None:
+            self.p._exit = e
 
 
 _ALLOWED: dict[type[_State], frozenset[type[_State]]] = {

@@ -4,13 +4,16 @@ CRIU can only checkpoint a container whose stdio are pipes it may treat as
 external, so containers never get containerd's FIFOs (or files) directly.
 Each stream is copied by a small daemon thread with ``os.splice`` (the data
 never enters Python); a thread per stream keeps the event loop free of
-blocking FIFO opens.
+blocking I/O. Once started, a copier owns its fds and is the only one to close
+them, so an fd number can never be reused under a running copy; the shim stops
+copiers through eventfds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -47,25 +50,57 @@ def _open_output(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-def _pump(src: int, dst: int) -> int:
-    """Move bytes from ``src`` (a pipe) to ``dst`` until EOF; returns the fd written last.
-
-    On a write error (the reader went away for good) it keeps draining into
-    /dev/null, so the container never blocks on a full pipe.
-    """
+def _wait(fds: list[tuple[int, int]]) -> set[int]:
+    """poll() until one of ``(fd, events)`` is ready; the set of ready fds."""
+    poller = select.poll()
+    for fd, events in fds:
+        poller.register(fd, events)
     while True:
         try:
-            n = os.splice(src, dst, _CHUNK)
-        except OSError as e:
-            log.debug("stdio copy to fd %d stopped: %s; draining", dst, e)
-            try:
-                os.read(src, _CHUNK)  # the failed chunk, if any, is dropped
-            except OSError:
-                return dst
-            dst = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            return {fd for fd, _ in poller.poll()}
+        except InterruptedError:
             continue
-        if n == 0:
-            return dst
+
+
+def _copy(src: int, dst: int, stop: int) -> None:
+    """Move bytes from pipe ``src`` to ``dst`` until EOF or until ``stop`` fires.
+
+    On a write error (the reader went away for good) it keeps draining into
+    /dev/null, so the container never blocks on a full pipe. Closes nothing.
+    """
+    # splice(2) refuses a destination opened O_APPEND (EINVAL), and file
+    # outputs are: copy to those through a buffer instead.
+    buffered = bool(fcntl.fcntl(dst, fcntl.F_GETFL) & os.O_APPEND)
+    null = -1
+    try:
+        while True:
+            if stop in _wait([(src, select.POLLIN), (stop, select.POLLIN)]):
+                return
+            try:
+                if buffered:
+                    data = memoryview(os.read(src, _CHUNK))
+                    n = len(data)
+                    while data:
+                        data = data[os.write(dst, data) :]
+                else:
+                    n = os.splice(src, dst, _CHUNK, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                # The destination FIFO is full: wait until it drains (or stop).
+                if stop in _wait([(dst, select.POLLOUT), (stop, select.POLLIN)]):
+                    return
+                continue
+            except OSError as e:
+                if null >= 0:
+                    return
+                log.debug("stdio copy to fd %d stopped: %s; draining", dst, e)
+                null = dst = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                buffered = False
+                continue
+            if n == 0:
+                return
+    finally:
+        if null >= 0:
+            os.close(null)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -77,9 +112,11 @@ class ProcessIO:
     """The three pipes of one container process and the threads that copy them.
 
     Lifecycle: ``ProcessIO(...)`` creates the pipes; ``child`` is handed to
-    runc; ``started()`` closes the child's ends in the shim and starts
-    copying; ``close()`` tears everything down. Guarded by ``_lock``: the fd
-    fields, which copier threads and RPC handlers both touch.
+    runc; ``started()`` closes the child's ends in the shim and hands every
+    other fd to a copier thread; ``close_stdin()`` ends stdin; ``close()``
+    stops the copiers. Guarded by ``_lock``: ``_fds`` (what the shim itself
+    still owns), the closed flags and the count of running copiers, whose last
+    one closes the eventfds.
     """
 
     def __init__(self, stdin: str, stdout: str, stderr: str) -> None:
@@ -87,81 +124,93 @@ class ProcessIO:
         self._lock = threading.Lock()
         self._fds: list[int] = []
         self._stdin_w = -1
-        self._stdin_wake = -1
-        self._stdin_thread: threading.Thread | None = None
+        self._closed = False
         self._stdin_closed = False
-        self._outputs: list[tuple[int, int]] = []  # (pipe read end, destination)
-        self._copiers: list[threading.Thread] = []
+        self._running = 0
+        self._threads: list[threading.Thread] = []
         self._output_done: list[asyncio.Future[None]] = []
+        self._outputs: list[tuple[int, int]] = []  # (pipe read end, destination)
+        self._eventfds: list[int] = []  # closed once, when closed and no copier runs
         try:
-            # Open destinations first: a bad path fails before any process exists.
-            dests = [_open_output(stdout), _open_output(stderr)]
-            self._fds += dests
+            self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+            self._eventfds.append(self._stop)
+            self._stop_stdin = os.eventfd(0, os.EFD_CLOEXEC)
+            self._eventfds.append(self._stop_stdin)
+            # Open destinations first: a bad path fails before any process exists,
+            # one at a time so that a failure closes what was opened.
+            dests = []
+            for path in (stdout, stderr):
+                fd = _open_output(path)
+                self._fds.append(fd)
+                dests.append(fd)
             child_in = None
             if stdin:
                 child_in, self._stdin_w = os.pipe()
-                self._stdin_wake = os.eventfd(0, os.EFD_CLOEXEC)
-                self._fds += [child_in]
+                self._fds += [child_in, self._stdin_w]
             out_r, out_w = os.pipe()
+            self._fds += [out_r, out_w]
             err_r, err_w = os.pipe()
-            self._fds += [out_w, err_w]
+            self._fds += [err_r, err_w]
             self._outputs = [(out_r, dests[0]), (err_r, dests[1])]
             self.child = Stdio(child_in, out_w, err_w)
         except BaseException:
-            self._close_all()
+            self.close()
             raise
 
     def started(self, loop: asyncio.AbstractEventLoop) -> None:
         """The child holds its ends now: close ours and start copying."""
-        for fd in (self.child.stdin, self.child.stdout, self.child.stderr):
-            if fd is not None:
-                self._discard(fd)
-        for src, dst in self._outputs:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._output_done.append(fut)
-            t = threading.Thread(target=self._copy_output, args=(src, dst, loop, fut), daemon=True)
-            self._copiers.append(t)
-            t.start()
-        if self._stdin_w >= 0:
-            self._stdin_thread = threading.Thread(target=self._copy_stdin, daemon=True)
-            self._stdin_thread.start()
-
-    def _discard(self, fd: int) -> None:
         with self._lock:
-            if fd in self._fds:
-                self._fds.remove(fd)
-                os.close(fd)
+            if self._closed:
+                return
+            for fd in (self.child.stdin, self.child.stdout, self.child.stderr):
+                if fd is not None:
+                    self._fds.remove(fd)
+                    os.close(fd)
+            jobs: list[tuple[object, tuple[object, ...]]] = []
+            for src, dst in self._outputs:
+                fut: asyncio.Future[None] = loop.create_future()
+                self._output_done.append(fut)
+                jobs.append((self._copy_output, (src, dst, loop, fut)))
+                self._fds.remove(src)
+                self._fds.remove(dst)
+            if self._stdin_w >= 0 and not self._stdin_closed:
+                jobs.append((self._copy_stdin, (self._stdin_w,)))
+                self._fds.remove(self._stdin_w)
+            self._running = len(jobs)
+        for target, args in jobs:
+            t = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
+            self._threads.append(t)
+            t.start()
+
+    def _copier_done(self, *fds: int) -> None:
+        """A copier ends: it closes the fds it owned."""
+        for fd in fds:
+            os.close(fd)
+        with self._lock:
+            self._running -= 1
+            self._release_eventfds()
 
     def _copy_output(
         self, src: int, dst: int, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
     ) -> None:
-        last = dst
         try:
-            last = _pump(src, dst)
+            _copy(src, dst, self._stop)
         finally:
-            os.close(src)
-            if last != dst:
-                os.close(last)
-            self._discard(dst)
+            self._copier_done(src, dst)
             with contextlib.suppress(RuntimeError):  # loop already closed at exit
                 loop.call_soon_threadsafe(_resolve, fut)
 
-    def _copy_stdin(self) -> None:
-        # This thread owns the pipe's write end once started: only it closes
-        # it, so the fd number can never be reused under a running splice.
-        path, dst, wake = self.paths[0], self._stdin_w, self._stdin_wake
+    def _copy_stdin(self, dst: int) -> None:
+        path = self.paths[0]
         src = -1
         try:
-            # Blocks until containerd's client opens the FIFO for writing
-            # (close_stdin opens it once itself to release this).
-            src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            os.set_blocking(src, False)
-            poller = select.poll()
-            poller.register(src, select.POLLIN)
-            poller.register(wake, select.POLLIN)
+            # Non-blocking open never waits for a writer; poll() reports the
+            # FIFO readable only once a writer has written or come and gone.
+            src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            stops = {self._stop, self._stop_stdin}
             while True:
-                events = dict(poller.poll())
-                if wake in events:
+                ready = _wait([(src, select.POLLIN), *((s, select.POLLIN) for s in stops)])
+                if ready & stops:
                     return
                 try:
                     data = os.read(src, _CHUNK)
@@ -169,31 +218,26 @@ class ProcessIO:
                     continue
                 if not data:
                     return
-                os.write(dst, data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(dst, view) :]
         except OSError as e:
             log.debug("stdin copy from %s stopped: %s", path, e)
         finally:
-            with self._lock:
-                # From here close_stdin() must not touch the fds closed below.
-                self._stdin_closed = True
-                for fd in (src, dst, wake):
-                    if fd >= 0:
-                        os.close(fd)
+            self._copier_done(*(fd for fd in (src, dst) if fd >= 0))
 
     def close_stdin(self) -> None:
         """Close the container's stdin (CloseIO): it reads EOF."""
         with self._lock:
-            if self._stdin_closed:
+            if self._stdin_closed or self._closed:
                 return
             self._stdin_closed = True
-            if self._stdin_thread is not None:
-                os.eventfd_write(self._stdin_wake, 1)
-                # A copier still blocked in open() returns once a writer appears.
-                with contextlib.suppress(OSError):
-                    os.close(os.open(self.paths[0], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            elif self._stdin_w >= 0:
+            if self._stdin_w in self._fds:  # no copier: the shim still owns it
+                self._fds.remove(self._stdin_w)
                 os.close(self._stdin_w)
-                os.close(self._stdin_wake)
+            elif self._stdin_w >= 0:
+                os.eventfd_write(self._stop_stdin, 1)
+            self._stdin_w = -1
 
     async def wait_output(self, timeout: float) -> bool:
         """Wait until stdout and stderr reached EOF; False on timeout."""
@@ -203,19 +247,22 @@ class ProcessIO:
         return not pending
 
     def close(self) -> None:
-        """Close stdin and every fd the shim still holds for this process."""
-        self.close_stdin()
-        self._close_all()
-
-    def _close_all(self) -> None:
+        """Stop every copier and close every fd the shim still owns for this process."""
         self.close_stdin()
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._running:
+                os.eventfd_write(self._stop, 1)
             fds, self._fds = self._fds, []
+            self._release_eventfds()
         for fd in fds:
-            with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _release_eventfds(self) -> None:
+        # Called with _lock held: copiers poll the eventfds until they end.
+        if self._closed and self._running == 0:
+            fds, self._eventfds = self._eventfds, []
+            for fd in fds:
                 os.close(fd)
-        if not self._copiers:
-            for src, _ in self._outputs:
-                with contextlib.suppress(OSError):
-                    os.close(src)
-            self._outputs = []
