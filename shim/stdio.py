@@ -19,7 +19,6 @@ import os
 import select
 import stat
 import threading
-from urllib.parse import urlparse
 
 from runtime.errors import InvalidArgument
 from runtime.proc import Stdio
@@ -34,10 +33,13 @@ def _open_output(path: str) -> int:
     if not path:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     if "://" in path:
-        url = urlparse(path)
-        if url.scheme != "file":
-            raise InvalidArgument(f"unsupported stdio URI scheme {url.scheme!r} in {path!r}")
-        path = url.path
+        scheme, _, rest = path.partition("://")
+        if scheme != "file":
+            raise InvalidArgument(f"unsupported stdio URI scheme {scheme!r} in {path!r}")
+        # file:///abs/path; a query (containerd's log URI options) is not part of it.
+        path = rest.partition("?")[0]
+        if not path.startswith("/"):
+            raise InvalidArgument(f"stdio URI {path!r} needs an absolute path")
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
     try:
         is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
