@@ -64,6 +64,7 @@ if ! ctr --address "$ADDRESS" version >/dev/null 2>&1; then
     else
         log "starting containerd (no systemd here; log: /var/log/containerd.log)"
         setsid nohup containerd >/var/log/containerd.log 2>&1 </dev/null &
+        echo $! >/run/stasis-containerd.pid
     fi
     for _ in $(seq 100); do
         ctr --address "$ADDRESS" version >/dev/null 2>&1 && break
