@@ -270,7 +270,9 @@ class TaskService:
 
     async def _shutdown(self, req: api.ShutdownRequest) -> Message:
         async with self._lifecycle:
-            if self.containers and not req.now:
+            # Like the runc shim, never leave running containers without their
+            # reaper and stdio: `now` does not override this.
+            if self.containers:
                 return _EMPTY
         self.on_shutdown()
         return _EMPTY
