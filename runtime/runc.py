@@ -179,6 +179,13 @@ class Runc:
         """``runc update -r -``: apply new LinuxResources."""
         await self._run("update", ["--resources", "-", id], input=resources_json)
 
+    async def stats(self, id: str) -> dict[str, Any]:
+        """``runc events --stats``: the container's cgroup statistics (runc's JSON)."""
+        done = await self._run("events", ["--stats", id], capture=True)
+        event: dict[str, Any] = json.loads(done.stdout)
+        data: dict[str, Any] = event.get("data") or {}
+        return data
+
     async def version(self) -> str:
         """The first line of ``runc --version``."""
         done = await self.spawner.run([self.binary, "--version"], capture=True)

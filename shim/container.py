@@ -10,13 +10,22 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from runtime import cgroups
 from runtime import mount as mounts
-from runtime.errors import InvalidArgument, NotFound, NotImplementedRPC, StasisError
+from runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedRPC,
+    StasisError,
+)
 from runtime.runc import CreateOpts, Runc
-from shim.process import Exit, InitProcess
+from shim.process import ExecProcess, Exit, InitProcess, Process, Status
 from shim.reaper import Reaper
-from shim.stdio import ProcessIO
+from shim.stdio import ProcessIO, TerminalIO
 
 log = logging.getLogger("stasis.container")
 
@@ -49,19 +58,40 @@ class CreateConfig:
     options: RuncOptions = field(default_factory=RuncOptions)
 
 
-ExitCallback = Callable[["Container", InitProcess, Exit], None]
+ExitCallback = Callable[["Container", Process, Exit], None]
+OOMCallback = Callable[["Container"], None]
+
+
+def _new_io(stdin: str, stdout: str, stderr: str, terminal: bool) -> ProcessIO:
+    return TerminalIO(stdin, stdout) if terminal else ProcessIO(stdin, stdout, stderr)
 
 
 class Container:
-    """One container: its init process (and, later, exec processes)."""
+    """One container: its init process, its exec processes, its rootfs and cgroup watch.
 
-    def __init__(self, cfg: CreateConfig, runc: Runc, init: InitProcess, rootfs: str | None):
+    ``execs`` changes only on the event loop thread, between awaits of the
+    service's lifecycle lock.
+    """
+
+    def __init__(
+        self,
+        cfg: CreateConfig,
+        runc: Runc,
+        init: InitProcess,
+        rootfs: str | None,
+        reaper: Reaper,
+        on_exit: ExitCallback,
+    ) -> None:
         self.id = cfg.id
         self.bundle = cfg.bundle
         self.config = cfg
         self.runc = runc
         self.init = init
         self.rootfs = rootfs  # where we mounted the rootfs, to unmount on delete
+        self.execs: dict[str, ExecProcess] = {}
+        self._reaper = reaper
+        self._on_exit = on_exit
+        self._oom: cgroups.OOMWatcher | None = None
 
     @classmethod
     async def create(
@@ -77,8 +107,6 @@ class Container:
             raise InvalidArgument(f"invalid container id {cfg.id!r}")
         if not os.path.isfile(os.path.join(cfg.bundle, "config.json")):
             raise InvalidArgument(f"bundle {cfg.bundle} has no config.json")
-        if cfg.terminal:
-            raise NotImplementedRPC("terminal containers are not supported yet")
         if cfg.checkpoint:
             raise NotImplementedRPC("restoring through Create is not supported yet")
         opts = cfg.options
@@ -100,7 +128,7 @@ class Container:
                 rootfs = os.path.join(cfg.bundle, "rootfs")
                 os.makedirs(rootfs, mode=0o711, exist_ok=True)
                 mounts.mount_all(cfg.rootfs, rootfs)
-            io = ProcessIO(cfg.stdin, cfg.stdout, cfg.stderr)
+            io = _new_io(cfg.stdin, cfg.stdout, cfg.stderr, cfg.terminal)
             init = InitProcess(
                 cfg.id, cfg.bundle, runc, io, (cfg.stdin, cfg.stdout, cfg.stderr), cfg.terminal
             )
@@ -121,32 +149,108 @@ class Container:
                     mounts.unmount_all(rootfs)
             raise
         io.started(asyncio.get_running_loop())
-        container = cls(cfg, runc, init, rootfs)
-        exited = reaper.watch(init.pid)
-        exited.add_done_callback(
-            lambda f: (
-                on_exit(container, init, init.exited(f.result())) if not f.cancelled() else None
-            )
-        )
+        container = cls(cfg, runc, init, rootfs, reaper, on_exit)
+        container._watch(init)
         return container
 
-    def process(self, exec_id: str) -> InitProcess:
-        """The init (empty ``exec_id``) or an exec process."""
-        if exec_id:
-            raise NotFound(f"exec {exec_id!r} not found in container {self.id}")
-        return self.init
+    def _watch(self, proc: Process) -> None:
+        exited = self._reaper.watch(proc.pid)
+        exited.add_done_callback(
+            lambda f: (
+                self._on_exit(self, proc, proc.exited(f.result())) if not f.cancelled() else None
+            )
+        )
 
-    async def delete(self, exec_id: str = "") -> InitProcess:
+    def watch_oom(self, on_oom: OOMCallback) -> None:
+        """Call ``on_oom`` whenever the kernel OOM-kills inside this container's cgroup."""
+        try:
+            with open(os.path.join(self.bundle, "config.json"), "rb") as f:
+                spec = json.load(f)
+            directory = cgroups.memory_dir(str((spec.get("linux") or {}).get("cgroupsPath", "")))
+            if directory is None or not os.path.isdir(directory):
+                return
+            watcher = cgroups.OOMWatcher(directory)
+        except (OSError, ValueError) as e:
+            log.warning("no OOM events for %s: %s", self.id, e)
+            return
+        self._oom = watcher
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            if watcher.check():
+                on_oom(self)
+
+        loop.add_reader(watcher.fd, readable)
+
+    def _stop_oom_watch(self) -> None:
+        if self._oom is not None:
+            asyncio.get_running_loop().remove_reader(self._oom.fd)
+            self._oom.close()
+            self._oom = None
+
+    def process(self, exec_id: str) -> Process:
+        """The init (empty ``exec_id``) or an exec process."""
+        if not exec_id:
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise NotFound(f"exec {exec_id!r} not found in container {self.id}")
+        return proc
+
+    def exec(
+        self,
+        exec_id: str,
+        spec: dict[str, Any],
+        stdio: tuple[str, str, str],
+        terminal: bool,
+    ) -> ExecProcess:
+        """Register an exec process (started later by ``Start``)."""
+        if not _ID.match(exec_id):
+            raise InvalidArgument(f"invalid exec id {exec_id!r}")
+        if exec_id in self.execs:
+            raise AlreadyExists(f"exec {exec_id!r} already exists in container {self.id}")
+        if self.init.status not in (Status.RUNNING, Status.PAUSED):
+            raise FailedPrecondition(f"container {self.id} is not running")
+        io = _new_io(*stdio, terminal)
+        proc = ExecProcess(self.id, exec_id, self.bundle, self.runc, io, stdio, spec, terminal)
+        proc.on_pid = self._exec_started
+        self.execs[exec_id] = proc
+        return proc
+
+    def _exec_started(self, proc: ExecProcess) -> None:
+        proc.io.started(asyncio.get_running_loop())
+        self._watch(proc)
+
+    def running_execs(self) -> list[ExecProcess]:
+        """Exec processes that have started and not yet exited."""
+        return [p for p in self.execs.values() if p.pid and p.exit is None]
+
+    async def delete(self, exec_id: str = "") -> Process:
         """Delete a process; for the init, also unmount the rootfs."""
         proc = self.process(exec_id)
         await proc.delete()
-        if not exec_id and self.rootfs is not None:
+        if exec_id:
+            del self.execs[exec_id]
+            return proc
+        self._stop_oom_watch()
+        if self.rootfs is not None:
             try:
                 mounts.unmount_all(self.rootfs)
             except OSError as e:
                 log.warning("unmount %s: %s", self.rootfs, e)
         return proc
 
-    async def pids(self) -> list[int]:
-        """PIDs of every process in the container."""
-        return await self.runc.ps(self.id)
+    async def pids(self) -> list[tuple[int, str]]:
+        """(PID, exec id or "") of every process in the container."""
+        by_pid = {p.pid: p.id for p in self.execs.values() if p.pid}
+        return [(pid, by_pid.get(pid, "")) for pid in await self.runc.ps(self.id)]
+
+    async def update(self, resources: bytes) -> None:
+        """Apply new LinuxResources (JSON) to the running container."""
+        if self.init.status not in (Status.RUNNING, Status.PAUSED, Status.CREATED):
+            raise FailedPrecondition(f"container {self.id} is not running")
+        await self.runc.update(self.id, resources)
+
+    async def stats(self) -> dict[str, Any]:
+        """runc's cgroup statistics for the container."""
+        return await self.runc.stats(self.id)

@@ -3,7 +3,9 @@
 Like containerd's runc shim, every state is its own class (``_Created``,
 ``_Running``, ``_Paused``, ``_Stopped``, ``_Deleted``); a process's public
 methods take its lock and delegate to the current state, and only the
-transitions listed in ``_ALLOWED`` can happen. A restore is a state of its own
+transitions listed in ``_ALLOWED`` can happen. The init process and exec
+processes share the states and differ in the hooks the states call
+(``_do_start``, ``_do_kill``, ...). A restore is a state of its own
 (``created-from-checkpoint``), added by the checkpoint work, not a flag.
 """
 
@@ -11,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from runtime.errors import FailedPrecondition, NotFound
-from runtime.runc import CreateOpts, Runc
+from runtime.runc import CreateOpts, ExecOpts, Runc
+from shim.console import with_console
 
 if TYPE_CHECKING:
     from shim.stdio import ProcessIO
@@ -52,7 +56,7 @@ class _State:
 
     status: ClassVar[Status] = Status.UNKNOWN
 
-    def __init__(self, proc: InitProcess) -> None:
+    def __init__(self, proc: Process) -> None:
         self.p = proc
 
     def _refuse(self, op: str) -> FailedPrecondition:
@@ -84,13 +88,13 @@ class _Created(_State):
     status = Status.CREATED
 
     async def start(self) -> None:
-        await self.p.runc.start(self.p.container_id)
+        await self.p._do_start()
         # A fast process may have exited (and moved to stopped) meanwhile.
         if self.p._state is self:
             self.p._transition(_Running)
 
     async def kill(self, sig: int, all: bool) -> None:
-        await self.p.runc.kill(self.p.container_id, sig, all=all)
+        await self.p._do_kill_created(sig, all)
 
     async def delete(self) -> None:
         await self.p._destroy()
@@ -100,10 +104,10 @@ class _Running(_State):
     status = Status.RUNNING
 
     async def kill(self, sig: int, all: bool) -> None:
-        await self.p.runc.kill(self.p.container_id, sig, all=all)
+        await self.p._do_kill(sig, all)
 
     async def pause(self) -> None:
-        await self.p.runc.pause(self.p.container_id)
+        await self.p._do_pause()
         if self.p._state is self:  # not if it exited meanwhile
             self.p._transition(_Paused)
 
@@ -112,10 +116,10 @@ class _Paused(_State):
     status = Status.PAUSED
 
     async def kill(self, sig: int, all: bool) -> None:
-        await self.p.runc.kill(self.p.container_id, sig, all=all)
+        await self.p._do_kill(sig, all)
 
     async def resume(self) -> None:
-        await self.p.runc.resume(self.p.container_id)
+        await self.p._do_resume()
         if self.p._state is self:  # not if it exited meanwhile
             self.p._transition(_Running)
 
@@ -157,8 +161,8 @@ _ALLOWED: dict[type[_State], frozenset[type[_State]]] = {
 }
 
 
-class InitProcess:
-    """A container's init process, driven through runc.
+class Process:
+    """What init and exec processes share: identity, stdio, exit and the state machine.
 
     Invariant: ``_state`` changes only through ``_transition`` and, apart from
     ``exited`` (called from the reaper on the loop thread), only while
@@ -168,6 +172,7 @@ class InitProcess:
     def __init__(
         self,
         container_id: str,
+        id: str,
         bundle: str,
         runc: Runc,
         io: ProcessIO,
@@ -175,7 +180,7 @@ class InitProcess:
         terminal: bool = False,
     ) -> None:
         self.container_id = container_id
-        self.id = ""  # exec id; empty for init
+        self.id = id  # exec id; empty for init
         self.bundle = bundle
         self.runc = runc
         self.io = io
@@ -209,34 +214,28 @@ class InitProcess:
             )
         self._state = to(self)
 
-    async def create(self, opts: CreateOpts) -> None:
-        """``runc create`` with the process's pipes as stdio; reads the init PID."""
-        await self.runc.create(self.container_id, self.bundle, opts, self.io.child)
-        with open(opts.pid_file, encoding="ascii") as f:
-            self.pid = int(f.read().strip())
-
     async def start(self) -> None:
-        """Start the user process (``runc start``)."""
+        """Start the process."""
         async with self._lock:
             await self._state.start()
 
     async def kill(self, sig: int = signal.SIGTERM, all: bool = False) -> None:
-        """Send ``sig`` to the init (or, with ``all``, to every process)."""
+        """Send ``sig`` to the process (for init with ``all``: to every process)."""
         async with self._lock:
             await self._state.kill(sig, all)
 
     async def pause(self) -> None:
-        """Freeze the container."""
+        """Freeze the container (init only)."""
         async with self._lock:
             await self._state.pause()
 
     async def resume(self) -> None:
-        """Thaw the container."""
+        """Thaw the container (init only)."""
         async with self._lock:
             await self._state.resume()
 
     async def delete(self) -> None:
-        """Remove the container from runc once it is created or stopped."""
+        """Forget the process once it is created or stopped."""
         async with self._lock:
             await self._state.delete()
 
@@ -253,14 +252,144 @@ class InitProcess:
         assert self._exit is not None
         return self._exit
 
-    async def _destroy(self) -> None:
+    def resize(self, width: int, height: int) -> None:
+        """Resize the process's terminal."""
+        resize = getattr(self.io, "resize", None)
+        if not self.terminal or resize is None:
+            raise FailedPrecondition(f"process {self.describe()} has no terminal")
+        resize(width, height)
+
+    async def _drain_and_close_io(self) -> None:
         # Output may still be in flight in the pipes: let it drain first, as
         # the runc shim does, so a client reading the FIFOs sees everything.
         if not await self.io.wait_output(timeout=2.0):
             log.warning("output of %s still open after its exit", self.describe())
         self.io.close()
+
+    # Hooks the states call; each process kind fills in its own.
+    async def _do_start(self) -> None:
+        raise NotImplementedError
+
+    async def _do_kill(self, sig: int, all: bool) -> None:
+        raise NotImplementedError
+
+    async def _do_kill_created(self, sig: int, all: bool) -> None:
+        await self._do_kill(sig, all)
+
+    async def _do_pause(self) -> None:
+        raise FailedPrecondition(f"cannot pause exec process {self.describe()}")
+
+    async def _do_resume(self) -> None:
+        raise FailedPrecondition(f"cannot resume exec process {self.describe()}")
+
+    async def _destroy(self) -> None:
+        await self._drain_and_close_io()
+        self._transition(_Deleted)
+
+
+class InitProcess(Process):
+    """A container's init process, driven through runc."""
+
+    def __init__(
+        self,
+        container_id: str,
+        bundle: str,
+        runc: Runc,
+        io: ProcessIO,
+        paths: tuple[str, str, str],
+        terminal: bool = False,
+    ) -> None:
+        super().__init__(container_id, "", bundle, runc, io, paths, terminal)
+
+    async def create(self, opts: CreateOpts) -> None:
+        """``runc create`` with the process's pipes as stdio; reads the init PID."""
+        if self.terminal:
+            await with_console(
+                self.io,  # type: ignore[arg-type]
+                lambda path: self.runc.create(
+                    self.container_id,
+                    self.bundle,
+                    replace(opts, console_socket=path),
+                    self.io.child,
+                ),
+            )
+        else:
+            await self.runc.create(self.container_id, self.bundle, opts, self.io.child)
+        with open(opts.pid_file, encoding="ascii") as f:
+            self.pid = int(f.read().strip())
+
+    async def _do_start(self) -> None:
+        await self.runc.start(self.container_id)
+
+    async def _do_kill(self, sig: int, all: bool) -> None:
+        await self.runc.kill(self.container_id, sig, all=all)
+
+    async def _do_pause(self) -> None:
+        await self.runc.pause(self.container_id)
+
+    async def _do_resume(self) -> None:
+        await self.runc.resume(self.container_id)
+
+    async def _destroy(self) -> None:
+        await self._drain_and_close_io()
         with contextlib.suppress(NotFound):  # already gone from runc: idempotent
             await self.runc.delete(self.container_id, force=self._exit is None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.bundle, "init.pid"))
         self._transition(_Deleted)
+
+
+class ExecProcess(Process):
+    """An extra process in a running container (``runc exec --detach``)."""
+
+    def __init__(
+        self,
+        container_id: str,
+        id: str,
+        bundle: str,
+        runc: Runc,
+        io: ProcessIO,
+        paths: tuple[str, str, str],
+        spec: dict[str, Any],
+        terminal: bool = False,
+    ) -> None:
+        super().__init__(container_id, id, bundle, runc, io, paths, terminal)
+        self.spec = spec
+        self._spec_path = os.path.join(bundle, f".exec-{id}.json")
+        self._pid_path = os.path.join(bundle, f".exec-{id}.pid")
+        self.on_pid: Any = None  # set by the container: called with the PID once known
+
+    async def _do_start(self) -> None:
+        with open(self._spec_path, "w", encoding="utf-8") as f:
+            json.dump(self.spec, f)
+        try:
+            if self.terminal:
+                await with_console(
+                    self.io,  # type: ignore[arg-type]
+                    lambda path: self.runc.exec(
+                        self.container_id,
+                        ExecOpts(self._spec_path, self._pid_path, path),
+                        self.io.child,
+                    ),
+                )
+            else:
+                await self.runc.exec(
+                    self.container_id, ExecOpts(self._spec_path, self._pid_path), self.io.child
+                )
+            with open(self._pid_path, encoding="ascii") as f:
+                self.pid = int(f.read().strip())
+        finally:
+            for path in (self._spec_path, self._pid_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        if self.on_pid is not None:
+            self.on_pid(self)
+
+    async def _do_kill_created(self, sig: int, all: bool) -> None:
+        raise FailedPrecondition(f"exec {self.describe()} is not started")
+
+    async def _do_kill(self, sig: int, all: bool) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError as e:
+            raise NotFound(f"process {self.describe()} already finished") from e

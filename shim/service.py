@@ -8,9 +8,11 @@ exactly once. Events are published here, in the order containerd requires.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -19,18 +21,22 @@ from protos.containerd.events import task_pb2 as events
 from protos.containerd.runc.v1 import options_pb2
 from protos.containerd.task.v2 import shim_pb2 as api
 from protos.containerd.types.task import task_pb2 as types
+from runtime import cgroups
 from runtime import mount as mounts
-from runtime.errors import AlreadyExists, Code, NotFound, StasisError
+from runtime.errors import AlreadyExists, Code, InvalidArgument, NotFound, StasisError
 from shim import ttrpc
 from shim.container import Container, CreateConfig, RuncOptions
 from shim.events import Publisher
-from shim.process import Exit, InitProcess
+from shim.metrics import metrics_v1, metrics_v2
+from shim.process import Exit, Process
 from shim.reaper import Reaper
 
 log = logging.getLogger("stasis.service")
 
 SERVICE = "containerd.task.v2.Task"
 _EMPTY = empty_pb2.Empty()
+# How long an init's exit waits for the exits of its execs.
+_EXEC_EXIT_GRACE = 2.0
 
 
 def _timestamp(msg: Message, field: str, at_ns: int) -> None:
@@ -56,29 +62,36 @@ class TaskService:
         self.reaper = reaper
         self.on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
+        self._unified = cgroups.unified()
         self._lifecycle = asyncio.Lock()
-        self._starting: set[InitProcess] = set()
-        self._pending_exits: dict[InitProcess, Exit] = {}
+        self._starting: set[Process] = set()
+        self._pending_exits: dict[Process, Exit] = {}
+        self._held_inits: dict[Container, Exit] = {}
 
     # -- plumbing -----------------------------------------------------------------
 
     def handlers(self) -> dict[str, ttrpc.Handler]:
         """The ttrpc method table."""
-        table: dict[str, tuple[type[Message], Callable[[Message], Awaitable[Message]]]] = {
-            "Create": (api.CreateTaskRequest, self._create),  # type: ignore[dict-item]
-            "Start": (api.StartRequest, self._start),  # type: ignore[dict-item]
-            "Delete": (api.DeleteRequest, self._delete),  # type: ignore[dict-item]
-            "State": (api.StateRequest, self._state),  # type: ignore[dict-item]
-            "Wait": (api.WaitRequest, self._wait),  # type: ignore[dict-item]
-            "Kill": (api.KillRequest, self._kill),  # type: ignore[dict-item]
-            "Pids": (api.PidsRequest, self._pids),  # type: ignore[dict-item]
-            "Pause": (api.PauseRequest, self._pause),  # type: ignore[dict-item]
-            "Resume": (api.ResumeRequest, self._resume),  # type: ignore[dict-item]
-            "Connect": (api.ConnectRequest, self._connect),  # type: ignore[dict-item]
-            "Shutdown": (api.ShutdownRequest, self._shutdown),  # type: ignore[dict-item]
+        table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
+            "Create": (api.CreateTaskRequest, self._create),
+            "Start": (api.StartRequest, self._start),
+            "Delete": (api.DeleteRequest, self._delete),
+            "State": (api.StateRequest, self._state),
+            "Wait": (api.WaitRequest, self._wait),
+            "Kill": (api.KillRequest, self._kill),
+            "Pids": (api.PidsRequest, self._pids),
+            "Pause": (api.PauseRequest, self._pause),
+            "Resume": (api.ResumeRequest, self._resume),
+            "Exec": (api.ExecProcessRequest, self._exec),
+            "ResizePty": (api.ResizePtyRequest, self._resize_pty),
+            "CloseIO": (api.CloseIORequest, self._close_io),
+            "Update": (api.UpdateTaskRequest, self._update),
+            "Stats": (api.StatsRequest, self._stats),
+            "Connect": (api.ConnectRequest, self._connect),
+            "Shutdown": (api.ShutdownRequest, self._shutdown),
         }
         out: dict[str, ttrpc.Handler] = {m: self._edge(m, *entry) for m, entry in table.items()}
-        for name in ("Checkpoint", "Exec", "ResizePty", "CloseIO", "Update", "Stats"):
+        for name in ("Checkpoint",):
             out[name] = self._unimplemented(name)
         return out
 
@@ -122,14 +135,29 @@ class TaskService:
 
     # -- exits ----------------------------------------------------------------------
 
-    def _on_exit(self, container: Container, proc: InitProcess, e: Exit) -> None:
-        # Called from the reaper: hold back an exit until its TaskStart is out.
+    def _on_exit(self, container: Container, proc: Process, e: Exit) -> None:
+        # Called from the reaper. An exit waits for its TaskStart (or
+        # TaskExecStarted) to be out, and an init's exit for the exits of the
+        # container's execs, which the kernel delivers at about the same time.
         if proc in self._starting:
             self._pending_exits[proc] = e
             return
+        if proc is container.init and container.running_execs():
+            self._held_inits[container] = e
+            asyncio.get_running_loop().call_later(
+                _EXEC_EXIT_GRACE, self._release_init_exit, container
+            )
+            return
         self._publish_exit(container, proc, e)
+        if proc is not container.init and not container.running_execs():
+            self._release_init_exit(container)
 
-    def _publish_exit(self, container: Container, proc: InitProcess, e: Exit) -> None:
+    def _release_init_exit(self, container: Container) -> None:
+        e = self._held_inits.pop(container, None)
+        if e is not None:
+            self._publish_exit(container, container.init, e)
+
+    def _publish_exit(self, container: Container, proc: Process, e: Exit) -> None:
         ev = events.TaskExit(
             container_id=container.id,
             id=proc.id or container.id,
@@ -191,26 +219,39 @@ class TaskService:
         self._starting.add(proc)
         try:
             await proc.start()
-            self._publish("/tasks/start", events.TaskStart(container_id=c.id, pid=proc.pid))
+            if req.exec_id:
+                self._publish(
+                    "/tasks/exec-started",
+                    events.TaskExecStarted(container_id=c.id, exec_id=req.exec_id, pid=proc.pid),
+                )
+            else:
+                self._publish("/tasks/start", events.TaskStart(container_id=c.id, pid=proc.pid))
+                c.watch_oom(self._on_oom)
         finally:
             self._starting.discard(proc)
             pending = self._pending_exits.pop(proc, None)
             if pending is not None:
-                self._publish_exit(c, proc, pending)
+                self._on_exit(c, proc, pending)
         return api.StartResponse(pid=proc.pid)
+
+    def _on_oom(self, container: Container) -> None:
+        self._publish("/tasks/oom", events.TaskOOM(container_id=container.id))
 
     async def _delete(self, req: api.DeleteRequest) -> api.DeleteResponse:
         async with self._lifecycle:
             c = self._get(req.id)
+            if not req.exec_id:
+                # Its exit goes out before its delete, whatever the execs do.
+                self._release_init_exit(c)
             proc = await c.delete(req.exec_id)
             e = proc.exit or Exit(0, 0)
             if not req.exec_id:
                 del self.containers[req.id]
-            ev = events.TaskDelete(
-                container_id=c.id, pid=proc.pid, exit_status=e.status, id=req.exec_id or c.id
-            )
-            _timestamp(ev, "exited_at", e.at_ns)
-            self._publish("/tasks/delete", ev)
+                ev = events.TaskDelete(
+                    container_id=c.id, pid=proc.pid, exit_status=e.status, id=c.id
+                )
+                _timestamp(ev, "exited_at", e.at_ns)
+                self._publish("/tasks/delete", ev)
         resp = api.DeleteResponse(pid=proc.pid, exit_status=e.status)
         _timestamp(resp, "exited_at", e.at_ns)
         return resp
@@ -249,7 +290,14 @@ class TaskService:
 
     async def _pids(self, req: api.PidsRequest) -> api.PidsResponse:
         c = self._get(req.id)
-        return api.PidsResponse(processes=[types.ProcessInfo(pid=p) for p in await c.pids()])
+        out = api.PidsResponse()
+        for pid, exec_id in await c.pids():
+            info = out.processes.add(pid=pid)
+            if exec_id:
+                details = options_pb2.ProcessDetails(exec_id=exec_id)
+                info.info.type_url = details.DESCRIPTOR.full_name
+                info.info.value = details.SerializeToString()
+        return out
 
     async def _pause(self, req: api.PauseRequest) -> Message:
         c = self._get(req.id)
@@ -262,6 +310,43 @@ class TaskService:
         await c.init.resume()
         self._publish("/tasks/resumed", events.TaskResumed(container_id=c.id))
         return _EMPTY
+
+    async def _exec(self, req: api.ExecProcessRequest) -> Message:
+        try:
+            spec = json.loads(req.spec.value or b"{}")
+        except ValueError as e:
+            raise InvalidArgument(f"exec {req.exec_id}: process spec is not JSON: {e}") from e
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"exec {req.exec_id}: process spec is not a JSON object")
+        async with self._lifecycle:
+            c = self._get(req.id)
+            c.exec(req.exec_id, spec, (req.stdin, req.stdout, req.stderr), req.terminal)
+        self._publish(
+            "/tasks/exec-added", events.TaskExecAdded(container_id=c.id, exec_id=req.exec_id)
+        )
+        return _EMPTY
+
+    async def _resize_pty(self, req: api.ResizePtyRequest) -> Message:
+        self._get(req.id).process(req.exec_id).resize(req.width, req.height)
+        return _EMPTY
+
+    async def _close_io(self, req: api.CloseIORequest) -> Message:
+        proc = self._get(req.id).process(req.exec_id)
+        if req.stdin:
+            proc.io.close_stdin()
+        return _EMPTY
+
+    async def _update(self, req: api.UpdateTaskRequest) -> Message:
+        await self._get(req.id).update(req.resources.value)
+        return _EMPTY
+
+    async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
+        stats = await self._get(req.id).stats()
+        m = metrics_v2(stats) if self._unified else metrics_v1(stats)
+        resp = api.StatsResponse()
+        resp.stats.type_url = m.DESCRIPTOR.full_name
+        resp.stats.value = m.SerializeToString()
+        return resp
 
     async def _connect(self, req: api.ConnectRequest) -> api.ConnectResponse:
         # Succeeds for unknown ids too: containerd probes after a restart.

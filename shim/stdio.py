@@ -64,28 +64,39 @@ def _wait(fds: list[tuple[int, int]]) -> set[int]:
             continue
 
 
-def _copy(src: int, dst: int, stop: int) -> None:
-    """Move bytes from pipe ``src`` to ``dst`` until EOF or until ``stop`` fires.
+def _copy(src: int, dst: int, stop: int, *, buffered: bool = False) -> None:
+    """Move bytes from ``src`` to ``dst`` until EOF or until ``stop`` fires.
 
+    ``src`` is a pipe (moved with splice) or, with ``buffered``, anything
+    readable such as a pty master (EIO there means the terminal closed: EOF).
     On a write error (the reader went away for good) it keeps draining into
     /dev/null, so the container never blocks on a full pipe. Closes nothing.
     """
     # splice(2) refuses a destination opened O_APPEND (EINVAL), and file
     # outputs are: copy to those through a buffer instead.
-    buffered = bool(fcntl.fcntl(dst, fcntl.F_GETFL) & os.O_APPEND)
+    buffered = buffered or bool(fcntl.fcntl(dst, fcntl.F_GETFL) & os.O_APPEND)
     null = -1
     try:
         while True:
             if stop in _wait([(src, select.POLLIN), (stop, select.POLLIN)]):
                 return
-            try:
-                if buffered:
+            if buffered:
+                try:
                     data = memoryview(os.read(src, _CHUNK))
-                    n = len(data)
+                except OSError:
+                    return
+                if not data:
+                    return
+                try:
                     while data:
                         data = data[os.write(dst, data) :]
-                else:
-                    n = os.splice(src, dst, _CHUNK, flags=os.SPLICE_F_NONBLOCK)
+                except OSError as e:
+                    if null < 0:
+                        log.debug("stdio copy to fd %d stopped: %s; draining", dst, e)
+                        null = dst = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                continue
+            try:
+                n = os.splice(src, dst, _CHUNK, flags=os.SPLICE_F_NONBLOCK)
             except BlockingIOError:
                 # The destination FIFO is full: wait until it drains (or stop).
                 if stop in _wait([(dst, select.POLLOUT), (stop, select.POLLIN)]):
@@ -96,7 +107,6 @@ def _copy(src: int, dst: int, stop: int) -> None:
                     return
                 log.debug("stdio copy to fd %d stopped: %s; draining", dst, e)
                 null = dst = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-                buffered = False
                 continue
             if n == 0:
                 return
@@ -121,8 +131,13 @@ class ProcessIO:
     one closes the eventfds.
     """
 
-    def __init__(self, stdin: str, stdout: str, stderr: str) -> None:
+    # Whether the output sources need read/write copies (a pty master) rather
+    # than splice (pipes).
+    _buffered_output = False
+
+    def _init_common(self, stdin: str, stdout: str, stderr: str) -> None:
         self.paths = (stdin, stdout, stderr)
+        self.child = Stdio()
         self._lock = threading.Lock()
         self._fds: list[int] = []
         self._stdin_w = -1
@@ -133,11 +148,18 @@ class ProcessIO:
         self._output_done: list[asyncio.Future[None]] = []
         self._outputs: list[tuple[int, int]] = []  # (pipe read end, destination)
         self._eventfds: list[int] = []  # closed once, when closed and no copier runs
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+        self._eventfds.append(self._stop)
         try:
-            self._stop = os.eventfd(0, os.EFD_CLOEXEC)
-            self._eventfds.append(self._stop)
             self._stop_stdin = os.eventfd(0, os.EFD_CLOEXEC)
-            self._eventfds.append(self._stop_stdin)
+        except BaseException:
+            os.close(self._stop)
+            raise
+        self._eventfds.append(self._stop_stdin)
+
+    def __init__(self, stdin: str, stdout: str, stderr: str) -> None:
+        self._init_common(stdin, stdout, stderr)
+        try:
             # Open destinations first: a bad path fails before any process exists,
             # one at a time so that a failure closes what was opened.
             dests = []
@@ -196,7 +218,7 @@ class ProcessIO:
         self, src: int, dst: int, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
     ) -> None:
         try:
-            _copy(src, dst, self._stop)
+            _copy(src, dst, self._stop, buffered=self._buffered_output)
         finally:
             self._copier_done(src, dst)
             with contextlib.suppress(RuntimeError):  # loop already closed at exit
@@ -268,3 +290,56 @@ class ProcessIO:
             fds, self._eventfds = self._eventfds, []
             for fd in fds:
                 os.close(fd)
+
+
+class TerminalIO(ProcessIO):
+    """A process with a terminal: the pty master (from runc's console socket)
+    copied to the stdout FIFO, and the stdin FIFO copied into it.
+
+    Each copier gets its own duplicate of the master, so the ownership rule of
+    ``ProcessIO`` holds; a third duplicate stays here for resizing.
+    """
+
+    _buffered_output = True
+
+    def __init__(self, stdin: str, stdout: str) -> None:
+        self._init_common(stdin, stdout, "")
+        self._resize_fd = -1
+        try:
+            self._dest = _open_output(stdout)
+            self._fds.append(self._dest)
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self, master: int) -> None:
+        """Take the pty master runc sent (the shim owns it from now on)."""
+        with self._lock:
+            self._fds.append(master)
+            self._outputs = [(master, self._dest)]
+            self._resize_fd = os.dup(master)
+            self._fds.append(self._resize_fd)
+            if self.paths[0] and not self._stdin_closed:
+                self._stdin_w = os.dup(master)
+                self._fds.append(self._stdin_w)
+
+    def resize(self, width: int, height: int) -> None:
+        """Set the terminal's size (TIOCSWINSZ on the master)."""
+        import struct
+        import termios
+
+        with self._lock:
+            if self._resize_fd < 0 or self._closed:
+                return
+            fcntl.ioctl(
+                self._resize_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0)
+            )
+
+    def close(self) -> None:
+        """Stop the copiers and close the master."""
+        with self._lock:
+            fd, self._resize_fd = self._resize_fd, -1
+            if fd in self._fds:
+                self._fds.remove(fd)
+                os.close(fd)
+        super().close()
