@@ -122,5 +122,3 @@ def _inotify_watch(path: str) -> int:
         os.close(fd)
         raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
     return fd
-
-
