@@ -93,6 +93,70 @@ class ExecOpts:
         return out
 
 
+@dataclass(frozen=True)
+class CheckpointOpts:
+    """Options of ``runc checkpoint`` (and the CRIU part of ``runc restore``)."""
+
+    image_path: str
+    work_path: str = ""
+    parent_path: str = ""
+    leave_running: bool = False
+    tcp_established: bool = False
+    ext_unix_sk: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    empty_ns: tuple[str, ...] = ()
+    manage_cgroups_mode: str = ""
+
+    def criu_args(self) -> list[str]:
+        """Flags shared by checkpoint and restore."""
+        out = ["--image-path", self.image_path]
+        if self.work_path:
+            out += ["--work-path", self.work_path]
+        if self.tcp_established:
+            out.append("--tcp-established")
+        if self.ext_unix_sk:
+            out.append("--ext-unix-sk")
+        if self.shell_job:
+            out.append("--shell-job")
+        if self.file_locks:
+            out.append("--file-locks")
+        if self.manage_cgroups_mode:
+            out += ["--manage-cgroups-mode", self.manage_cgroups_mode]
+        for ns in self.empty_ns:
+            out += ["--empty-ns", ns]
+        return out
+
+    def args(self) -> list[str]:
+        """The flags of ``runc checkpoint``."""
+        out = self.criu_args()
+        if self.parent_path:
+            out += ["--parent-path", self.parent_path]
+        if self.leave_running:
+            out.append("--leave-running")
+        return out
+
+
+@dataclass(frozen=True)
+class RestoreOpts:
+    """Options of ``runc restore --detach``."""
+
+    criu: CheckpointOpts
+    pid_file: str
+    console_socket: str | None = None
+    no_pivot: bool = False
+
+    def args(self, bundle: str) -> list[str]:
+        """The flags of ``runc restore``."""
+        out = [*self.criu.criu_args(), "--bundle", bundle, "--detach", "--no-subreaper"]
+        out += ["--pid-file", self.pid_file]
+        if self.console_socket:
+            out += ["--console-socket", self.console_socket]
+        if self.no_pivot:
+            out.append("--no-pivot")
+        return out
+
+
 @dataclass
 class Runc:
     """One runc binary with its state root; every call goes through ``spawner``."""
@@ -178,6 +242,14 @@ class Runc:
     async def update(self, id: str, resources_json: bytes) -> None:
         """``runc update -r -``: apply new LinuxResources."""
         await self._run("update", ["--resources", "-", id], input=resources_json)
+
+    async def checkpoint(self, id: str, opts: CheckpointOpts) -> None:
+        """``runc checkpoint``: dump the container through CRIU into ``opts.image_path``."""
+        await self._run("checkpoint", [*opts.args(), id])
+
+    async def restore(self, id: str, bundle: str, opts: RestoreOpts, stdio: Stdio) -> None:
+        """``runc restore --detach``: recreate the container from CRIU images."""
+        await self._run("restore", [*opts.args(bundle), id], stdio=stdio)
 
     async def stats(self, id: str) -> dict[str, Any]:
         """``runc events --stats``: the container's cgroup statistics (runc's JSON)."""

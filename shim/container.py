@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runtime import cgroups
@@ -19,10 +20,9 @@ from runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    NotImplementedRPC,
     StasisError,
 )
-from runtime.runc import CreateOpts, Runc
+from runtime.runc import CheckpointOpts, CreateOpts, RestoreOpts, Runc
 from shim.process import ExecProcess, Exit, InitProcess, Process, Status
 from shim.reaper import Reaper
 from shim.stdio import ProcessIO, TerminalIO
@@ -107,8 +107,6 @@ class Container:
             raise InvalidArgument(f"invalid container id {cfg.id!r}")
         if not os.path.isfile(os.path.join(cfg.bundle, "config.json")):
             raise InvalidArgument(f"bundle {cfg.bundle} has no config.json")
-        if cfg.checkpoint:
-            raise NotImplementedRPC("restoring through Create is not supported yet")
         opts = cfg.options
         runc = Runc(
             spawner=reaper,
@@ -132,13 +130,28 @@ class Container:
             init = InitProcess(
                 cfg.id, cfg.bundle, runc, io, (cfg.stdin, cfg.stdout, cfg.stderr), cfg.terminal
             )
-            await init.create(
-                CreateOpts(
-                    pid_file=os.path.join(cfg.bundle, "init.pid"),
-                    no_pivot=opts.no_pivot_root,
-                    no_new_keyring=opts.no_new_keyring,
+            pid_file = os.path.join(cfg.bundle, "init.pid")
+            if cfg.checkpoint:
+                # Nothing runs until Start: then runc restore creates and starts it.
+                init.prepare_restore(
+                    RestoreOpts(
+                        CheckpointOpts(
+                            image_path=cfg.checkpoint,
+                            work_path=os.path.join(cfg.bundle, "criu-restore"),
+                            shell_job=cfg.terminal,
+                        ),
+                        pid_file=pid_file,
+                        no_pivot=opts.no_pivot_root,
+                    )
                 )
-            )
+            else:
+                await init.create(
+                    CreateOpts(
+                        pid_file=pid_file,
+                        no_pivot=opts.no_pivot_root,
+                        no_new_keyring=opts.no_new_keyring,
+                    )
+                )
         except BaseException:
             if io is not None:
                 io.close()
@@ -148,10 +161,32 @@ class Container:
                 with contextlib.suppress(OSError):
                     mounts.unmount_all(rootfs)
             raise
-        io.started(asyncio.get_running_loop())
         container = cls(cfg, runc, init, rootfs, reaper, on_exit)
-        container._watch(init)
+        if cfg.checkpoint:
+            init.on_pid = container._restored
+        else:
+            io.started(asyncio.get_running_loop())
+            container._watch(init)
         return container
+
+    def _restored(self, init: InitProcess) -> None:
+        init.io.started(asyncio.get_running_loop())
+        self._watch(init)
+
+    async def checkpoint(self, opts: CheckpointOpts) -> None:
+        """Checkpoint the container with CRIU into ``opts.image_path``.
+
+        Without ``work_path`` CRIU works in ``<bundle>/criu-work``, kept only
+        when the dump fails (its dump.log is named in the error).
+        """
+        own_work = not opts.work_path
+        if own_work:
+            opts = replace(opts, work_path=os.path.join(self.bundle, "criu-work"))
+        os.makedirs(opts.work_path, mode=0o700, exist_ok=True)
+        os.makedirs(opts.image_path, mode=0o700, exist_ok=True)
+        await self.init.checkpoint(opts)
+        if own_work:
+            shutil.rmtree(opts.work_path, ignore_errors=True)
 
     def _watch(self, proc: Process) -> None:
         exited = self._reaper.watch(proc.pid)

@@ -19,6 +19,18 @@ def _u(d: dict[str, Any], key: str) -> int:
     return int(value) if isinstance(value, int | float) else 0
 
 
+# memory.stat keys whose MemoryStat field is spelled differently (as containerd's
+# cgroups package maps them); the other keys are the field names themselves.
+_V1_MEMORY_KEYS = {
+    "pgpgin": "pg_pg_in",
+    "pgpgout": "pg_pg_out",
+    "pgfault": "pg_fault",
+    "pgmajfault": "pg_maj_fault",
+    "hierarchical_memsw_limit": "hierarchical_swap_limit",
+}
+_V1_MEMORY_KEYS |= {f"total_{k}": f"total_{v}" for k, v in _V1_MEMORY_KEYS.items()}
+
+
 def metrics_v1(stats: dict[str, Any]) -> Message:
     """cgroups v1 Metrics from ``runc events --stats`` data."""
     m = v1.Metrics()
@@ -36,9 +48,11 @@ def metrics_v1(stats: dict[str, Any]) -> Message:
     m.cpu.throttling.throttled_time = _u(thr, "throttledTime")
     mem = stats.get("memory") or {}
     raw = mem.get("raw") or {}
-    for field in v1.MemoryStat.DESCRIPTOR.fields:
-        if field.type == field.TYPE_UINT64 and field.name in raw:
-            setattr(m.memory, field.name, int(raw[field.name]))
+    uint64_fields = {f.name for f in v1.MemoryStat.DESCRIPTOR.fields if f.type == f.TYPE_UINT64}
+    for key in raw:
+        name = _V1_MEMORY_KEYS.get(key, key)
+        if name in uint64_fields:
+            setattr(m.memory, name, _u(raw, key))
     m.memory.cache = _u(mem, "cache") or _u(raw, "cache")
     for name, target in (
         ("usage", m.memory.usage),

@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from runtime.criu import criu_failure
 from runtime.errors import FailedPrecondition, NotFound
-from runtime.runc import CreateOpts, ExecOpts, Runc
+from runtime.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.console import with_console
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ class _State:
     async def delete(self) -> None:
         raise self._refuse("delete")
 
+    async def checkpoint(self, opts: CheckpointOpts) -> None:
+        raise self._refuse("checkpoint")
+
     def exited(self, e: Exit) -> None:
         self.p._exit = e
         self.p._transition(_Stopped)
@@ -100,8 +104,25 @@ class _Created(_State):
         await self.p._destroy()
 
 
+class _CreatedCheckpoint(_State):
+    """Created from a checkpoint: nothing runs until Start restores it."""
+
+    status = Status.CREATED
+
+    async def start(self) -> None:
+        await self.p._do_restore()
+        if self.p._state is self:
+            self.p._transition(_Running)
+
+    async def delete(self) -> None:
+        await self.p._destroy()
+
+
 class _Running(_State):
     status = Status.RUNNING
+
+    async def checkpoint(self, opts: CheckpointOpts) -> None:
+        await self.p._do_checkpoint(opts)
 
     async def kill(self, sig: int, all: bool) -> None:
         await self.p._do_kill(sig, all)
@@ -114,6 +135,10 @@ class _Running(_State):
 
 class _Paused(_State):
     status = Status.PAUSED
+
+    async def checkpoint(self, opts: CheckpointOpts) -> None:
+        # containerd's client pauses a task before checkpointing it.
+        await self.p._do_checkpoint(opts)
 
     async def kill(self, sig: int, all: bool) -> None:
         await self.p._do_kill(sig, all)
@@ -154,6 +179,7 @@ class _Deleted(_State):
 
 _ALLOWED: dict[type[_State], frozenset[type[_State]]] = {
     _Created: frozenset({_Running, _Stopped, _Deleted}),
+    _CreatedCheckpoint: frozenset({_Running, _Stopped, _Deleted}),
     _Running: frozenset({_Paused, _Stopped}),
     _Paused: frozenset({_Running, _Stopped}),
     _Stopped: frozenset({_Deleted}),
@@ -239,6 +265,11 @@ class Process:
         async with self._lock:
             await self._state.delete()
 
+    async def checkpoint(self, opts: CheckpointOpts) -> None:
+        """Dump the container with CRIU (init only; running or paused)."""
+        async with self._lock:
+            await self._state.checkpoint(opts)
+
     def exited(self, status: int) -> Exit:
         """Record the exit (called once by the reaper); returns it."""
         e = Exit(status, time.time_ns())
@@ -276,6 +307,12 @@ class Process:
     async def _do_kill_created(self, sig: int, all: bool) -> None:
         await self._do_kill(sig, all)
 
+    async def _do_restore(self) -> None:
+        raise FailedPrecondition(f"cannot restore exec process {self.describe()}")
+
+    async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
+        raise FailedPrecondition(f"cannot checkpoint exec process {self.describe()}")
+
     async def _do_pause(self) -> None:
         raise FailedPrecondition(f"cannot pause exec process {self.describe()}")
 
@@ -300,6 +337,46 @@ class InitProcess(Process):
         terminal: bool = False,
     ) -> None:
         super().__init__(container_id, "", bundle, runc, io, paths, terminal)
+        self._restore: RestoreOpts | None = None
+        self.on_pid: Any = None  # set by the container: called with the PID once known
+
+    def prepare_restore(self, opts: RestoreOpts) -> None:
+        """Make Start restore from a checkpoint instead of starting a created container."""
+        self._restore = opts
+        self._state = _CreatedCheckpoint(self)
+
+    async def _do_restore(self) -> None:
+        opts = self._restore
+        assert opts is not None
+        try:
+            if self.terminal:
+                await with_console(
+                    self.io,  # type: ignore[arg-type]
+                    lambda path: self.runc.restore(
+                        self.container_id,
+                        self.bundle,
+                        replace(opts, console_socket=path),
+                        self.io.child,
+                    ),
+                )
+            else:
+                await self.runc.restore(self.container_id, self.bundle, opts, self.io.child)
+        except RuncError as e:
+            raise criu_failure(
+                f"restore of {self.container_id}", e, opts.criu.work_path, "restore.log"
+            ) from e
+        with open(opts.pid_file, encoding="ascii") as f:
+            self.pid = int(f.read().strip())
+        if self.on_pid is not None:
+            self.on_pid(self)
+
+    async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
+        try:
+            await self.runc.checkpoint(self.container_id, opts)
+        except RuncError as e:
+            raise criu_failure(
+                f"checkpoint of {self.container_id}", e, opts.work_path, "dump.log"
+            ) from e
 
     async def create(self, opts: CreateOpts) -> None:
         """``runc create`` with the process's pipes as stdio; reads the init PID."""

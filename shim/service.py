@@ -24,6 +24,7 @@ from protos.containerd.types.task import task_pb2 as types
 from runtime import cgroups
 from runtime import mount as mounts
 from runtime.errors import AlreadyExists, Code, InvalidArgument, NotFound, StasisError
+from runtime.runc import CheckpointOpts
 from shim import ttrpc
 from shim.container import Container, CreateConfig, RuncOptions
 from shim.events import Publisher
@@ -86,14 +87,12 @@ class TaskService:
             "ResizePty": (api.ResizePtyRequest, self._resize_pty),
             "CloseIO": (api.CloseIORequest, self._close_io),
             "Update": (api.UpdateTaskRequest, self._update),
+            "Checkpoint": (api.CheckpointTaskRequest, self._checkpoint),
             "Stats": (api.StatsRequest, self._stats),
             "Connect": (api.ConnectRequest, self._connect),
             "Shutdown": (api.ShutdownRequest, self._shutdown),
         }
-        out: dict[str, ttrpc.Handler] = {m: self._edge(m, *entry) for m, entry in table.items()}
-        for name in ("Checkpoint",):
-            out[name] = self._unimplemented(name)
-        return out
+        return {m: self._edge(m, *entry) for m, entry in table.items()}
 
     def _edge(
         self,
@@ -114,13 +113,6 @@ class TaskService:
             except OSError as e:
                 raise ttrpc.RPCError(Code.UNKNOWN, f"{method}: {e}") from e
             return reply.SerializeToString()
-
-        return handle
-
-    @staticmethod
-    def _unimplemented(method: str) -> ttrpc.Handler:
-        async def handle(payload: bytes, ctx: ttrpc.RequestContext) -> bytes:
-            raise ttrpc.RPCError(Code.UNIMPLEMENTED, f"{method} is not implemented by stasis")
 
         return handle
 
@@ -338,6 +330,27 @@ class TaskService:
 
     async def _update(self, req: api.UpdateTaskRequest) -> Message:
         await self._get(req.id).update(req.resources.value)
+        return _EMPTY
+
+    async def _checkpoint(self, req: api.CheckpointTaskRequest) -> Message:
+        o = options_pb2.CheckpointOptions()
+        if req.options.type_url.endswith("containerd.runc.v1.CheckpointOptions"):
+            o.ParseFromString(req.options.value)
+        image = o.image_path or req.path
+        if not image:
+            raise InvalidArgument(f"checkpoint of {req.id}: no image path")
+        opts = CheckpointOpts(
+            image_path=image,
+            work_path=o.work_path,
+            leave_running=not o.exit,
+            tcp_established=o.open_tcp,
+            ext_unix_sk=o.external_unix_sockets,
+            shell_job=o.terminal,
+            file_locks=o.file_locks,
+            empty_ns=tuple(o.empty_namespaces),
+            manage_cgroups_mode=o.cgroups_mode,
+        )
+        await self._get(req.id).checkpoint(opts)
         return _EMPTY
 
     async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
