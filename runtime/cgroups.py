@@ -36,7 +36,9 @@ def _systemd_path(cgroups_path: str) -> str:
     dirs = ["-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)) if parts[i]]
     if slice_ == "-.slice":
         dirs = []
-    unit = f"{prefix}-{name}.scope" if prefix else name
+    # runc's unit name: "<prefix>-<name>.scope" (even with an empty prefix), or
+    # the name itself when it is a slice.
+    unit = name if name.endswith(".slice") else f"{prefix}-{name}.scope"
     return "/" + "/".join([*dirs, unit])
 
 

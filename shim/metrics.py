@@ -13,6 +13,8 @@ from google.protobuf.message import Message
 from protos.containerd.cgroups.v1 import metrics_pb2 as v1
 from protos.containerd.cgroups.v2 import metrics_pb2 as v2
 
+_U64_MAX = (1 << 64) - 1
+
 
 def _u(d: dict[str, Any], key: str) -> int:
     value = d.get(key) or 0
@@ -100,9 +102,20 @@ def metrics_v2(stats: dict[str, Any]) -> Message:
     raw = mem.get("raw") or {}
     for field in v2.MemoryStat.DESCRIPTOR.fields:
         if field.type == field.TYPE_UINT64 and field.name in raw:
-            setattr(m.memory, field.name, int(raw[field.name]))
+            setattr(m.memory, field.name, _u(raw, field.name))
     entry = mem.get("usage") or {}
     m.memory.usage, m.memory.usage_limit = _u(entry, "usage"), _u(entry, "limit")
+    m.memory.max_usage = _u(entry, "max")  # memory.peak, where the kernel has it
     swap = mem.get("swap") or {}
-    m.memory.swap_usage, m.memory.swap_limit = _u(swap, "usage"), _u(swap, "limit")
+    if swap:
+        # On v2 runc reports swap as memory+swap, like v1's memsw (the limit too,
+        # unless unlimited; in uint64 arithmetic); containerd's v2 Metrics hold
+        # memory.swap.current and memory.swap.max alone.
+        both, both_limit = _u(swap, "usage"), _u(swap, "limit")
+        m.memory.swap_usage = max(both - m.memory.usage, 0)
+        m.memory.swap_limit = (
+            both_limit
+            if both_limit == _U64_MAX
+            else (both_limit - m.memory.usage_limit) % (1 << 64)
+        )
     return m
