@@ -1,105 +1,297 @@
-"""The `stasis` command line.
+"""stasis: checkpoint and restore containers that run on the Stasis runtime.
 
-Checkpoint, restore and store commands arrive with checkpointing; today the
-CLI reports its version and runs the demo (a counting container on the local
-containerd through Stasis) that the README's install command ends with.
+  stasis checkpoint CONTAINER [--to STORE] [--name NAME] [--exit] [--tcp-established] [--json]
+  stasis restore REF NEW_ID          create and start a container from a checkpoint
+  stasis list [--store STORE]        complete checkpoints of a store
+  stasis inspect REF [--json]        a checkpoint's metadata and files
+  stasis rm REF                      remove a checkpoint
+  stasis export REF FILE.tar         the checkpoint as a containerd/Podman-style archive
+  stasis import FILE.tar [--name N]  an archive into the default store
+  stasis demo                        a counter checkpointed, killed and restored
+
+Errors are one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
+from typing import Any
+
+from runtime.errors import FailedPrecondition, StasisError, Unavailable
 
 VERSION = "0.1.0"
 RUNTIME = "io.containerd.stasis.v2"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEMO_IMAGE = "docker.io/stasis/busybox:test"
 
 
-def _ctr(
-    address: str, namespace: str, *args: str, **kw: object
-) -> subprocess.CompletedProcess[str]:
+def _progress(msg: str) -> None:
+    if sys.stderr.isatty():
+        print(f"stasis: {msg}", file=sys.stderr, flush=True)
+
+
+def _ctr(ns: argparse.Namespace, *args: str, check: bool = True) -> str:
     ctr = shutil.which("ctr")
     if ctr is None:
-        raise SystemExit("stasis: ctr (containerd's client) is not installed")
-    return subprocess.run(
-        [ctr, "--address", address, "--namespace", namespace, *args],
+        raise Unavailable("ctr (containerd's client) is not installed")
+    done = subprocess.run(
+        [ctr, "--address", ns.address, "--namespace", ns.namespace, *args],
         text=True,
         capture_output=True,
         check=False,
         stdin=subprocess.DEVNULL,
     )
+    if check and done.returncode != 0:
+        raise StasisError(f"ctr {' '.join(args[:2])}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _shim_call(socket: str, namespace: str, method: str, payload: bytes) -> bytes:
+    from shim import ttrpc
+
+    async def call() -> bytes:
+        client = await ttrpc.Client.connect(socket)
+        try:
+            return await client.call(
+                "stasis.v1.Checkpointer",
+                method,
+                payload,
+                metadata={"containerd-namespace-ttrpc": namespace},
+            )
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(call())
+    except ttrpc.RPCError as e:
+        raise StasisError(e.message) from e
+
+
+def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
+    """Checkpoint a running Stasis container; returns what the shim reported."""
+    from protos.stasis.v1 import checkpoint_pb2 as pb
+    from runtime.containerd import get_container
+    from shim.main import GROUP_ANNOTATIONS, socket_path
+
+    info = get_container(ns.address, ns.namespace, ns.container)
+    if info.runtime != RUNTIME:
+        runtime = info.runtime or "an unknown runtime"
+        raise FailedPrecondition(f"container {ns.container} runs on {runtime}, not {RUNTIME}")
+    group = next((info.annotations[k] for k in GROUP_ANNOTATIONS if info.annotations.get(k)), "")
+    sock = socket_path(ns.address, ns.namespace, group or ns.container)
+    store = ns.to or ""
+    if store and "://" not in store:
+        store = os.path.abspath(store)
+    req = pb.CheckpointRequest(
+        id=ns.container,
+        store=store,
+        name=ns.name or "",
+        exit=ns.exit,
+        tcp_established=ns.tcp_established,
+        image=info.image,
+    )
+    _progress(f"checkpointing {ns.container} ...")
+    resp = pb.CheckpointResponse.FromString(
+        _shim_call(sock, ns.namespace, "Checkpoint", req.SerializeToString())
+    )
+    return {
+        "ref": resp.ref,
+        "name": resp.name,
+        "size": resp.size,
+        "criu_size": resp.criu_size,
+        "seconds": round(resp.seconds, 3),
+        "frozen_seconds": round(resp.frozen_seconds, 3),
+    }
+
+
+def _open(ref: str) -> tuple[Any, Any]:
+    from runtime import config
+    from runtime.store import resolve
+
+    store, name = resolve(ref, config.load())
+    return store, store.open(name)
+
+
+def restore(ns: argparse.Namespace) -> str:
+    """Create and start NEW_ID from checkpoint REF; returns the container id."""
+    _, reader = _open(ns.ref)
+    image = ns.image or str(reader.metadata.get("image") or "")
+    if not image:
+        raise FailedPrecondition(f"checkpoint {ns.ref} records no image: pass --image")
+    # An absolute reference: the shim may run with another default store.
+    ref = f"file://{reader.path}" if not ns.ref.startswith(("s3://", "file://")) else ns.ref
+    _progress(f"restoring {ns.ref} as {ns.new_id} ...")
+    _ctr(ns, "run", "-d", "--runtime", RUNTIME, "--annotation",
+         f"stasis.dev/restore-from={ref}", image, ns.new_id)  # fmt: skip
+    return str(ns.new_id)
 
 
 def demo(ns: argparse.Namespace) -> int:
-    """Run a counting container through Stasis and show that it counts."""
-    images = _ctr(ns.address, ns.namespace, "images", "ls", "-q")
-    if images.returncode != 0:
-        print(
-            f"stasis: cannot reach containerd at {ns.address}: {images.stderr.strip()}",
-            file=sys.stderr,
-        )
-        return 1
-    if ns.image not in images.stdout.split():
-        print(
-            f"stasis: image {ns.image} is not in namespace {ns.namespace}; import it first",
-            file=sys.stderr,
-        )
-        return 1
-    id = f"stasis-demo-{uuid.uuid4().hex[:6]}"
-    script = "i=0; while true; do i=$((i+1)); echo count $i; sleep 0.2; done"
-    started = _ctr(
-        ns.address,
-        ns.namespace,
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        ns.image,
-        id,
-        "sh",
-        "-c",
-        script,
-    )
-    if started.returncode != 0:
-        print(f"stasis: demo container failed to start: {started.stderr.strip()}", file=sys.stderr)
-        return 1
+    """A counting container checkpointed (and stopped), then restored: it counts on."""
+    images = _ctr(ns, "images", "ls", "-q")
+    if ns.image not in images.split():
+        raise FailedPrecondition(f"image {ns.image} is not in namespace {ns.namespace}")
+    first = f"stasis-demo-{uuid.uuid4().hex[:6]}"
+    second = f"{first}-restored"
+    script = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+    _ctr(ns, "run", "-d", "--runtime", RUNTIME, ns.image, first, "sh", "-c", script)
+    created: list[str] = [first]
+    ref = ""
     try:
         time.sleep(ns.seconds)
-        pids = _ctr(ns.address, ns.namespace, "task", "ps", id)
-        print(f"container {id} runs on {RUNTIME}:")
-        print(pids.stdout.rstrip())
+        before = _ctr(ns, "task", "exec", "--exec-id", "count", first, "cat", "/tmp/count").strip()
+        print(f"{first} counted to {before}; checkpointing it (and stopping it)")
+        ckpt = checkpoint(
+            argparse.Namespace(
+                address=ns.address, namespace=ns.namespace, container=first, to=None,
+                name=None, exit=True, tcp_established=False,
+            )
+        )  # fmt: skip
+        ref = ckpt["ref"]
+        print(f"checkpoint {ref}: {ckpt['size']} bytes, frozen {ckpt['frozen_seconds']} s")
+        _remove(ns, first)
+        created.remove(first)
+        restore(argparse.Namespace(**{**vars(ns), "ref": ref, "new_id": second, "image": None}))
+        created.append(second)
+        time.sleep(1.0)
+        after = _ctr(ns, "task", "exec", "--exec-id", "count", second, "cat", "/tmp/count").strip()
+        print(f"{second} restored from the checkpoint, counting on: {after}")
+        if int(after) <= int(before):
+            raise StasisError(f"restored counter at {after}, not past {before}")
+        print("demo: ok (the count continued from the checkpoint)")
     finally:
-        _ctr(ns.address, ns.namespace, "task", "kill", "-s", "KILL", id)
-        for _ in range(50):
-            if _ctr(ns.address, ns.namespace, "task", "rm", id).returncode == 0:
-                break
-            time.sleep(0.1)
-        _ctr(ns.address, ns.namespace, "containers", "rm", id)
-    print("demo: ok")
+        for id in created:
+            _remove(ns, id)
+        if ref and not ns.keep:
+            store, reader = _open(ref)
+            store.remove(reader.name)
     return 0
+
+
+def _remove(ns: argparse.Namespace, id: str) -> None:
+    _ctr(ns, "task", "kill", "-s", "KILL", id, check=False)
+    for _ in range(50):
+        if "not found" in _ctr(ns, "task", "rm", id, check=False) or not _task_exists(ns, id):
+            break
+        time.sleep(0.1)
+    _ctr(ns, "containers", "rm", id, check=False)
+
+
+def _task_exists(ns: argparse.Namespace, id: str) -> bool:
+    return any(
+        line.split()[:1] == [id] for line in _ctr(ns, "task", "ls", check=False).splitlines()
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stasis", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"stasis {VERSION}")
+    p.add_argument(
+        "--address", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
+        help="containerd's socket",
+    )  # fmt: skip
+    p.add_argument(
+        "-n", "--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default"),
+        help="containerd namespace",
+    )  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("checkpoint", help="checkpoint a running container")
+    c.add_argument("container")
+    c.add_argument("--to", help="store: a directory, file:///dir or s3://bucket/prefix")
+    c.add_argument("--name", help="checkpoint name (default: CONTAINER-UTCTIME)")
+    c.add_argument("--exit", action="store_true", help="stop the container once checkpointed")
+    c.add_argument("--tcp-established", action="store_true", help="allow open TCP connections")
+    c.add_argument("--json", action="store_true")
+    r = sub.add_parser("restore", help="create and start a container from a checkpoint")
+    r.add_argument("ref")
+    r.add_argument("new_id")
+    r.add_argument("--image", help="image to create it from (default: the checkpoint's)")
+    li = sub.add_parser("list", help="list checkpoints")
+    li.add_argument("--store", default="")
+    li.add_argument("--json", action="store_true")
+    i = sub.add_parser("inspect", help="show a checkpoint")
+    i.add_argument("ref")
+    i.add_argument("--json", action="store_true")
+    rm = sub.add_parser("rm", help="remove a checkpoint")
+    rm.add_argument("ref")
+    e = sub.add_parser("export", help="write a checkpoint archive")
+    e.add_argument("ref")
+    e.add_argument("file")
+    im = sub.add_parser("import", help="read a checkpoint archive into the default store")
+    im.add_argument("file")
+    im.add_argument("--name")
+    d = sub.add_parser("demo", help="checkpoint, kill and restore a counting container")
+    d.add_argument("--image", default=DEMO_IMAGE)
+    d.add_argument("--seconds", type=float, default=2.0)
+    d.add_argument("--keep", action="store_true", help="keep the demo's checkpoint")
+    return p
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from runtime import config
+
+    if ns.command == "checkpoint":
+        out = checkpoint(ns)
+        print(json.dumps(out) if ns.json else out["ref"])
+    elif ns.command == "restore":
+        print(restore(ns))
+    elif ns.command == "demo":
+        return demo(ns)
+    elif ns.command == "list":
+        from runtime.store import resolve
+
+        store, _ = resolve(ns.store, config.load())
+        infos = store.list()
+        if ns.json:
+            print(json.dumps([_info(i) for i in infos], indent=1))
+        else:
+            for i in infos:
+                print(f"{i.name}\t{i.size}\t{i.created}")
+    elif ns.command == "inspect":
+        _, reader = _open(ns.ref)
+        data = {"name": reader.name, "path": reader.path, "manifest": reader.manifest}
+        print(json.dumps(data, indent=1) if ns.json else json.dumps(reader.metadata, indent=1))
+    elif ns.command == "rm":
+        store, reader = _open(ns.ref)
+        store.remove(reader.name)
+    elif ns.command == "export":
+        from runtime.store import export_tar
+
+        _, reader = _open(ns.ref)
+        export_tar(reader, ns.file)
+    elif ns.command == "import":
+        from runtime.store import import_tar, resolve
+
+        store, _ = resolve("", config.load())
+        name = ns.name or os.path.basename(ns.file).removesuffix(".tar")
+        print(import_tar(store, ns.file, name).name)
+    return 0
+
+
+def _info(info: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(info).items() if not k.startswith("_")}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `stasis`."""
-    parser = argparse.ArgumentParser(prog="stasis", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"stasis {VERSION}")
-    parser.add_argument("--address", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS))
-    parser.add_argument(
-        "-n", "--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default")
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run a counting container through Stasis")
-    d.add_argument("--image", default="docker.io/stasis/busybox:test")
-    d.add_argument("--seconds", type=float, default=2.0)
-    d.set_defaults(func=demo)
-    ns = parser.parse_args(argv)
-    code: int = ns.func(ns)
-    return code
+    ns = _parser().parse_args(argv)
+    try:
+        return _run(ns)
+    except StasisError as e:
+        print(f"stasis: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -90,3 +90,9 @@ class Internal(StasisError):
     """A bug or an unexpected failure inside Stasis."""
 
     code = Code.INTERNAL
+
+
+class DataLoss(StasisError):
+    """Stored data is corrupt or incomplete (a checksum or size mismatch, a bad manifest)."""
+
+    code = Code.DATA_LOSS

@@ -55,6 +55,7 @@ class CreateConfig:
     stdout: str = ""
     stderr: str = ""
     checkpoint: str = ""
+    restore_tcp_established: bool = False
     options: RuncOptions = field(default_factory=RuncOptions)
 
 
@@ -139,6 +140,7 @@ class Container:
                             image_path=cfg.checkpoint,
                             work_path=os.path.join(cfg.bundle, "criu-restore"),
                             shell_job=cfg.terminal,
+                            tcp_established=cfg.restore_tcp_established,
                         ),
                         pid_file=pid_file,
                         no_pivot=opts.no_pivot_root,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from runtime import netns
 from runtime.criu import criu_failure
 from runtime.errors import FailedPrecondition, NotFound
 from runtime.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
@@ -369,6 +370,8 @@ class InitProcess(Process):
             self.pid = int(f.read().strip())
         if self.on_pid is not None:
             self.on_pid(self)
+        if netns.owns_netns(self.bundle):
+            await netns.ensure_loopback(self.runc.spawner, self.pid)
 
     async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
         try:

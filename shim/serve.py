@@ -12,7 +12,7 @@ import socket
 from shim import ttrpc
 from shim.events import Publisher
 from shim.reaper import Reaper, set_subreaper
-from shim.service import SERVICE, TaskService
+from shim.service import SERVICE, STASIS_SERVICE, TaskService
 
 log = logging.getLogger("stasis.shim")
 
@@ -88,6 +88,7 @@ async def _serve(sock: socket.socket, socket_path: str, namespace: str, ttrpc_ad
     service = TaskService(namespace, publisher, reaper, on_shutdown=shutdown)
     server = ttrpc.Server()
     server.register(SERVICE, service.handlers())
+    server.register(STASIS_SERVICE, service.stasis_handlers())
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     serving = loop.create_task(server.serve(sock))

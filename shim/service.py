@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -21,6 +22,7 @@ from protos.containerd.events import task_pb2 as events
 from protos.containerd.runc.v1 import options_pb2
 from protos.containerd.task.v2 import shim_pb2 as api
 from protos.containerd.types.task import task_pb2 as types
+from protos.stasis.v1 import checkpoint_pb2 as stasis_api
 from runtime import cgroups
 from runtime import mount as mounts
 from runtime.errors import AlreadyExists, Code, InvalidArgument, NotFound, StasisError
@@ -35,9 +37,22 @@ from shim.reaper import Reaper
 log = logging.getLogger("stasis.service")
 
 SERVICE = "containerd.task.v2.Task"
+STASIS_SERVICE = "stasis.v1.Checkpointer"
+RESTORE_FROM = "stasis.dev/restore-from"
 _EMPTY = empty_pb2.Empty()
 # How long an init's exit waits for the exits of its execs.
 _EXEC_EXIT_GRACE = 2.0
+
+
+def _empty_dir(path: str) -> None:
+    """Remove everything inside ``path`` (a fresh upperdir after a failed restore)."""
+    import shutil
+
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
 
 
 def _timestamp(msg: Message, field: str, at_ns: int) -> None:
@@ -98,7 +113,7 @@ class TaskService:
         self,
         method: str,
         req_type: type[Message],
-        fn: Callable[[Message], Awaitable[Message]],
+        fn: Callable[[Any], Awaitable[Message]],
     ) -> ttrpc.Handler:
         async def handle(payload: bytes, ctx: ttrpc.RequestContext) -> bytes:
             req = req_type()
@@ -189,6 +204,8 @@ class TaskService:
         async with self._lifecycle:
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id!r} already exists in this shim")
+            if not cfg.checkpoint:
+                cfg = await self._restore_by_annotation(cfg)
             c = await Container.create(
                 cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
             )
@@ -204,6 +221,36 @@ class TaskService:
             ev.io.terminal = req.terminal
             self._publish("/tasks/create", ev)
         return api.CreateTaskResponse(pid=c.init.pid)
+
+    async def _restore_by_annotation(self, cfg: CreateConfig) -> CreateConfig:
+        """Honour stasis.dev/restore-from: verify, apply the rootfs diff, restore at Start."""
+        try:
+            with open(os.path.join(cfg.bundle, "config.json"), "rb") as f:
+                annotations = json.load(f).get("annotations") or {}
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"bundle {cfg.bundle}: unreadable config.json: {e}") from e
+        if RESTORE_FROM not in annotations:
+            return cfg
+        # Only restores pay for importing the checkpoint machinery.
+        from runtime import config
+        from shim import checkpointing
+
+        request = checkpointing.restore_request(annotations)
+        if request is None:
+            return cfg
+        ref, policy = request
+        upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
+        try:
+            plan = await asyncio.to_thread(checkpointing.prepare_restore, ref, upper, config.load())
+        except StasisError as e:
+            if policy != "fresh":
+                raise
+            log.warning("container %s starts fresh (restore-policy fresh): %s", cfg.id, e)
+            if upper is not None:
+                await asyncio.to_thread(_empty_dir, upper)
+            return cfg
+        log.info("container %s restores from %s", cfg.id, ref)
+        return replace(cfg, checkpoint=plan.images, restore_tcp_established=plan.tcp_established)
 
     async def _start(self, req: api.StartRequest) -> api.StartResponse:
         c = self._get(req.id)
@@ -352,6 +399,38 @@ class TaskService:
         )
         await self._get(req.id).checkpoint(opts)
         return _EMPTY
+
+    async def stasis_checkpoint(self, req: stasis_api.CheckpointRequest) -> Message:
+        """stasis.v1.Checkpointer/Checkpoint: a Stasis checkpoint into a store."""
+        from runtime import config
+        from shim import checkpointing
+
+        spec = checkpointing.CheckpointSpec(
+            store=req.store,
+            name=req.name,
+            exit=req.exit,
+            tcp_established=req.tcp_established,
+            image=req.image,
+            labels=dict(req.labels),
+        )
+        c = self._get(req.id)
+        result = await checkpointing.checkpoint(c, spec, config.load(), self.namespace)
+        return stasis_api.CheckpointResponse(
+            ref=result.ref,
+            name=result.name,
+            size=result.size,
+            criu_size=result.criu_size,
+            seconds=result.seconds,
+            frozen_seconds=result.frozen_seconds,
+        )
+
+    def stasis_handlers(self) -> dict[str, ttrpc.Handler]:
+        """The ttrpc method table of stasis.v1.Checkpointer."""
+        return {
+            "Checkpoint": self._edge(
+                "Checkpoint", stasis_api.CheckpointRequest, self.stasis_checkpoint
+            )
+        }
 
     async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
         stats = await self._get(req.id).stats()

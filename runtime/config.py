@@ -1,0 +1,200 @@
+"""Stasis configuration: ``/etc/stasis/config.toml``, then environment overrides.
+
+The file (path overridable with ``STASIS_CONFIG``) looks like::
+
+    [storage]
+    url = "file:///var/lib/stasis/checkpoints"   # or "s3://bucket/prefix"
+
+    [storage.s3]
+    access_key_id = "..."
+    secret_access_key = "..."
+    region = "eu-west-1"
+    endpoint = "https://minio.example:9000"
+    request_checksum_calculation = "when_supported"  # or "when_required"
+
+Every key is optional. Environment variables override the file:
+``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
+``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
+``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``; an empty variable counts as unset.
+A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
+exist. Unknown keys, wrong types and bad values are errors naming the file (or
+variable) and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, cast
+
+from runtime.errors import InvalidArgument
+
+DEFAULT_PATH = "/etc/stasis/config.toml"
+PATH_ENV = "STASIS_CONFIG"
+DEFAULT_STORAGE_URL = "file:///var/lib/stasis/checkpoints"
+
+Checksum = Literal["when_supported", "when_required"]
+CHECKSUMS: tuple[Checksum, ...] = ("when_supported", "when_required")
+
+
+@dataclass(frozen=True, repr=False)
+class S3Config:
+    """Credentials and endpoint for an ``s3://`` store; ``None`` means the SDK's default.
+
+    ``checksum`` is the SDK's ``request_checksum_calculation``: ``when_required``
+    suits S3-compatible servers that reject the newer default checksums.
+    The repr masks the secret key.
+    """
+
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
+    endpoint: str | None = None
+    checksum: Checksum = "when_supported"
+
+    def __repr__(self) -> str:
+        secret = None if self.secret_access_key is None else "***"
+        return (
+            f"S3Config(access_key_id={self.access_key_id!r}, secret_access_key={secret!r}, "
+            f"region={self.region!r}, endpoint={self.endpoint!r}, checksum={self.checksum!r})"
+        )
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where checkpoints live: ``url`` is ``file:///abs/dir`` or ``s3://bucket[/prefix]``."""
+
+    url: str = DEFAULT_STORAGE_URL
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole Stasis configuration."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+# TOML key -> S3Config field, and the environment variable that overrides it.
+_S3_KEYS: dict[str, tuple[str, str]] = {
+    "access_key_id": ("access_key_id", "STASIS_S3_ACCESS_KEY_ID"),
+    "secret_access_key": ("secret_access_key", "STASIS_S3_SECRET_ACCESS_KEY"),
+    "region": ("region", "STASIS_S3_REGION"),
+    "endpoint": ("endpoint", "STASIS_S3_ENDPOINT"),
+    "request_checksum_calculation": ("checksum", "STASIS_S3_REQUEST_CHECKSUM_CALCULATION"),
+}
+_STORAGE_URL_ENV = "STASIS_STORAGE_URL"
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration file, then apply environment overrides.
+
+    ``env`` defaults to ``os.environ``; tests pass their own mapping.
+    Raises InvalidArgument naming the file (or variable) and the key at fault.
+    """
+    env = os.environ if env is None else env
+    explicit = env.get(PATH_ENV) or None
+    path = explicit or DEFAULT_PATH
+    config = Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit is not None:
+            raise InvalidArgument(
+                f"config file {path} (named by {PATH_ENV}) does not exist"
+            ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"config file {path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise InvalidArgument(f"config file {path}: cannot read: {e.strerror or e}") from e
+    else:
+        config = _from_toml(data, path)
+    return _apply_env(config, env)
+
+
+def _from_toml(data: dict[str, Any], path: str) -> Config:
+    _only(data, {"storage"}, path, "")
+    storage = _table(data, "storage", path, "")
+    _only(storage, {"url", "s3"}, path, "storage.")
+    s3 = _table(storage, "s3", path, "storage.")
+    _only(s3, set(_S3_KEYS), path, "storage.s3.")
+
+    url = DEFAULT_STORAGE_URL
+    if "url" in storage:
+        where = f"config file {path}: storage.url"
+        url = check_storage_url(_string(storage["url"], where), where)
+    s3_fields: dict[str, str] = {}
+    for key, (attr, _) in _S3_KEYS.items():
+        if key in s3:
+            where = f"config file {path}: storage.s3.{key}"
+            s3_fields[attr] = _s3_value(attr, _string(s3[key], where), where)
+    return Config(StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields))))
+
+
+def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
+    url = config.storage.url
+    if value := env.get(_STORAGE_URL_ENV):
+        url = check_storage_url(value, f"environment variable {_STORAGE_URL_ENV}")
+    s3 = config.storage.s3
+    for attr, var in _S3_KEYS.values():
+        if value := env.get(var):
+            fields: dict[str, Any] = {attr: _s3_value(attr, value, f"environment variable {var}")}
+            s3 = replace(s3, **fields)
+    return Config(StorageConfig(url=url, s3=s3))
+
+
+def check_storage_url(url: str, where: str) -> str:
+    """Validate a storage URL; an absolute path becomes a ``file://`` URL.
+
+    ``where`` says where the value came from, for the error message.
+    """
+    if url.startswith("/"):
+        return "file://" + url
+    if url.startswith("file://"):
+        if not url[len("file://") :].startswith("/"):
+            raise InvalidArgument(f"{where}: {url!r} must be file:///absolute/path")
+        return url
+    if url.startswith("s3://"):
+        if not url[len("s3://") :].split("/", 1)[0]:
+            raise InvalidArgument(f"{where}: {url!r} names no bucket (s3://bucket/prefix)")
+        return url
+    raise InvalidArgument(
+        f"{where}: {url!r} is not a storage URL (file:///absolute/path or s3://bucket/prefix)"
+    )
+
+
+def _s3_value(attr: str, value: str, where: str) -> str:
+    if attr == "checksum":
+        value = value.strip().lower()
+        if value not in CHECKSUMS:
+            raise InvalidArgument(f"{where}: {value!r} must be one of {', '.join(CHECKSUMS)}")
+    elif attr == "endpoint" and not value.startswith(("http://", "https://")):
+        raise InvalidArgument(f"{where}: {value!r} must be an http:// or https:// URL")
+    return value
+
+
+def _only(table: dict[str, Any], allowed: set[str], path: str, prefix: str) -> None:
+    for key in table:
+        if key not in allowed:
+            known = ", ".join(prefix + k for k in sorted(allowed))
+            raise InvalidArgument(
+                f"config file {path}: unknown key {prefix}{key} (known here: {known})"
+            )
+
+
+def _table(parent: dict[str, Any], key: str, path: str, prefix: str) -> dict[str, Any]:
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        raise InvalidArgument(
+            f"config file {path}: {prefix}{key} must be a table, not {type(value).__name__}"
+        )
+    return cast(dict[str, Any], value)
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where} must be a string, not {type(value).__name__}")
+    return value

@@ -1,0 +1,1426 @@
+"""Where checkpoints live: one interface, a local (any POSIX path) and an in-memory store.
+
+A checkpoint is a directory of files (``checkpoint/pages-1.img``,
+``rootfs-diff.tar``, ``spec.dump``, ``config.dump``, ``stasis.json`` ...) plus
+``manifest.json``, which records the sha256 and size of every file and is
+written LAST. A checkpoint without a valid manifest does not exist: it is not
+listed and cannot be opened, so a crash or a full disk half-way through
+writing never leaves something that looks restorable.
+
+The local store writes into a hidden ``<root>/.partial-<name>-<random>/``
+directory (CRIU and runc write there directly, through
+``CheckpointWriter.path``), fsyncs every file and directory, writes the
+manifest, and renames the directory to ``<root>/<name>`` in one step.
+``gc`` removes partial directories that crashed writers left behind.
+
+``resolve`` turns what a user typed (a name, an absolute path, a ``file://``
+URL) into a store and a name; ``export_tar`` / ``import_tar`` move checkpoints
+in and out as archives laid out like the Kubernetes/Podman checkpoint archive.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from runtime.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedRPC,
+    ResourceExhausted,
+    StasisError,
+    Unavailable,
+)
+
+if TYPE_CHECKING:
+    from runtime.config import Config
+
+MANIFEST = "manifest.json"
+METADATA_FILE = "stasis.json"
+MANIFEST_VERSION = 1
+PARTIAL_PREFIX = ".partial-"
+CHUNK = 1 << 20
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+
+_NAME = re.compile(NAME_PATTERN)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PARALLEL_MIN = 8 << 20  # files this big are hashed on a thread pool (hashlib drops the GIL)
+_MAX_WORKERS = 4
+_MAX_SMALL_JSON = 64 << 20  # manifest.json / stasis.json read into memory
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """The sha256 (hex) and size in bytes of one checkpoint file."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The contents of ``manifest.json``: every file of a checkpoint, with its digest."""
+
+    name: str
+    created: datetime
+    files: dict[str, FileEntry]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def size(self) -> int:
+        """Total size of the checkpoint's files (the manifest itself not counted)."""
+        return sum(e.size for e in self.files.values())
+
+    def to_json(self) -> bytes:
+        """Serialize as stored in ``manifest.json``."""
+        doc = {
+            "version": self.version,
+            "name": self.name,
+            "created": _format_time(self.created),
+            "files": {
+                rel: {"sha256": e.sha256, "size": e.size} for rel, e in sorted(self.files.items())
+            },
+            "metadata": self.metadata,
+        }
+        return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> Manifest:
+        """Parse and check ``manifest.json``; anything malformed is DataLoss naming ``where``."""
+        try:
+            doc = json.loads(data)
+        except ValueError as e:  # includes UnicodeDecodeError
+            raise DataLoss(f"{where}: {MANIFEST} is not valid JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise DataLoss(f"{where}: {MANIFEST} is not a JSON object")
+        if doc.get("version") != MANIFEST_VERSION:
+            raise DataLoss(f"{where}: {MANIFEST} has unsupported version {doc.get('version')!r}")
+        name, created, files, metadata = (
+            doc.get(k) for k in ("name", "created", "files", "metadata")
+        )
+        if not isinstance(name, str):
+            raise DataLoss(f"{where}: {MANIFEST}: 'name' is not a string")
+        if not isinstance(metadata, dict):
+            raise DataLoss(f"{where}: {MANIFEST}: 'metadata' is not an object")
+        try:
+            when = _parse_time(created)
+        except (TypeError, ValueError) as e:
+            raise DataLoss(f"{where}: {MANIFEST}: 'created' is not a timestamp") from e
+        if not isinstance(files, dict):
+            raise DataLoss(f"{where}: {MANIFEST}: 'files' is not an object")
+        entries: dict[str, FileEntry] = {}
+        for rel, entry in files.items():
+            if _safe_rel(rel) != rel or rel == MANIFEST:
+                raise DataLoss(f"{where}: {MANIFEST} lists an unsafe path {rel!r}")
+            digest = entry.get("sha256") if isinstance(entry, dict) else None
+            size = entry.get("size") if isinstance(entry, dict) else None
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad sha256")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad size")
+            entries[rel] = FileEntry(digest, size)
+        return cls(name=name, created=when, files=entries, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What ``list`` shows of one complete checkpoint.
+
+    ``ref`` is a reference ``resolve`` accepts anywhere (``file:///root/name``).
+    ``size`` is the total of the files' sizes. ``metadata`` is the metadata
+    given to ``commit``, updated with the checkpoint's ``stasis.json`` (a JSON
+    object) when it has one.
+    """
+
+    name: str
+    ref: str
+    created: datetime
+    size: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- interface
+
+
+class CheckpointWriter(Protocol):
+    """A checkpoint being written; nothing is visible until ``commit`` returns.
+
+    Use it as a context manager: leaving the block without ``commit`` (an
+    exception included) aborts. Not safe for concurrent use from several threads.
+    """
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        ...
+
+    def path(self, rel: str, *, directory: bool = False) -> str:
+        """Local path for ``rel`` (parents created); with ``directory``, the directory itself."""
+        ...
+
+    def add_file(self, rel: str, src_path: str) -> None:
+        """Copy the local file ``src_path`` into the checkpoint as ``rel``."""
+        ...
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` into the checkpoint as ``rel``."""
+        ...
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> CheckpointInfo:
+        """Digest every file, write the manifest last, and publish the checkpoint atomically."""
+        ...
+
+    def abort(self) -> None:
+        """Throw the partial checkpoint away (idempotent; a no-op after commit)."""
+        ...
+
+    def __enter__(self) -> CheckpointWriter: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class CheckpointReader(Protocol):
+    """A complete checkpoint, readable through local paths; ``close`` when done."""
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """The local directory holding the checkpoint's files."""
+        ...
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest read when the checkpoint was opened."""
+        ...
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Commit metadata updated with ``stasis.json``, as in CheckpointInfo."""
+        ...
+
+    @property
+    def info(self) -> CheckpointInfo:
+        """Name, creation time, size and metadata."""
+        ...
+
+    def verify(self) -> None:
+        """Check every file against the manifest; any difference raises DataLoss."""
+        ...
+
+    def file(self, rel: str) -> str:
+        """Local path of the checkpoint file ``rel`` (InvalidArgument if it escapes)."""
+        ...
+
+    def close(self) -> None:
+        """Release local copies (if the store made any)."""
+        ...
+
+    def __enter__(self) -> CheckpointReader: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Store(Protocol):
+    """Where checkpoints live (local directory, memory; S3 arrives later)."""
+
+    @property
+    def url(self) -> str:
+        """The store's URL, without credentials (for messages)."""
+        ...
+
+    def begin(self, name: str) -> CheckpointWriter:
+        """Start writing checkpoint ``name`` (AlreadyExists if a complete one has it)."""
+        ...
+
+    def open(self, name: str) -> CheckpointReader:
+        """Open complete checkpoint ``name`` (NotFound if there is none)."""
+        ...
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """The complete checkpoints, oldest first."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Delete checkpoint ``name`` (NotFound if there is none)."""
+        ...
+
+    def gc(self, grace_seconds: float) -> builtins.list[str]:
+        """Delete partial leftovers older than ``grace_seconds``; returns what was removed."""
+        ...
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid checkpoint name, else raise InvalidArgument."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"{name!r} is not a valid checkpoint name: 1 to 128 of letters, digits, "
+            "'_', '.' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _safe_rel(rel: object) -> str | None:
+    """``rel`` if it is a plain relative path inside the checkpoint, else None."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel:
+        return None
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return None
+    return rel
+
+
+def check_rel(rel: str) -> str:
+    """Return ``rel`` if it is a normalized relative path that stays inside a checkpoint."""
+    if _safe_rel(rel) is None:
+        raise InvalidArgument(
+            f"{rel!r} is not a path inside a checkpoint (relative, no '..', '.' or '//')"
+        )
+    return rel
+
+
+def _format_time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    when = datetime.fromisoformat(value)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _storage_error(e: OSError, doing: str, url: str) -> StasisError:
+    """A storage failure as a StasisError naming the store; a full disk is ResourceExhausted."""
+    detail = e.strerror or str(e)
+    if e.errno in _FULL:
+        return ResourceExhausted(f"storage {url} is full: {doing}: {detail}")
+    return Unavailable(f"storage {url}: {doing}: {detail}")
+
+
+def _ref(url: str, name: str) -> str:
+    return f"{url.rstrip('/')}/{name}"
+
+
+def _token() -> str:
+    return os.urandom(6).hex()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _NO_DIR_FSYNC:  # some network filesystems cannot fsync a directory
+            raise
+    finally:
+        os.close(fd)
+
+
+def _rmtree(path: str) -> None:
+    """Remove a file or a tree; never follows symlinks, never raises."""
+    import shutil
+
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _open_new(path: str) -> IO[bytes]:
+    """Open ``path`` for writing (truncating), mode 0600, never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _copy(src: IO[bytes], dst: IO[bytes]) -> FileEntry:
+    """Stream ``src`` into ``dst`` in 1 MiB chunks, digesting on the way."""
+    h = hashlib.sha256()
+    size = 0
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        dst.write(chunk)
+        size += len(chunk)
+    return FileEntry(h.hexdigest(), size)
+
+
+class _NotRegular(Exception):
+    pass
+
+
+def _digest(path: str, *, seal: bool = False) -> FileEntry:
+    """sha256 and size of the regular file ``path``, read in 1 MiB chunks.
+
+    With ``seal``: also make it 0600 and fsync it (the commit path).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags)
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(path)
+        if seal and stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+        h = hashlib.sha256()
+        size = 0
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+        if seal:
+            os.fsync(fd)
+    return FileEntry(h.hexdigest(), size)
+
+
+def _digest_all(
+    paths: dict[str, str], sizes: dict[str, int], *, seal: bool
+) -> dict[str, FileEntry | BaseException]:
+    """Digest many files: the large ones on a small thread pool, the rest inline.
+
+    Returns each file's entry, or the exception digesting it raised.
+    """
+    out: dict[str, FileEntry | BaseException] = {}
+    big = [rel for rel in paths if sizes.get(rel, 0) >= _PARALLEL_MIN]
+    if len(big) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = min(_MAX_WORKERS, len(big), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stasis-digest") as pool:
+            futures = {rel: pool.submit(_digest, paths[rel], seal=seal) for rel in big}
+            for rel in paths:
+                if rel not in futures:
+                    out[rel] = _try_digest(paths[rel], seal)
+            for rel, fut in futures.items():
+                try:
+                    out[rel] = fut.result()
+                except Exception as e:
+                    out[rel] = e
+    else:
+        for rel, p in paths.items():
+            out[rel] = _try_digest(p, seal)
+    return {rel: out[rel] for rel in paths}
+
+
+def _try_digest(path: str, seal: bool) -> FileEntry | BaseException:
+    try:
+        return _digest(path, seal=seal)
+    except Exception as e:
+        return e
+
+
+@dataclass
+class _Tree:
+    files: dict[str, int] = field(default_factory=dict)  # rel -> size
+    dirs: list[str] = field(default_factory=list)  # rel, parents before children
+    others: list[str] = field(default_factory=list)  # symlinks, fifos, sockets, devices
+
+
+def _scan(top: str) -> _Tree:
+    """Every entry under ``top``, without following symlinks."""
+    tree = _Tree()
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop(0)
+        with os.scandir(os.path.join(top, rel_dir) if rel_dir else top) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                tree.dirs.append(rel)
+                pending.append(rel)
+            elif e.is_file(follow_symlinks=False):
+                tree.files[rel] = e.stat(follow_symlinks=False).st_size
+            else:
+                tree.others.append(rel)
+    return tree
+
+
+def _read_small(path: str, limit: int = _MAX_SMALL_JSON) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(path)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def _stasis_json(directory: str, manifest: Manifest) -> dict[str, Any]:
+    """Commit metadata updated with ``stasis.json``; a bad ``stasis.json`` is ignored here
+    (``verify`` is what reports corruption)."""
+    metadata = dict(manifest.metadata)
+    if METADATA_FILE in manifest.files:
+        try:
+            doc = json.loads(_read_small(os.path.join(directory, METADATA_FILE), 1 << 20))
+        except (OSError, ValueError, _NotRegular):
+            return metadata
+        if isinstance(doc, dict):
+            metadata.update(doc)
+    return metadata
+
+
+def _problems_message(what: str, problems: list[str]) -> str:
+    shown = problems[:10]
+    more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    return f"{what}: " + "; ".join(shown) + more
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class _DirReader:
+    """A complete checkpoint in a local directory (the store's own, or a local copy)."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        manifest: Manifest,
+        store_url: str,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self._name = name
+        self._path = path
+        self._manifest = manifest
+        self._url = store_url
+        self._cleanup = cleanup
+        self._metadata = _stasis_json(path, manifest)
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The local directory holding the checkpoint's files."""
+        return self._path
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest read when the checkpoint was opened."""
+        return self._manifest
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Commit metadata updated with ``stasis.json``."""
+        return dict(self._metadata)
+
+    @property
+    def info(self) -> CheckpointInfo:
+        """Name, creation time, size and metadata."""
+        return CheckpointInfo(
+            self._name,
+            _ref(self._url, self._name),
+            self._manifest.created,
+            self._manifest.size,
+            self.metadata,
+        )
+
+    def _where(self) -> str:
+        return f"checkpoint {self._name} in {self._url}"
+
+    def verify(self) -> None:
+        """Check sha256 and size of every file in the manifest, and that no file is extra.
+
+        Raises DataLoss naming the checkpoint and each file at fault.
+        """
+        where = self._where()
+        try:
+            on_disk = Manifest.parse(_read_small(os.path.join(self._path, MANIFEST)), where)
+        except FileNotFoundError:
+            raise DataLoss(f"{where}: {MANIFEST} is missing") from None
+        except (OSError, ValueError, _NotRegular) as e:
+            raise DataLoss(f"{where}: {MANIFEST} cannot be read: {e}") from e
+        if on_disk != self._manifest:
+            raise DataLoss(f"{where}: {MANIFEST} changed since the checkpoint was opened")
+        try:
+            tree = _scan(self._path)
+        except OSError as e:
+            raise _storage_error(e, f"reading {where}", self._url) from e
+        expected = self._manifest.files
+        actual = {rel: size for rel, size in tree.files.items() if rel != MANIFEST}
+        problems = [f"{rel}: not a regular file" for rel in tree.others]
+        problems += [f"{rel}: missing" for rel in sorted(expected.keys() - actual.keys())]
+        problems += [f"{rel}: not in the manifest" for rel in sorted(actual.keys() - expected)]
+        to_hash: dict[str, str] = {}
+        for rel in sorted(expected.keys() & actual.keys()):
+            if actual[rel] != expected[rel].size:
+                problems.append(f"{rel}: size {actual[rel]}, manifest says {expected[rel].size}")
+            else:
+                to_hash[rel] = os.path.join(self._path, rel)
+        for rel, got in _digest_all(to_hash, actual, seal=False).items():
+            if isinstance(got, BaseException):
+                problems.append(f"{rel}: cannot be read: {got}")
+            elif got != expected[rel]:
+                problems.append(f"{rel}: sha256 mismatch (size {got.size})")
+        if problems:
+            raise DataLoss(_problems_message(where, problems))
+
+    def file(self, rel: str) -> str:
+        """Local path of checkpoint file (or directory, e.g. ``checkpoint``) ``rel``.
+
+        InvalidArgument if ``rel`` would leave the checkpoint; NotFound if the
+        manifest lists neither that file nor any file under that directory.
+        """
+        check_rel(rel)
+        files = self._manifest.files
+        if rel not in files and not any(f.startswith(rel + "/") for f in files):
+            raise NotFound(f"{self._where()}: no file {rel}")
+        path = os.path.join(self._path, rel)
+        real_root = os.path.realpath(self._path)
+        if not os.path.realpath(path).startswith(real_root + os.sep):
+            raise InvalidArgument(f"{self._where()}: {rel} leads out of the checkpoint")
+        return path
+
+    def close(self) -> None:
+        """Release the local copy, if the store made one."""
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
+
+    def __enter__(self) -> _DirReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class _StagingWriter:
+    """Writes a checkpoint into a local staging directory; subclasses publish it.
+
+    State: "open" -> "committed" | "aborted"; every write method checks it.
+    """
+
+    _durable = True  # fsync files and directories at commit
+
+    def __init__(self, name: str, staging: str, store_url: str) -> None:
+        self._name = name
+        self._staging = staging
+        self._url = store_url
+        self._state = "open"
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        return self._name
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise FailedPrecondition(
+                f"checkpoint {self._name} in {self._url}: writer is {self._state}"
+            )
+
+    def _fail(self, e: OSError, doing: str) -> StasisError:
+        """Map a write failure; a full disk also throws the partial checkpoint away."""
+        err = _storage_error(e, f"checkpoint {self._name}: {doing}", self._url)
+        if isinstance(err, ResourceExhausted):
+            self.abort()
+        return err
+
+    def _target(self, rel: str) -> str:
+        check_rel(rel)
+        if rel == MANIFEST:
+            raise InvalidArgument(f"{MANIFEST} is written by commit, not by the caller")
+        return os.path.join(self._staging, rel)
+
+    def path(self, rel: str, *, directory: bool = False) -> str:
+        """Local path for ``rel`` inside the partial checkpoint, for CRIU and runc to write.
+
+        Parent directories are created (0700); with ``directory``, ``rel`` itself too.
+        """
+        self._check_open()
+        target = self._target(rel)
+        try:
+            os.makedirs(target if directory else os.path.dirname(target), 0o700, exist_ok=True)
+        except OSError as e:
+            raise self._fail(e, f"creating the directory for {rel}") from e
+        return target
+
+    def add_file(self, rel: str, src_path: str) -> None:
+        """Copy the local file ``src_path`` into the checkpoint as ``rel`` (mode 0600)."""
+        target = self.path(rel)
+        try:
+            src = open(src_path, "rb")  # noqa: SIM115 - closed below, distinct errors
+        except FileNotFoundError:
+            raise NotFound(f"checkpoint {self._name}: {src_path} does not exist") from None
+        except OSError as e:
+            raise InvalidArgument(f"checkpoint {self._name}: cannot read {src_path}: {e}") from e
+        with src:
+            try:
+                with _open_new(target) as dst:
+                    _copy(src, dst)
+            except OSError as e:
+                raise self._fail(e, f"writing {rel}") from e
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` into the checkpoint as ``rel`` (mode 0600)."""
+        target = self.path(rel)
+        try:
+            with _open_new(target) as dst:
+                dst.write(data)
+        except OSError as e:
+            raise self._fail(e, f"writing {rel}") from e
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> CheckpointInfo:
+        """Digest and fsync every file, write ``manifest.json`` last, then publish.
+
+        On any failure the partial checkpoint is removed: no manifest, nothing listed.
+        """
+        self._check_open()
+        metadata = {} if metadata is None else metadata
+        try:
+            if not isinstance(metadata, dict):
+                raise TypeError(f"a dict is needed, not {type(metadata).__name__}")
+            # A deep copy in JSON's own types: what list() shows later is what was stored.
+            metadata = json.loads(json.dumps(metadata))
+        except (TypeError, ValueError) as e:
+            self.abort()
+            raise InvalidArgument(f"checkpoint {self._name}: bad metadata: {e}") from e
+        try:
+            manifest = self._seal(metadata)
+            info = CheckpointInfo(
+                self._name,
+                _ref(self._url, self._name),
+                manifest.created,
+                manifest.size,
+                _stasis_json(self._staging, manifest),
+            )
+            self._publish(manifest)
+        except OSError as e:
+            self.abort()
+            raise _storage_error(e, f"committing checkpoint {self._name}", self._url) from e
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self._release()
+        return info
+
+    def _seal(self, metadata: dict[str, Any]) -> Manifest:
+        """Digest (and fsync, 0600) every file, then write the manifest; fsync the tree."""
+        tree = _scan(self._staging)
+        where = f"checkpoint {self._name} in {self._url}"
+        if tree.others:
+            raise InvalidArgument(f"{where}: {tree.others[0]} is not a regular file or directory")
+        if MANIFEST in tree.files:
+            raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
+        paths = {rel: os.path.join(self._staging, rel) for rel in tree.files}
+        files: dict[str, FileEntry] = {}
+        for rel, got in _digest_all(paths, tree.files, seal=self._durable).items():
+            if isinstance(got, _NotRegular):
+                raise InvalidArgument(f"{where}: {rel} is not a regular file")
+            if isinstance(got, BaseException):
+                raise got
+            files[rel] = got
+        manifest = Manifest(self._name, datetime.now(UTC), files, metadata)
+        # The manifest goes in LAST: with it present the checkpoint is complete.
+        with _open_new(os.path.join(self._staging, MANIFEST)) as f:
+            f.write(manifest.to_json())
+            f.flush()
+            if self._durable:
+                os.fsync(f.fileno())
+        for rel in reversed(tree.dirs):
+            d = os.path.join(self._staging, rel)
+            os.chmod(d, 0o700)
+            if self._durable:
+                _fsync_dir(d)
+        if self._durable:
+            _fsync_dir(self._staging)
+        return manifest
+
+    def _publish(self, manifest: Manifest) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Drop whatever the writer holds besides the staging directory."""
+
+    def abort(self) -> None:
+        """Remove the partial checkpoint; idempotent, and a no-op after commit."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        _rmtree(self._staging)
+        self._release()
+
+    def __enter__(self) -> _StagingWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+# --------------------------------------------------------------------------- local store
+
+
+class LocalStore:
+    """Checkpoints as directories under ``root``, on any POSIX filesystem (a NAS mount too).
+
+    With ``create`` (the default, for Stasis's own store), the root is created
+    0700 and tightened to 0700 if it is looser. ``resolve`` passes
+    ``create=False`` for a directory a user named: Stasis never changes the
+    mode of a directory it does not own (think ``/tmp``). Checkpoint
+    directories are 0700 and their files 0600 either way.
+    """
+
+    def __init__(self, root: str, *, create: bool = True) -> None:
+        self.root = os.path.abspath(root)
+        self.url = "file://" + self.root
+        if create:
+            self._prepare()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    def _prepare(self) -> None:
+        try:
+            os.makedirs(self.root, 0o700, exist_ok=True)
+            st = os.stat(self.root)
+            if not stat.S_ISDIR(st.st_mode):
+                raise Unavailable(f"storage {self.url}: not a directory")
+            if stat.S_IMODE(st.st_mode) & 0o077 or stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+                os.chmod(self.root, 0o700)
+        except OSError as e:
+            raise _storage_error(e, "preparing the store directory (0700)", self.url) from e
+
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.root, check_name(name))
+
+    def _load(self, name: str) -> Manifest:
+        """The manifest of complete checkpoint ``name``: NotFound, or DataLoss if malformed."""
+        where = f"checkpoint {name} in {self.url}"
+        try:
+            data = _read_small(os.path.join(self._dir(name), MANIFEST))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"{where} does not exist") from None
+        except OSError as e:
+            raise _storage_error(e, f"reading {where}", self.url) from e
+        except (ValueError, _NotRegular) as e:
+            raise DataLoss(f"{where}: {MANIFEST} is not a small regular file") from e
+        return Manifest.parse(data, where)
+
+    def _complete(self, name: str) -> bool:
+        try:
+            self._load(name)
+        except (NotFound, DataLoss):
+            return False
+        return True
+
+    def begin(self, name: str) -> _LocalWriter:
+        """Start writing ``name`` in ``<root>/.partial-<name>-<random>/``."""
+        check_name(name)
+        if self._complete(name):
+            raise AlreadyExists(f"checkpoint {name} in {self.url} exists already")
+        staging = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-{_token()}")
+        try:
+            os.mkdir(staging, 0o700)
+        except FileNotFoundError:
+            raise NotFound(f"storage {self.url} does not exist") from None
+        except OSError as e:
+            raise _storage_error(e, f"starting checkpoint {name}", self.url) from e
+        try:
+            os.chmod(staging, 0o700)
+            lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            _rmtree(staging)
+            raise _storage_error(e, f"starting checkpoint {name}", self.url) from e
+        # gc skips directories whose lock is held; where flock is not supported
+        # (some network filesystems) the grace period alone protects the writer.
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return _LocalWriter(self, name, staging, lock)
+
+    def open(self, name: str) -> _DirReader:
+        """Open complete checkpoint ``name`` in place."""
+        manifest = self._load(name)
+        return _DirReader(name, self._dir(name), manifest, self.url)
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """The complete checkpoints (valid manifest), oldest first; partials are never listed."""
+        try:
+            with os.scandir(self.root) as it:
+                names = sorted(
+                    e.name
+                    for e in it
+                    if _NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                )
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _storage_error(e, "listing checkpoints", self.url) from e
+        infos = []
+        for name in names:
+            try:
+                manifest = self._load(name)
+            except (NotFound, DataLoss):
+                continue
+            d = self._dir(name)
+            infos.append(
+                CheckpointInfo(
+                    name,
+                    _ref(self.url, name),
+                    manifest.created,
+                    manifest.size,
+                    _stasis_json(d, manifest),
+                )
+            )
+        return sorted(infos, key=lambda i: (i.created, i.name))
+
+    def remove(self, name: str) -> None:
+        """Delete ``name``: renamed out of sight first, so it vanishes in one step.
+
+        A directory of that name without a valid manifest is removed too.
+        """
+        target = self._dir(name)
+        if not os.path.lexists(target):
+            raise NotFound(f"checkpoint {name} in {self.url} does not exist")
+        aside = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-removed-{_token()}")
+        try:
+            os.rename(target, aside)
+            _fsync_dir(self.root)
+        except FileNotFoundError:
+            raise NotFound(f"checkpoint {name} in {self.url} does not exist") from None
+        except OSError as e:
+            raise _storage_error(e, f"removing checkpoint {name}", self.url) from e
+        _rmtree(aside)  # what survives is a partial leftover for gc
+
+    def gc(self, grace_seconds: float) -> builtins.list[str]:
+        """Remove ``.partial-*`` leftovers untouched for ``grace_seconds``; returns their names.
+
+        A partial directory whose writer still holds its lock is kept whatever
+        its age; the newest mtime anywhere inside counts, so a long CRIU dump
+        that keeps writing is not collected.
+        """
+        if grace_seconds < 0:
+            raise InvalidArgument(f"gc grace period must be >= 0, not {grace_seconds}")
+        deadline = time.time() - grace_seconds
+        try:
+            with os.scandir(self.root) as it:
+                leftovers = sorted(e.path for e in it if e.name.startswith(PARTIAL_PREFIX))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise _storage_error(e, "collecting partial checkpoints", self.url) from e
+        removed = []
+        for path in leftovers:
+            if _locked(path) or _newest_mtime(path) > deadline:
+                continue
+            _rmtree(path)
+            if not os.path.lexists(path):
+                removed.append(os.path.basename(path))
+        return removed
+
+
+def _locked(path: str) -> bool:
+    """Whether a live writer holds the flock on directory ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops our lock, if we took it
+    return False
+
+
+def _newest_mtime(path: str) -> float:
+    try:
+        newest = os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in (*dirnames, *filenames):
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
+            except OSError:
+                continue
+    return newest
+
+
+class _LocalWriter(_StagingWriter):
+    """Writes ``<root>/.partial-<name>-<random>/`` and renames it to ``<root>/<name>``."""
+
+    def __init__(self, store: LocalStore, name: str, staging: str, lock: int) -> None:
+        super().__init__(name, staging, store.url)
+        self._store = store
+        self._lock: int | None = lock  # flock held while writing; gc skips locked partials
+
+    def _publish(self, manifest: Manifest) -> None:
+        root = self._store.root
+        target = os.path.join(root, self._name)
+        try:
+            os.rename(self._staging, target)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            if self._store._complete(self._name):
+                raise AlreadyExists(
+                    f"checkpoint {self._name} in {self._store.url} exists already"
+                ) from e
+            # Something incomplete holds the name (it "does not exist"): move it
+            # aside for gc and take the name.
+            os.rename(target, os.path.join(root, f"{PARTIAL_PREFIX}{self._name}-stale-{_token()}"))
+            os.rename(self._staging, target)
+        # Published. Should the fsync below fail, commit's abort removes the
+        # checkpoint again: a commit that raised leaves nothing behind.
+        self._staging = target
+        _fsync_dir(root)
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)
+
+
+# --------------------------------------------------------------------------- memory store
+
+
+@dataclass(frozen=True)
+class _Stored:
+    manifest: Manifest
+    files: dict[str, bytes]
+
+
+class MemoryStore:
+    """Checkpoints kept as bytes in memory, for tests.
+
+    Writers stage files in a private temporary directory (CRIU needs real
+    paths); ``commit`` reads them into memory and deletes the directory.
+    Readers get a private local copy, deleted by ``close``.
+    """
+
+    def __init__(self) -> None:
+        self.url = f"memory://{id(self):x}"
+        self._lock = threading.Lock()
+        self._checkpoints: dict[str, _Stored] = {}  # guarded by _lock
+
+    def begin(self, name: str) -> _MemoryWriter:
+        """Start writing ``name`` in a private temporary directory."""
+        import tempfile
+
+        check_name(name)
+        with self._lock:
+            if name in self._checkpoints:
+                raise AlreadyExists(f"checkpoint {name} in {self.url} exists already")
+        return _MemoryWriter(self, name, tempfile.mkdtemp(prefix=f"stasis-{name}-"))
+
+    def _get(self, name: str) -> _Stored:
+        check_name(name)
+        with self._lock:
+            stored = self._checkpoints.get(name)
+        if stored is None:
+            raise NotFound(f"checkpoint {name} in {self.url} does not exist")
+        return stored
+
+    def open(self, name: str) -> _DirReader:
+        """Open ``name`` through a private local copy of its files (``close`` deletes it)."""
+        import tempfile
+
+        stored = self._get(name)
+        copy = tempfile.mkdtemp(prefix=f"stasis-{name}-")
+        try:
+            for rel, data in [*stored.files.items(), (MANIFEST, stored.manifest.to_json())]:
+                target = os.path.join(copy, rel)
+                os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
+                with _open_new(target) as f:
+                    f.write(data)
+        except BaseException:
+            _rmtree(copy)
+            raise
+        return _DirReader(name, copy, stored.manifest, self.url, lambda: _rmtree(copy))
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """The checkpoints, oldest first."""
+        with self._lock:
+            items = builtins.list(self._checkpoints.items())
+        infos = []
+        for name, stored in items:
+            metadata = dict(stored.manifest.metadata)
+            raw = stored.files.get(METADATA_FILE)
+            try:
+                doc = json.loads(raw) if raw is not None else None
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                metadata.update(doc)
+            infos.append(
+                CheckpointInfo(
+                    name,
+                    _ref(self.url, name),
+                    stored.manifest.created,
+                    stored.manifest.size,
+                    metadata,
+                )
+            )
+        return sorted(infos, key=lambda i: (i.created, i.name))
+
+    def remove(self, name: str) -> None:
+        """Forget ``name``."""
+        check_name(name)
+        with self._lock:
+            if self._checkpoints.pop(name, None) is None:
+                raise NotFound(f"checkpoint {name} in {self.url} does not exist")
+
+    def gc(self, grace_seconds: float) -> builtins.list[str]:
+        """Nothing to collect: uncommitted writers never reach the store."""
+        if grace_seconds < 0:
+            raise InvalidArgument(f"gc grace period must be >= 0, not {grace_seconds}")
+        return []
+
+    def _add(self, name: str, stored: _Stored) -> None:
+        with self._lock:
+            if name in self._checkpoints:
+                raise AlreadyExists(f"checkpoint {name} in {self.url} exists already")
+            self._checkpoints[name] = stored
+
+
+class _MemoryWriter(_StagingWriter):
+    _durable = False  # the staging directory is thrown away anyway
+
+    def __init__(self, store: MemoryStore, name: str, staging: str) -> None:
+        super().__init__(name, staging, store.url)
+        self._store = store
+
+    def _publish(self, manifest: Manifest) -> None:
+        files = {}
+        for rel in manifest.files:
+            with open(os.path.join(self._staging, rel), "rb") as f:
+                files[rel] = f.read()
+        self._store._add(self._name, _Stored(manifest, files))
+        _rmtree(self._staging)
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def open_store(url: str) -> Store:
+    """The store at ``url``: ``file:///abs/dir`` or ``/abs/dir`` (created 0700 if missing),
+    or ``s3://bucket/prefix`` (NotImplementedRPC until the S3 backend arrives)."""
+    if url.startswith("s3://"):
+        raise NotImplementedRPC(f"{url}: S3 stores arrive with the S3 backend")
+    path = _file_url_path(url) if url.startswith("file://") else url
+    if path is not None and path.startswith("/"):
+        return LocalStore(path)
+    raise InvalidArgument(
+        f"{url!r} is not a store: give file:///absolute/path, /absolute/path or s3://bucket/prefix"
+    )
+
+
+def default_store(config: Config) -> Store:
+    """The configured store (``config.storage.url``)."""
+    return open_store(config.storage.url)
+
+
+def _file_url_path(url: str) -> str | None:
+    """The absolute path of a ``file://`` URL (``file://localhost/...`` too), else None."""
+    path = _unquote(url[len("file://") :])
+    if path.startswith("localhost/"):
+        path = path[len("localhost") :]
+    return path if path.startswith("/") else None
+
+
+def resolve(ref: str, config: Config) -> tuple[Store, str]:
+    """Turn a checkpoint reference into (store, name).
+
+    ``ref`` is a checkpoint name in the configured store, an absolute path to
+    a checkpoint directory (store = its parent, name = its basename), or
+    ``file:///abs/path/name``. ``s3://`` references are NotImplementedRPC
+    until the S3 backend arrives; anything else is InvalidArgument.
+    """
+    if ref.startswith("s3://"):
+        raise NotImplementedRPC(f"{ref}: S3 stores arrive with the S3 backend")
+    if ref.startswith("file://"):
+        path = _file_url_path(ref)
+        if path is None:
+            raise InvalidArgument(f"{ref!r}: a file URL needs an absolute path (file:///dir/name)")
+        return _by_path(path, ref)
+    if ref.startswith("/"):
+        return _by_path(ref, ref)
+    if _NAME.fullmatch(ref):
+        return open_store(config.storage.url), ref
+    raise InvalidArgument(
+        f"{ref!r} is not a checkpoint reference: give a name ({NAME_PATTERN}), "
+        "an absolute path to a checkpoint directory, or file:///path/to/checkpoint"
+    )
+
+
+def _by_path(path: str, ref: str) -> tuple[Store, str]:
+    parent, name = os.path.split(os.path.normpath(path))
+    if not _NAME.fullmatch(name):
+        raise InvalidArgument(f"{ref!r}: {name!r} is not a valid checkpoint name")
+    return LocalStore(parent, create=False), name
+
+
+def _unquote(s: str) -> str:
+    """Percent-decode a URL path (urllib stays out of the shim's imports)."""
+    if "%" not in s:
+        return s
+    raw = re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), s.encode())
+    return os.fsdecode(raw)
+
+
+# --------------------------------------------------------------------------- archives
+
+
+class _HashingReader:
+    """A file wrapper that digests what tarfile reads through it."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha256.update(data)
+        return data
+
+
+def export_tar(reader: CheckpointReader, tar_path: str) -> None:
+    """Write the checkpoint as a tar archive (gzip for ``.gz``/``.tgz``), mode 0600.
+
+    Files sit at the top level (``checkpoint/...``, ``rootfs-diff.tar``,
+    ``spec.dump`` ...) as in the Kubernetes/Podman checkpoint archive, with
+    ``manifest.json`` first. Each file is checked against the manifest while
+    it is copied (DataLoss on a mismatch); the archive appears under
+    ``tar_path`` only when complete.
+    """
+    import tarfile
+
+    manifest = reader.manifest
+    where = f"checkpoint {reader.name}"
+    directory = os.path.dirname(os.path.abspath(tar_path))
+    tmp = os.path.join(directory, f".{os.path.basename(tar_path)}.partial-{_token()}")
+    mtime = manifest.created.timestamp()
+    gzip = tar_path.endswith((".gz", ".tgz"))
+
+    def member(name: str, kind: bytes, size: int = 0) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mtime = kind, size, mtime
+        info.mode = 0o700 if kind == tarfile.DIRTYPE else 0o600
+        return info
+
+    try:
+        with (
+            _open_new(tmp) as out,
+            (
+                tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT)
+                if gzip
+                else tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT)
+            ) as tar,
+        ):
+            data = manifest.to_json()
+            tar.addfile(member(MANIFEST, tarfile.REGTYPE, len(data)), _BytesReader(data))
+            dirs = sorted(
+                {
+                    "/".join(rel.split("/")[:i])
+                    for rel in manifest.files
+                    for i in range(1, rel.count("/") + 1)
+                }
+            )
+            for d in dirs:
+                tar.addfile(member(d, tarfile.DIRTYPE))
+            for rel, entry in sorted(manifest.files.items()):
+                path = reader.file(rel)
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise DataLoss(f"{where}: {rel}: missing") from None
+                with open(fd, "rb") as f:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+                        raise DataLoss(
+                            f"{where}: {rel}: size {st.st_size}, manifest says {entry.size}"
+                        )
+                    hashing = _HashingReader(f)
+                    tar.addfile(member(rel, tarfile.REGTYPE, entry.size), hashing)
+                if hashing.sha256.hexdigest() != entry.sha256:
+                    raise DataLoss(f"{where}: {rel}: sha256 mismatch")
+            tar.close()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, tar_path)
+        _fsync_dir(directory)
+    except BaseException as e:
+        _rmtree(tmp)
+        if isinstance(e, OSError):
+            raise _storage_error(e, f"exporting {where}", "file://" + tar_path) from e
+        raise
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+
+    def read(self, n: int = -1) -> bytes:
+        n = len(self._data) if n < 0 else n
+        chunk, self._data = self._data[:n], self._data[n:]
+        return bytes(chunk)
+
+
+def _member_rel(name: str, tar_path: str) -> str | None:
+    """The checkpoint path of a tar member; None for the archive's root entry."""
+    if name.startswith("/") or "\0" in name:
+        raise InvalidArgument(f"{tar_path}: member {name!r} has an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidArgument(f"{tar_path}: member {name!r} leads out of the checkpoint")
+    return "/".join(parts) or None
+
+
+def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
+    """Store a checkpoint archive (as ``export_tar`` or Podman/CRI-O write them) as ``name``.
+
+    Absolute paths, ``..``, symlinks, devices and FIFOs, and hard links that do
+    not point at an earlier file of the archive are refused (InvalidArgument).
+    With a ``manifest.json`` every file must match it (DataLoss otherwise);
+    without one, a manifest is built.
+    """
+    import tarfile
+
+    check_name(name)
+    try:
+        tar = tarfile.open(tar_path, "r:*")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError:
+        raise NotFound(f"{tar_path} does not exist") from None
+    except tarfile.TarError as e:
+        raise InvalidArgument(f"{tar_path} is not a tar archive: {e}") from e
+    except OSError as e:
+        raise Unavailable(f"cannot read {tar_path}: {e.strerror or e}") from e
+    with tar, store.begin(name) as writer:
+        seen: dict[str, FileEntry] = {}
+        dirs: set[str] = set()
+        manifest_data: bytes | None = None
+        try:
+            for m in tar:
+                rel = _member_rel(m.name, tar_path)
+                if rel is None:
+                    continue
+                if rel in seen or rel in dirs or (rel == MANIFEST and manifest_data is not None):
+                    raise InvalidArgument(f"{tar_path}: member {m.name!r} appears twice")
+                if m.isdir():
+                    writer.path(rel, directory=True)
+                    dirs.add(rel)
+                elif m.issym():
+                    target = m.linkname
+                    escapes = target.startswith("/") or ".." in target.split("/")
+                    why = "leads out of the checkpoint" if escapes else "(links are not stored)"
+                    raise InvalidArgument(
+                        f"{tar_path}: member {m.name!r} is a symlink to {target!r} {why}"
+                    )
+                elif m.islnk():
+                    target_rel = _member_rel(m.linkname, tar_path)
+                    if target_rel not in seen:
+                        raise InvalidArgument(
+                            f"{tar_path}: member {m.name!r} is a hard link to {m.linkname!r}, "
+                            "which is not an earlier file of the archive"
+                        )
+                    assert target_rel is not None
+                    writer.add_file(rel, writer.path(target_rel))
+                    seen[rel] = seen[target_rel]
+                elif m.isreg():
+                    src = tar.extractfile(m)
+                    assert src is not None
+                    with src:
+                        if rel == MANIFEST:
+                            manifest_data = src.read(_MAX_SMALL_JSON + 1)
+                            if len(manifest_data) > _MAX_SMALL_JSON:
+                                raise InvalidArgument(f"{tar_path}: {MANIFEST} is too large")
+                            continue
+                        target = writer.path(rel)
+                        try:
+                            with _open_new(target) as dst:
+                                seen[rel] = _copy(src, dst)
+                        except OSError as e:
+                            if e.errno in _FULL:
+                                writer.abort()
+                            raise _storage_error(e, f"importing {rel}", store.url) from e
+                else:
+                    raise InvalidArgument(
+                        f"{tar_path}: member {m.name!r} is not a file or directory"
+                    )
+        except tarfile.TarError as e:
+            raise InvalidArgument(f"{tar_path} is a damaged tar archive: {e}") from e
+        metadata: dict[str, Any] = {}
+        if manifest_data is not None:
+            imported = Manifest.parse(manifest_data, tar_path)
+            _check_imported(imported, seen, tar_path)
+            metadata = imported.metadata
+        return writer.commit(metadata)
+
+
+def _check_imported(manifest: Manifest, seen: dict[str, FileEntry], tar_path: str) -> None:
+    problems = [f"{rel}: missing" for rel in sorted(manifest.files.keys() - seen.keys())]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(seen.keys() - manifest.files)]
+    problems += [
+        f"{rel}: sha256 or size mismatch"
+        for rel in sorted(manifest.files.keys() & seen.keys())
+        if manifest.files[rel] != seen[rel]
+    ]
+    if problems:
+        raise DataLoss(_problems_message(f"archive {tar_path}", problems))

@@ -1,0 +1,206 @@
+"""Tests for runtime.config: the TOML file, environment overrides, errors and the masked secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.config import (
+    DEFAULT_PATH,
+    DEFAULT_STORAGE_URL,
+    Config,
+    S3Config,
+    StorageConfig,
+    check_storage_url,
+    load,
+)
+from runtime.errors import InvalidArgument
+
+FULL = """
+[storage]
+url = "s3://bucket/prefix"
+
+[storage.s3]
+access_key_id = "AKIDEXAMPLE"
+secret_access_key = "wJalrXUtnFEMI/K7MDENG"
+region = "eu-west-1"
+endpoint = "https://minio.example:9000"
+request_checksum_calculation = "when_required"
+"""
+
+
+def write(tmp_path: Path, text: str) -> dict[str, str]:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return {"STASIS_CONFIG": str(path)}
+
+
+def test_defaults_without_a_file(tmp_path: Path) -> None:
+    # The default path is absent on a test machine; an env without STASIS_CONFIG reads it.
+    if Path(DEFAULT_PATH).exists():
+        pytest.skip(f"{DEFAULT_PATH} exists on this machine")
+    config = load({})
+    assert config == Config()
+    assert config.storage.url == DEFAULT_STORAGE_URL == "file:///var/lib/stasis/checkpoints"
+    assert config.storage.s3 == S3Config()
+    assert config.storage.s3.checksum == "when_supported"
+
+
+def test_full_file(tmp_path: Path) -> None:
+    config = load(write(tmp_path, FULL))
+    assert config == Config(
+        StorageConfig(
+            url="s3://bucket/prefix",
+            s3=S3Config(
+                access_key_id="AKIDEXAMPLE",
+                secret_access_key="wJalrXUtnFEMI/K7MDENG",
+                region="eu-west-1",
+                endpoint="https://minio.example:9000",
+                checksum="when_required",
+            ),
+        )
+    )
+
+
+def test_empty_file_is_defaults(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "")) == Config()
+
+
+def test_only_url(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[storage]\nurl = "file:///mnt/nas/ckpt"\n'))
+    assert config.storage.url == "file:///mnt/nas/ckpt"
+    assert config.storage.s3 == S3Config()
+
+
+def test_absolute_path_becomes_file_url(tmp_path: Path) -> None:
+    config = load(write(tmp_path, '[storage]\nurl = "/mnt/nas/ckpt"\n'))
+    assert config.storage.url == "file:///mnt/nas/ckpt"
+
+
+def test_env_overrides_file(tmp_path: Path) -> None:
+    env = write(tmp_path, FULL) | {
+        "STASIS_STORAGE_URL": "file:///srv/ckpt",
+        "STASIS_S3_ACCESS_KEY_ID": "other-id",
+        "STASIS_S3_SECRET_ACCESS_KEY": "other-secret",
+        "STASIS_S3_REGION": "us-east-1",
+        "STASIS_S3_ENDPOINT": "http://127.0.0.1:9000",
+        "STASIS_S3_REQUEST_CHECKSUM_CALCULATION": "WHEN_SUPPORTED",
+    }
+    config = load(env)
+    assert config.storage.url == "file:///srv/ckpt"
+    assert config.storage.s3 == S3Config(
+        access_key_id="other-id",
+        secret_access_key="other-secret",
+        region="us-east-1",
+        endpoint="http://127.0.0.1:9000",
+        checksum="when_supported",
+    )
+
+
+def test_env_without_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    with pytest.raises(InvalidArgument, match=r"absent\.toml"):
+        load({"STASIS_CONFIG": str(missing)})
+
+
+def test_env_only_partial_override(tmp_path: Path) -> None:
+    config = load(write(tmp_path, FULL) | {"STASIS_S3_REGION": "ap-south-1"})
+    assert config.storage.url == "s3://bucket/prefix"
+    assert config.storage.s3.region == "ap-south-1"
+    assert config.storage.s3.access_key_id == "AKIDEXAMPLE"
+
+
+def test_empty_env_var_is_unset(tmp_path: Path) -> None:
+    config = load(write(tmp_path, FULL) | {"STASIS_STORAGE_URL": "", "STASIS_S3_REGION": ""})
+    assert config.storage.url == "s3://bucket/prefix"
+    assert config.storage.s3.region == "eu-west-1"
+
+
+def test_load_reads_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = write(tmp_path, '[storage]\nurl = "file:///a/b"\n')
+    monkeypatch.setenv("STASIS_CONFIG", env["STASIS_CONFIG"])
+    monkeypatch.setenv("STASIS_STORAGE_URL", "file:///c/d")
+    assert load().storage.url == "file:///c/d"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[storage]\nulr = "file:///x"\n', "storage.ulr"),
+        ('[storage.s3]\nsecret = "x"\n', "storage.s3.secret"),
+        ("[gpu]\nenabled = true\n", "gpu"),
+        ("storage = 3\n", "storage"),
+        ('[storage]\ns3 = "x"\n', "storage.s3"),
+        ("[storage]\nurl = 3\n", "storage.url"),
+        ('[storage]\nurl = "ftp://host/x"\n', "storage.url"),
+        ('[storage]\nurl = "relative/dir"\n', "storage.url"),
+        ('[storage]\nurl = "file://relative"\n', "storage.url"),
+        ('[storage]\nurl = "s3://"\n', "storage.url"),
+        ("[storage.s3]\nregion = 1\n", "storage.s3.region"),
+        ('[storage.s3]\nrequest_checksum_calculation = "always"\n', "request_checksum_calculation"),
+        ('[storage.s3]\nendpoint = "minio:9000"\n', "storage.s3.endpoint"),
+    ],
+)
+def test_malformed_names_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    env = write(tmp_path, text)
+    with pytest.raises(InvalidArgument) as caught:
+        load(env)
+    assert env["STASIS_CONFIG"] in str(caught.value)
+    assert key in str(caught.value)
+
+
+def test_not_toml_names_file_and_line(tmp_path: Path) -> None:
+    env = write(tmp_path, "[storage\nurl = \n")
+    with pytest.raises(InvalidArgument, match=r"config\.toml: not valid TOML.*line 1"):
+        load(env)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    # A directory where the file should be: reading fails with an OSError.
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(InvalidArgument, match=r"dir\.toml: cannot read"):
+        load({"STASIS_CONFIG": str(tmp_path / "dir.toml")})
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("STASIS_STORAGE_URL", "http://nope"),
+        ("STASIS_S3_ENDPOINT", "nope"),
+        ("STASIS_S3_REQUEST_CHECKSUM_CALCULATION", "sometimes"),
+    ],
+)
+def test_bad_env_names_the_variable(tmp_path: Path, var: str, value: str) -> None:
+    with pytest.raises(InvalidArgument, match=var):
+        load(write(tmp_path, "") | {var: value})
+
+
+def test_repr_masks_the_secret(tmp_path: Path) -> None:
+    config = load(write(tmp_path, FULL))
+    for text in (repr(config), str(config), repr(config.storage), repr(config.storage.s3)):
+        assert "wJalrXUtnFEMI" not in text
+        assert "secret_access_key='***'" in text
+        assert "AKIDEXAMPLE" in text  # the key id is not secret, and helps debugging
+    assert "secret_access_key=None" in repr(S3Config())
+
+
+def test_secret_never_in_errors(tmp_path: Path) -> None:
+    env = write(tmp_path, FULL.replace("when_required", "bogus"))
+    with pytest.raises(InvalidArgument) as caught:
+        load(env)
+    assert "wJalrXUtnFEMI" not in str(caught.value)
+
+
+def test_frozen() -> None:
+    config = Config()
+    with pytest.raises(AttributeError):
+        config.storage = StorageConfig()  # type: ignore[misc]
+
+
+def test_check_storage_url() -> None:
+    assert check_storage_url("/x", "here") == "file:///x"
+    assert check_storage_url("file:///x", "here") == "file:///x"
+    assert check_storage_url("s3://b", "here") == "s3://b"
+    with pytest.raises(InvalidArgument, match=r"^here: "):
+        check_storage_url("x", "here")
