@@ -5,10 +5,13 @@
 #   bash install.sh --no-demo  install only
 #
 # What it does: installs runc, iptables and (when no containerd is present)
-# containerd 1.7 from Debian trixie; installs Stasis into its own venv under
+# containerd 1.7 from Debian trixie; builds CRIU 4.2 from Debian's source when
+# `criu check` does not pass; installs Stasis into its own venv under
 # /opt/stasis with containerd-shim-stasis-v2 and stasis linked into
 # /usr/local/bin; starts containerd when it is not running; imports a small
-# busybox image and runs a container on the io.containerd.stasis.v2 runtime.
+# busybox image and runs the demo: a counting container checkpointed into the
+# default store (/var/lib/stasis/checkpoints), stopped, and restored as a new
+# container that goes on counting.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,7 +30,7 @@ log() { printf '[stasis-install] %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 
 missing=()
-for pkg in runc iptables busybox-static python3-venv; do
+for pkg in runc iptables iproute2 util-linux busybox-static python3-venv; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -36,14 +39,41 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q "${missing[@]}" >&2
 fi
 
+# Newer Debian suites, pinned low: containerd 1.7 and CRIU's source come from there.
+add_newer_suites() {
+    local src=/etc/apt/sources.list.d/stasis-newer.sources
+    [ -f "$src" ] && return 0
+    printf 'Types: deb deb-src\nURIs: http://deb.debian.org/debian\nSuites: trixie sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$src"
+    printf 'Package: *\nPin: release n=trixie\nPin-Priority: 100\n\nPackage: *\nPin: release n=sid\nPin-Priority: 50\n' \
+        >/etc/apt/preferences.d/stasis-newer
+    apt-get update -q >&2
+}
+
+criu_ok() {
+    command -v criu >/dev/null || return 1
+    criu --version 2>/dev/null | grep -Eq 'Version: (4\.([2-9]|[1-9][0-9])|[5-9])' || return 1
+    criu check 2>&1 | grep -q "Looks good"
+}
+
+if ! criu_ok; then
+    # Debian bookworm's CRIU 3.17 fails on current kernels: build 4.2 from Debian's source.
+    log "building CRIU 4.2 (criu check does not pass with the installed one)"
+    add_newer_suites
+    apt-get install -y -q build-essential pkg-config libprotobuf-dev libprotobuf-c-dev \
+        protobuf-c-compiler protobuf-compiler python3-protobuf libnl-3-dev libnet1-dev \
+        libcap-dev libbsd-dev libgnutls28-dev libnftables-dev uuid-dev libaio-dev >&2
+    build=$PREFIX/src/criu
+    rm -rf "$build" && mkdir -p "$build"
+    (cd "$PREFIX/src" && apt-get source -q --download-only criu/sid >&2) || true
+    tar -xf "$(ls "$PREFIX"/src/criu_*.orig.tar.* | tail -n1)" -C "$build" --strip-components=1
+    make -C "$build" -j"$(nproc)" criu >"$build/build.log" 2>&1 || { tail -n 30 "$build/build.log" >&2; exit 1; }
+    install -D -m 0755 "$build/criu/criu" /usr/local/sbin/criu
+    criu_ok || { log "CRIU built but criu check still fails: see 'criu check'"; exit 1; }
+fi
+
 if ! command -v containerd >/dev/null; then
     # bookworm ships containerd 1.6; Stasis is tested on 1.7 and 2.1.
-    src=/etc/apt/sources.list.d/stasis-trixie.sources
-    if [ ! -f "$src" ]; then
-        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$src"
-        printf 'Package: *\nPin: release n=trixie\nPin-Priority: 100\n' >/etc/apt/preferences.d/stasis-trixie
-        apt-get update -q >&2
-    fi
+    add_newer_suites
     tmp=$(mktemp -d)
     (cd "$tmp" && apt-get download -q containerd/trixie >&2)
     log "installing containerd 1.7 from trixie"
@@ -77,6 +107,6 @@ if [ "$DEMO" = 1 ]; then
     "$PREFIX/venv/bin/python" "$REPO/tests/bed/images.py" "$tmp" >/dev/null
     ctr --address "$ADDRESS" -n default images import "$tmp/busybox.tar" >/dev/null
     rm -rf "$tmp"
-    stasis --address "$ADDRESS" -n default demo
+    stasis --address "$ADDRESS" -n default demo --image docker.io/stasis/busybox:test
 fi
 log "done"
