@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import uuid
 from collections.abc import Awaitable, Callable
 
 from runtime.errors import Unavailable
@@ -25,7 +24,7 @@ class ConsoleSocket:
 
     def __init__(self) -> None:
         os.makedirs(CONSOLE_DIR, mode=0o700, exist_ok=True)
-        self.path = os.path.join(CONSOLE_DIR, f"{uuid.uuid4().hex[:16]}.sock")
+        self.path = os.path.join(CONSOLE_DIR, f"{os.urandom(8).hex()}.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(self.path)

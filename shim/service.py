@@ -30,7 +30,6 @@ from runtime.runc import CheckpointOpts
 from shim import ttrpc
 from shim.container import Container, CreateConfig, RuncOptions
 from shim.events import Publisher
-from shim.metrics import metrics_v1, metrics_v2
 from shim.process import Exit, Process
 from shim.reaper import Reaper
 
@@ -433,6 +432,8 @@ class TaskService:
         }
 
     async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
+        from shim.metrics import metrics_v1, metrics_v2  # first Stats call pays for it
+
         stats = await self._get(req.id).stats()
         m = metrics_v2(stats) if self._unified else metrics_v1(stats)
         resp = api.StatsResponse()
