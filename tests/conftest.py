@@ -81,3 +81,36 @@ def containerd(request: pytest.FixtureRequest) -> Containerd:
     name = "containerd_" + request.param.replace(".", "_")
     instance: Containerd = request.getfixturevalue(name)
     return instance
+
+
+# -- a single-node Kubernetes 1.20 on a private containerd 1.7 with CRI --------------
+
+from bed.containerd import CRI_NAMESPACE  # noqa: E402
+from bed.kube import KubeCluster, kube_bed_missing  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[KubeCluster]:
+    """A Kubernetes 1.20 cluster for the session (tests/bed/kube.py): node Ready,
+    RuntimeClass `stasis` created, busybox and pause imported into the CRI namespace of
+    its containerd (`kube_cluster.containerd`, which finds the stasis shim in the venv).
+    Use `kube_cluster.kubectl(...)`, `.api(...)`, `.wait_pod(...)`. Teardown deletes
+    every pod and fails the session's last test when anything was left behind."""
+    if why := kube_bed_missing():
+        pytest.fail(why, pytrace=False)
+    containerd = Containerd.in_run_dir("1.7", shim_path(), cri=True)
+    cluster: KubeCluster | None = None
+    leaks: list[str] = []
+    try:
+        containerd.start()
+        for image in ("pause.tar", "busybox.tar"):
+            containerd.import_image(images_dir() / image, namespace=CRI_NAMESPACE)
+        cluster = KubeCluster.in_run_dir(containerd)
+        cluster.start()
+        yield cluster
+    finally:
+        if cluster is not None:
+            leaks += cluster.stop()
+        left = containerd.stop()
+    if leaks or left:
+        pytest.fail(f"the Kubernetes cluster left behind (now cleaned up): {leaks} {left}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_NAMESPACE = "stasis-test"
 RUN_BASE = Path(os.environ.get("STASIS_TEST_RUN_DIR", "/run/stasis-test"))
@@ -43,6 +45,14 @@ _DISABLED_PLUGINS: dict[str, list[str]] = {
 }
 _CONFIG_VERSION = {"1.7": 2, "2.1": 3}
 _MNT_DETACH = 2
+
+# With cri=True (1.7 only: kubelet 1.20 speaks CRI v1alpha2, which 2.x dropped).
+CRI_NAMESPACE = "k8s.io"
+CRI_SANDBOX_IMAGE = "registry.k8s.io/pause:3.8"  # tests/bed/images.py PAUSE_REF
+CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+STASIS_RUNTIME_TYPE = "io.containerd.stasis.v2"
+STASIS_HANDLER = "stasis"  # the CRI runtime handler (RuntimeClass handler)
+STASIS_ANNOTATIONS = "stasis.dev/*"  # pod/container annotations passed to the shim
 
 
 def cache_dir() -> Path:
@@ -102,9 +112,12 @@ class Containerd:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         log_level: str = "debug",
+        cri: bool = False,
     ) -> None:
         if version not in _CONFIG_VERSION:
             raise ValueError(f"containerd version {version!r} not in the bed")
+        if cri and version != "1.7":
+            raise ValueError("cri=True is for containerd 1.7 (CRI v1alpha2, kubelet 1.20)")
         self.version = version
         self.workdir = Path(workdir)
         self.extra_path = [Path(p) for p in extra_path]
@@ -117,9 +130,14 @@ class Containerd:
         self.config_path = self.workdir / "config.toml"
         self.log_path = self.workdir / "containerd.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        # CRI: a CNI bridge and subnet of its own, so that instances do not share one.
+        self.cri = cri
+        self.cni_conf_dir = self.workdir / "cni" / "net.d"
+        self.cni_bridge = f"stc{uuid.uuid4().hex[:8]}"  # IFNAMSIZ: 15 characters at most
+        self.cni_subnet = _free_subnet() if cri else None
 
     @classmethod
-    def in_run_dir(cls, version: str, extra_path: Sequence[Path] = (), **kw: str) -> Containerd:
+    def in_run_dir(cls, version: str, extra_path: Sequence[Path] = (), **kw: Any) -> Containerd:
         """An instance with a fresh short work directory under RUN_BASE."""
         workdir = RUN_BASE / f"{version.replace('.', '')}-{uuid.uuid4().hex[:8]}"
         return cls(version, workdir, extra_path, **kw)
@@ -154,7 +172,10 @@ class Containerd:
 
     def config_toml(self) -> str:
         """The daemon's configuration (schema 2 for 1.7, 3 for 2.1)."""
-        disabled = ", ".join(f'"{p}"' for p in _DISABLED_PLUGINS[self.version])
+        plugins = _DISABLED_PLUGINS[self.version]
+        if self.cri:
+            plugins = [p for p in plugins if p != "io.containerd.grpc.v1.cri"]
+        disabled = ", ".join(f'"{p}"' for p in plugins)
         return f"""\
 version = {_CONFIG_VERSION[self.version]}
 root = "{self.root}"
@@ -176,7 +197,59 @@ disabled_plugins = [{disabled}]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{self.root / "opt"}"
+""" + (self._cri_toml() if self.cri else "")
+
+    def _cri_toml(self) -> str:
+        """The CRI plugin's section: runc (default) and stasis handlers, CNI bridge.
+
+        restrict_oom_score_adj: sandboxes ask for oom_score_adj -998, which a VM without
+        CAP_SYS_RESOURCE refuses. Network namespaces live under the state directory,
+        the stream server (exec/attach/port-forward) on a random loopback port.
+        """
+        cri = 'plugins."io.containerd.grpc.v1.cri"'
+        return f"""
+[{cri}]
+  sandbox_image = "{CRI_SANDBOX_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  netns_mounts_under_state_dir = true
+  [{cri}.cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{self.cni_conf_dir}"
+    max_conf_num = 1
+  [{cri}.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [{cri}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [{cri}.containerd.runtimes.{STASIS_HANDLER}]
+      runtime_type = "{STASIS_RUNTIME_TYPE}"
+      pod_annotations = ["{STASIS_ANNOTATIONS}"]
+      container_annotations = ["{STASIS_ANNOTATIONS}"]
 """
+
+    def cni_conflist(self) -> dict[str, object]:
+        """A bridge + host-local network (IPAM state under the workdir); CRI adds lo."""
+        return {
+            "cniVersion": "0.4.0",
+            "name": f"stasis-{self.cni_bridge}",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.cni_bridge,
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": str(self.cni_subnet)}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(self.workdir / "cni" / "ipam"),
+                    },
+                }
+            ],
+        }
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -187,6 +260,10 @@ disabled_plugins = [{disabled}]
         for d in (self.workdir, self.root, self.state):
             d.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config_toml())
+        if self.cri:
+            self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+            conf = self.cni_conf_dir / "10-stasis.conflist"
+            conf.write_text(json.dumps(self.cni_conflist(), indent=2) + "\n")
         with self.log_path.open("ab") as log:
             # Its own session: a ^C to pytest must not kill it before teardown runs.
             self._proc = subprocess.Popen(
@@ -239,6 +316,8 @@ disabled_plugins = [{disabled}]
         for ctrl in Path("/sys/fs/cgroup").glob(f"*/{self.namespace}"):
             with contextlib.suppress(OSError):  # busy while another instance uses it
                 ctrl.rmdir()
+        if self.cri and Path(f"/sys/class/net/{self.cni_bridge}").exists():
+            subprocess.run(["ip", "link", "delete", self.cni_bridge], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
         return found
 
@@ -298,9 +377,10 @@ disabled_plugins = [{disabled}]
             raise CtrError(result.returncode, cmd, result.stdout, result.stderr)
         return result
 
-    def import_image(self, tar: Path) -> None:
-        """Imports an OCI image tarball (see images.py) and unpacks it."""
-        self.ctr("images", "import", str(tar), timeout=120)
+    def import_image(self, tar: Path, namespace: str | None = None) -> None:
+        """Imports an OCI image tarball (see images.py) and unpacks it (for the CRI
+        plugin: namespace CRI_NAMESPACE)."""
+        self.ctr("images", "import", str(tar), timeout=120, namespace=namespace)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the daemon's log, for failure messages."""
@@ -311,6 +391,26 @@ disabled_plugins = [{disabled}]
 
     def __repr__(self) -> str:
         return f"Containerd({self.version!r}, {str(self.workdir)!r}, pid={self.pid})"
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A random 10.x.y.0/24 that no route on this machine overlaps (for a CNI bridge)."""
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False
+    ).stdout
+    used = []
+    for line in routes.splitlines():
+        with contextlib.suppress(ValueError, IndexError):
+            dst = line.split()[0]
+            dst = line.split()[1] if dst in ("local", "broadcast", "unicast") else dst
+            if dst != "default":
+                used.append(ipaddress.ip_network(dst, strict=False))
+    for _ in range(100):
+        n = int.from_bytes(os.urandom(2), "big")
+        net = ipaddress.IPv4Network(f"10.{200 + n % 50}.{n >> 8}.0/24")
+        if not any(net.overlaps(u) for u in used if u.version == 4):
+            return net
+    raise RuntimeError("no free 10.x.y.0/24 for a CNI bridge")
 
 
 # -- leak checks ---------------------------------------------------------------------

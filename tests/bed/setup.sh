@@ -269,6 +269,12 @@ step_images() {
     echo "$want" >"$stamp"
 }
 
+# A single-node Kubernetes 1.20 (tests/bed/kube.py): its own script, cached the same way.
+step_kubernetes() {
+    [ -f "$CACHE/kubernetes-1.20/.version" ] && STEP_RESULT=skipped
+    bash "$REPO/tests/bed/kubernetes.sh"
+}
+
 # --- main --------------------------------------------------------------------------
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and /usr/local/sbin/criu)"
@@ -293,4 +299,5 @@ step "criu cuda_plugin" step_criu_cuda_plugin
 step "proto sources" step_proto_sources
 step "venv" step_venv
 step "images" step_images
+step "kubernetes" step_kubernetes
 log "test bed ready in $CACHE"
