@@ -44,6 +44,12 @@ class InvalidArgument(StasisError):
     code = Code.INVALID_ARGUMENT
 
 
+class PermissionDenied(StasisError):
+    """The caller may not do this (storage credentials refused, access denied)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 class NotFound(StasisError):
     """The container, process or checkpoint named does not exist."""
 

@@ -43,7 +43,6 @@ from runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    NotImplementedRPC,
     ResourceExhausted,
     StasisError,
     Unavailable,
@@ -258,7 +257,7 @@ class CheckpointReader(Protocol):
 
 
 class Store(Protocol):
-    """Where checkpoints live (local directory, memory; S3 arrives later)."""
+    """Where checkpoints live (local directory, memory, S3: ``runtime.s3store``)."""
 
     @property
     def url(self) -> str:
@@ -1159,11 +1158,18 @@ class _MemoryWriter(_StagingWriter):
 # --------------------------------------------------------------------------- resolving
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, config: Config | None = None) -> Store:
     """The store at ``url``: ``file:///abs/dir`` or ``/abs/dir`` (created 0700 if missing),
-    or ``s3://bucket/prefix`` (NotImplementedRPC until the S3 backend arrives)."""
+    or ``s3://bucket/prefix`` (credentials and endpoint from ``config.storage.s3``;
+    without ``config``, from ``runtime.config.load()``)."""
     if url.startswith("s3://"):
-        raise NotImplementedRPC(f"{url}: S3 stores arrive with the S3 backend")
+        from runtime.s3store import S3Store  # boto3 is imported only for S3 stores
+
+        if config is None:
+            from runtime.config import load
+
+            config = load()
+        return S3Store(url, config.storage.s3)
     path = _file_url_path(url) if url.startswith("file://") else url
     if path is not None and path.startswith("/"):
         return LocalStore(path)
@@ -1174,7 +1180,7 @@ def open_store(url: str) -> Store:
 
 def default_store(config: Config) -> Store:
     """The configured store (``config.storage.url``)."""
-    return open_store(config.storage.url)
+    return open_store(config.storage.url, config)
 
 
 def _file_url_path(url: str) -> str | None:
@@ -1190,11 +1196,15 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
 
     ``ref`` is a checkpoint name in the configured store, an absolute path to
     a checkpoint directory (store = its parent, name = its basename), or
-    ``file:///abs/path/name``. ``s3://`` references are NotImplementedRPC
-    until the S3 backend arrives; anything else is InvalidArgument.
+    ``file:///abs/path/name``, or ``s3://bucket/prefix/name`` (store =
+    ``s3://bucket/prefix`` with ``config.storage.s3``); anything else is
+    InvalidArgument.
     """
     if ref.startswith("s3://"):
-        raise NotImplementedRPC(f"{ref}: S3 stores arrive with the S3 backend")
+        from runtime.s3store import S3Store, split_ref  # boto3 only for S3 stores
+
+        url, name = split_ref(ref)
+        return S3Store(url, config.storage.s3), name
     if ref.startswith("file://"):
         path = _file_url_path(ref)
         if path is None:
@@ -1203,7 +1213,7 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
     if ref.startswith("/"):
         return _by_path(ref, ref)
     if _NAME.fullmatch(ref):
-        return open_store(config.storage.url), ref
+        return open_store(config.storage.url, config), ref
     raise InvalidArgument(
         f"{ref!r} is not a checkpoint reference: give a name ({NAME_PATTERN}), "
         "an absolute path to a checkpoint directory, or file:///path/to/checkpoint"

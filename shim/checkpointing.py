@@ -101,7 +101,7 @@ async def checkpoint(
         raise FailedPrecondition(
             f"cannot checkpoint container {container.id}: it is {init.status.name.lower()}"
         )
-    store = open_store(spec.store) if spec.store else default_store(config)
+    store = open_store(spec.store, config) if spec.store else default_store(config)
     name = spec.name or f"{container.id}-{_utc_stamp()}"
     oci = _spec(container)
     annotations = oci.get("annotations") or {}

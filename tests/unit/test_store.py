@@ -28,7 +28,6 @@ from runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    NotImplementedRPC,
     ResourceExhausted,
     Unavailable,
 )
@@ -821,11 +820,13 @@ def test_resolve_round_trips_info_ref(config: Config, tmp_path: Path) -> None:
 
 
 def test_resolve_s3(config: Config) -> None:
-    with pytest.raises(NotImplementedRPC, match="S3 stores arrive with the S3 backend"):
-        resolve("s3://bucket/prefix/ckpt", config)
+    from runtime.s3store import S3Store
+
+    store, name = resolve("s3://bucket/prefix/ckpt", config)
+    assert isinstance(store, S3Store) and store.url == "s3://bucket/prefix" and name == "ckpt"
     s3_default = Config(StorageConfig(url="s3://bucket/prefix"))
-    with pytest.raises(NotImplementedRPC, match="S3 stores arrive with the S3 backend"):
-        resolve("ckpt", s3_default)
+    store, name = resolve("ckpt", s3_default)
+    assert isinstance(store, S3Store) and name == "ckpt"
 
 
 @pytest.mark.parametrize(
@@ -854,8 +855,9 @@ def test_open_store(tmp_path: Path) -> None:
         s = open_store(url)
         assert isinstance(s, LocalStore)
         assert s.root == f"{tmp_path}/s"
-    with pytest.raises(NotImplementedRPC):
-        open_store("s3://b")
+    from runtime.s3store import S3Store
+
+    assert isinstance(open_store("s3://b", Config()), S3Store)
     with pytest.raises(InvalidArgument):
         open_store("relative")
     assert isinstance(

@@ -1,0 +1,1622 @@
+"""Checkpoints in an S3-compatible object store: ``s3://bucket/prefix``.
+
+Checkpoint ``N`` lives under ``prefix/N/``::
+
+    prefix/N/data-<random>/checkpoint/pages-1.img.zst   one object per file
+    prefix/N/manifest.json                              written LAST
+
+``manifest.json`` is the local store's manifest (sha256 and size of every
+UNCOMPRESSED file, commit metadata) with, per file, the stored ``key``
+(relative to ``prefix/N/``), ``stored_size`` and ``compression``, and the
+checkpoint's ``stasis.json`` copied in (``stasis_json``) so that ``list``
+needs one GET per checkpoint. A checkpoint without a manifest does not exist:
+it is not listed, cannot be opened, and ``gc`` deletes its objects once they
+are older than the grace period. Each upload writes under a fresh
+``data-<random>/``, so a retry, or a second writer of the same name, never
+overwrites objects that a manifest points at.
+
+Writers spool locally: CRIU and runc write into
+``<spool_dir>/<name>-<random>/`` (``CheckpointWriter.path``). ``commit``
+streams every file through sha256 and compression (zstd level 3 on all
+cores by default; ``lz4`` if the package is installed; ``none``) into
+parallel multipart uploads (parts of at least 8 MiB; at most ``concurrency
++ 1`` parts in memory), then writes the manifest. If the upload fails, its
+multipart uploads are aborted and its objects deleted (best effort; ``gc``
+gets the rest), no manifest exists, and the spool is KEPT: the error names
+it, and ``S3Store.push(spool)`` uploads it again.
+
+Readers download on demand into ``<cache_dir>/<name>-<random>/``: ``file``
+fetches big objects with parallel ranged GETs, fed in order straight into
+decompression and sha256, and returns a local path only for a verified
+file; ``close`` deletes the copies.
+
+botocore errors are mapped here, once, to one-line StasisErrors naming the
+operation, bucket, key and endpoint (never the secret): refused credentials
+are PermissionDenied, a missing bucket NotFound, an unreachable endpoint or
+throttling that outlasted the retries Unavailable. botocore retries each
+request ("standard" mode); part uploads and ranged GETs get a few more
+attempts of their own, since a body that breaks off mid-stream is not
+retried by botocore.
+
+This module imports boto3 and zstandard: ``runtime.store`` imports it only
+for ``s3://`` URLs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import logging
+import os
+import random
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from types import TracebackType
+from typing import IO, Any, TypeVar, cast
+
+from runtime.config import S3Config
+from runtime.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    StasisError,
+    Unavailable,
+)
+from runtime.store import (
+    _FULL,
+    _NAME,
+    MANIFEST,
+    METADATA_FILE,
+    CheckpointInfo,
+    FileEntry,
+    Manifest,
+    _copy,
+    _digest,
+    _NotRegular,
+    _open_new,
+    _problems_message,
+    _read_small,
+    _rmtree,
+    _safe_rel,
+    _scan,
+    _token,
+    check_name,
+    check_rel,
+)
+
+log = logging.getLogger("stasis.s3")
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+COMPRESSIONS = ("zstd", "lz4", "none")
+DEFAULT_SPOOL_DIR = "/var/lib/stasis/spool"
+DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"
+PART_SIZE = 8 * MiB  # multipart part (and ranged GET) size; S3 wants >= 5 MiB
+PENDING = ".stasis-pending.json"  # in a spool: name, metadata, compression for push
+DATA_PREFIX = "data-"
+
+_EXT = {"zstd": ".zst", "lz4": ".lz4", "none": ""}
+_READ = 4 * MiB  # input read per compressor call
+_MAX_PARTS = 9_000  # S3 allows 10,000; compressed output may exceed the input a little
+_MAX_MANIFEST = 64 * MiB
+_MAX_STASIS_JSON = 1 * MiB
+_DELETE_BATCH = 1000  # DeleteObjects limit
+
+_AUTH_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccountProblem",
+        "AllAccessDisabled",
+        "ExpiredToken",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "InvalidClientTokenId",
+        "InvalidSecurity",
+        "InvalidToken",
+        "SignatureDoesNotMatch",
+        "TokenRefreshRequired",
+        "UnrecognizedClientException",
+    }
+)
+_THROTTLE_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+    }
+)
+_TRANSIENT_CODES = _THROTTLE_CODES | {"InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
+_REGION_CODES = frozenset(
+    {"AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "PermanentRedirect"}
+)
+_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+# --------------------------------------------------------------------------- urls
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` -> ("bucket", "a/b"); InvalidArgument if it is not one."""
+    if not url.startswith("s3://"):
+        raise InvalidArgument(f"{url!r} is not an s3:// URL")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket or any(c in bucket for c in "?#@:\\ ") or bucket in (".", ".."):
+        raise InvalidArgument(f"{url!r} names no valid bucket (s3://bucket/prefix)")
+    prefix = prefix.strip("/")
+    if prefix and _safe_rel(prefix) != prefix:
+        raise InvalidArgument(f"{url!r}: the prefix may not contain '//', '.' or '..'")
+    return bucket, prefix
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``s3://bucket/prefix/name`` -> ("s3://bucket/prefix", "name")."""
+    bucket, path = parse_url(ref)
+    store_prefix, _, name = path.rpartition("/")
+    if not name:
+        raise InvalidArgument(f"{ref!r} names no checkpoint (s3://bucket/prefix/name)")
+    check_name(name)
+    return f"s3://{bucket}/{store_prefix}" if store_prefix else f"s3://{bucket}", name
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where and how one checkpoint file is stored: ``key`` is relative to ``prefix/N/``."""
+
+    key: str
+    stored_size: int
+    compression: str
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """A parsed S3 manifest: the plain manifest plus storage details."""
+
+    manifest: Manifest
+    stored: dict[str, StoredFile]
+    stasis_json: dict[str, Any] | None
+    raw: bytes
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Commit metadata updated with ``stasis.json`` (as CheckpointInfo has it)."""
+        metadata = dict(self.manifest.metadata)
+        if self.stasis_json is not None:
+            metadata.update(self.stasis_json)
+        return metadata
+
+
+def _manifest_bytes(
+    manifest: Manifest, stored: dict[str, StoredFile], stasis_json: dict[str, Any] | None
+) -> bytes:
+    doc = json.loads(manifest.to_json())
+    for rel, s in stored.items():
+        doc["files"][rel].update(key=s.key, stored_size=s.stored_size, compression=s.compression)
+    if stasis_json is not None:
+        doc["stasis_json"] = stasis_json
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _parse_manifest(data: bytes, where: str) -> _Remote:
+    """Parse an S3 manifest; anything malformed is DataLoss naming ``where``."""
+    manifest = Manifest.parse(data, where)
+    doc = json.loads(data)  # valid: Manifest.parse checked it
+    stored: dict[str, StoredFile] = {}
+    for rel in manifest.files:
+        entry = doc["files"][rel]
+        key, size, comp = (entry.get(k) for k in ("key", "stored_size", "compression"))
+        if not isinstance(key, str) or _safe_rel(key) != key or key == MANIFEST:
+            raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored key")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored_size")
+        if comp not in COMPRESSIONS:
+            raise DataLoss(f"{where}: {MANIFEST}: {rel}: unknown compression {comp!r}")
+        stored[rel] = StoredFile(key, size, comp)
+    extra = doc.get("stasis_json")
+    if extra is not None and not isinstance(extra, dict):
+        raise DataLoss(f"{where}: {MANIFEST}: 'stasis_json' is not an object")
+    return _Remote(manifest, stored, extra, data)
+
+
+# --------------------------------------------------------------------------- codecs
+
+
+class _Compressor:
+    """Streaming compression of one file: ``compress`` chunks, then ``flush`` once."""
+
+    def __init__(self, compression: str, size: int, level: int, threads: int) -> None:
+        self._c: Any = None
+        self._header = b""
+        if compression == "zstd":
+            import zstandard
+
+            # Worker threads pay off only for big inputs (each context starts its own).
+            cctx = zstandard.ZstdCompressor(level=level, threads=threads if size > _READ else 0)
+            self._c = cctx.compressobj(size=size)
+        elif compression == "lz4":
+            lz4_frame = _lz4()
+            self._c = lz4_frame.LZ4FrameCompressor()
+            self._header = self._c.begin(source_size=size)
+
+    def compress(self, data: bytes) -> bytes:
+        """Compressed output for ``data`` (possibly empty: the codec buffers)."""
+        if self._c is None:
+            return data
+        out = bytes(self._c.compress(data))
+        if self._header:
+            out, self._header = self._header + out, b""
+        return out
+
+    def flush(self) -> bytes:
+        """The rest of the compressed stream."""
+        if self._c is None:
+            return b""
+        out = bytes(self._header) + bytes(self._c.flush())
+        self._header = b""
+        return out
+
+
+class _Bad(Exception):
+    """A stored file does not match its manifest entry (``reason`` says how)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Sink:
+    """Decompressed output: hashed, counted (never past the manifest's size), written."""
+
+    def __init__(self, f: IO[bytes], limit: int) -> None:
+        self._f = f
+        self._limit = limit
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        self.size += n
+        if self.size > self._limit:
+            raise _Bad(f"decompresses to more than the {self._limit} bytes the manifest says")
+        self.sha256.update(data)
+        self._f.write(data)
+        return n
+
+
+class _Decoder:
+    """Streaming decompression into a _Sink."""
+
+    def __init__(self, compression: str, sink: _Sink) -> None:
+        self._sink = sink
+        self._kind = compression
+        self._d: Any = None
+        if compression == "zstd":
+            import zstandard
+
+            dctx = zstandard.ZstdDecompressor()
+            self._d = dctx.stream_writer(cast(IO[bytes], sink), write_size=MiB, closefd=False)
+        elif compression == "lz4":
+            self._d = _lz4().LZ4FrameDecompressor()
+
+    def feed(self, data: bytes) -> None:
+        try:
+            if self._kind == "zstd":
+                self._d.write(data)
+            elif self._kind == "lz4":
+                while True:
+                    self._sink.write(self._d.decompress(data, max_length=MiB))
+                    data = b""
+                    if self._d.needs_input or self._d.eof:
+                        break
+            else:
+                self._sink.write(data)
+        except _Bad:
+            raise
+        except Exception as e:  # zstd.ZstdError, RuntimeError from lz4
+            raise _Bad(f"cannot be decompressed ({self._kind}): {e}") from e
+
+    def finish(self) -> None:
+        if self._kind == "zstd":
+            self._d.close()
+        elif self._kind == "lz4" and not self._d.eof:
+            raise _Bad("the lz4 stream is truncated")
+
+
+def _lz4() -> Any:
+    try:
+        import lz4.frame
+    except ImportError:
+        raise InvalidArgument(
+            "lz4 compression needs the lz4 package (pip install lz4); zstd needs nothing more"
+        ) from None
+    return lz4.frame
+
+
+def _check_compression(compression: str) -> str:
+    if compression not in COMPRESSIONS:
+        raise InvalidArgument(
+            f"unknown compression {compression!r}: one of {', '.join(COMPRESSIONS)}"
+        )
+    if compression == "lz4":
+        _lz4()
+    return compression
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _is_transient(e: BaseException) -> bool:
+    """Whether trying the same request again may help (network, 5xx, throttling)."""
+    from botocore import exceptions as bx
+
+    if isinstance(e, bx.ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code in _TRANSIENT_CODES or status >= 500 or status == 429
+    if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError | bx.ConnectTimeoutError):
+        return False  # a black-holed endpoint: botocore's attempts took long enough
+    return isinstance(
+        e,
+        bx.ConnectionError
+        | bx.HTTPClientError
+        | bx.ReadTimeoutError
+        | bx.ResponseStreamingError
+        | bx.IncompleteReadError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    from botocore import exceptions as bx
+
+    cause = e.__cause__ if isinstance(e, StasisError) else e
+    return isinstance(cause, bx.ConnectionError)
+
+
+# --------------------------------------------------------------------------- store
+
+
+class S3Store:
+    """Checkpoints under ``s3://bucket/prefix`` on AWS S3 or an S3-compatible server.
+
+    Credentials, region, endpoint and checksum mode come from ``s3``
+    (``[storage.s3]`` / ``STASIS_S3_*``); what it leaves unset comes from
+    boto3's default chain (``AWS_*`` variables, ``~/.aws``, instance roles).
+    With an endpoint, requests use path-style addressing. Nothing touches the
+    network before the first operation.
+
+    ``compression`` ("zstd", "lz4" or "none") is the default of new writers;
+    ``concurrency`` bounds parallel requests (and parts held in memory) per
+    upload or download; ``spool_dir`` and ``cache_dir`` hold local copies
+    for writers and readers. Safe for concurrent use from several threads.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        s3: S3Config | None = None,
+        *,
+        spool_dir: str = DEFAULT_SPOOL_DIR,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        compression: str = "zstd",
+        zstd_level: int = 3,
+        zstd_threads: int = -1,
+        part_size: int = PART_SIZE,
+        concurrency: int = 8,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 5,
+        part_attempts: int = 4,
+        retry_delay: float = 0.5,
+    ) -> None:
+        self.bucket, self.prefix = parse_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self._cfg = s3 if s3 is not None else S3Config()
+        if (self._cfg.access_key_id is None) != (self._cfg.secret_access_key is None):
+            given, missing = (
+                ("access_key_id", "secret_access_key")
+                if self._cfg.secret_access_key is None
+                else ("secret_access_key", "access_key_id")
+            )
+            raise InvalidArgument(
+                f"storage {self.url}: storage.s3.{given} is set but {missing} is not"
+            )
+        if part_size < 5 * MiB:
+            raise InvalidArgument(f"S3 part size must be at least 5 MiB, not {part_size}")
+        if concurrency < 1:
+            raise InvalidArgument(f"S3 concurrency must be at least 1, not {concurrency}")
+        self.compression = _check_compression(compression)
+        self.spool_dir = os.path.abspath(spool_dir)
+        self.cache_dir = os.path.abspath(cache_dir)
+        self.zstd_level = zstd_level
+        self.zstd_threads = zstd_threads
+        self.part_size = part_size
+        self.concurrency = concurrency
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_attempts = max_attempts
+        self._part_attempts = max(1, part_attempts)
+        self._retry_delay = retry_delay
+        self.endpoint = _show_endpoint(self._cfg.endpoint)
+        self._base = f"{self.prefix}/" if self.prefix else ""
+        self._client_lock = threading.Lock()
+        self._s3: Any = None  # guarded by _client_lock; botocore clients are thread-safe
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def client(self) -> Any:
+        """The boto3 S3 client (created on first use)."""
+        with self._client_lock:
+            if self._s3 is None:
+                try:
+                    self._s3 = self._make_client()
+                except StasisError:
+                    raise
+                except Exception as e:  # botocore loads credentials here
+                    raise self.error(e, "connect to") from e
+            return self._s3
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        cfg = self._cfg
+        session = boto3.session.Session()
+        region = cfg.region or session.region_name or "us-east-1"
+        options: dict[str, Any] = {
+            "region_name": region,
+            "signature_version": "s3v4",
+            "retries": {"mode": "standard", "max_attempts": self._max_attempts},
+            "connect_timeout": self._connect_timeout,
+            "read_timeout": self._read_timeout,
+            "max_pool_connections": 2 * self.concurrency + 4,
+            "tcp_keepalive": True,
+        }
+        if cfg.endpoint:
+            options["s3"] = {"addressing_style": "path"}
+        if "request_checksum_calculation" in BotoConfig.OPTION_DEFAULTS:  # botocore >= 1.36
+            options["request_checksum_calculation"] = cfg.checksum
+            options["response_checksum_validation"] = cfg.checksum
+        if not cfg.endpoint:
+            self.endpoint = f"AWS S3 ({region})"
+        try:
+            return session.client(
+                "s3",
+                endpoint_url=cfg.endpoint,
+                aws_access_key_id=cfg.access_key_id,
+                aws_secret_access_key=cfg.secret_access_key,
+                config=BotoConfig(**options),
+            )
+        except ValueError as e:
+            raise InvalidArgument(f"storage {self.url} at {self.endpoint}: {self._clean(e)}") from e
+
+    def _checksum_args(self) -> dict[str, str]:
+        """Explicit CRC32 for multipart uploads when the SDK adds checksums anyway."""
+        if self._cfg.checksum == "when_supported":
+            return {"ChecksumAlgorithm": "CRC32"}
+        return {}
+
+    def _clean(self, what: object) -> str:
+        """One line of server or SDK text, never the secret."""
+        text = " ".join(str(what).split())
+        secret = self._cfg.secret_access_key
+        if secret and len(secret) >= 8:  # a shorter one would mangle words, and is no secret
+            text = text.replace(secret, "***")
+        return text if len(text) <= 300 else text[:297] + "..."
+
+    def error(self, e: BaseException, op: str, key: str | None = None) -> StasisError:
+        """``e`` (from boto3/botocore) as one-line StasisError naming op, bucket, key, endpoint."""
+        if isinstance(e, StasisError):
+            return e
+        from botocore import exceptions as bx
+
+        target = f"s3://{self.bucket}/{key}" if key else f"bucket {self.bucket}"
+        head = f"S3 {op} {target} at {self.endpoint}"
+        if isinstance(e, bx.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = err.get("Message")
+            detail = self._clean(f"{code}: {message}" if message else code or f"HTTP {status}")
+            if code == "NoSuchBucket":
+                return NotFound(f"{head}: bucket {self.bucket} does not exist ({detail})")
+            if code in _REGION_CODES or status == 301:
+                return Unavailable(
+                    f"{head}: the bucket is in another region or behind another endpoint; "
+                    f"set storage.s3.region/endpoint ({detail})"
+                )
+            if code in _AUTH_CODES or status == 403:
+                return PermissionDenied(
+                    f"{head}: access refused, check the credentials and the bucket's "
+                    f"permissions ({detail})"
+                )
+            if code in _MISSING_KEY_CODES or status == 404:
+                return NotFound(f"{head}: no such object ({detail})")
+            if code in _THROTTLE_CODES or status in (429, 503):
+                return Unavailable(f"{head}: throttled, still after retries ({detail})")
+            if code == "InvalidBucketName":
+                return InvalidArgument(f"{head}: invalid bucket name ({detail})")
+            return Unavailable(f"{head}: {detail} (HTTP {status})")
+        if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
+            return PermissionDenied(
+                f"{head}: no usable S3 credentials: set storage.s3.access_key_id and "
+                "secret_access_key (or STASIS_S3_*), or the AWS variables or files"
+            )
+        if isinstance(e, bx.CredentialRetrievalError):
+            return PermissionDenied(f"{head}: cannot load S3 credentials ({self._clean(e)})")
+        if isinstance(e, bx.ConnectTimeoutError):
+            return Unavailable(f"{head}: cannot reach the endpoint (connect timed out)")
+        if isinstance(e, bx.ConnectionError):
+            return Unavailable(f"{head}: cannot reach the endpoint ({type(e).__name__})")
+        if isinstance(e, bx.ReadTimeoutError):
+            return Unavailable(f"{head}: the endpoint stopped answering (read timed out)")
+        return Unavailable(f"{head}: {type(e).__name__}: {self._clean(e)}")
+
+    def _call(self, op: str, key: str | None, fn: Callable[..., T], **kwargs: Any) -> T:
+        """``fn(**kwargs)``, its failure mapped (botocore retries the request itself)."""
+        try:
+            return fn(**kwargs)
+        except StasisError:
+            raise
+        except Exception as e:
+            raise self.error(e, op, key) from e
+
+    def _retry(self, op: str, key: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        """``fn(**kwargs)`` with a few more attempts than botocore's for transient failures
+        (it does not retry a body that breaks off mid-stream)."""
+        attempt = 1
+        while True:
+            try:
+                return fn(**kwargs)
+            except (StasisError, _Bad):
+                raise
+            except Exception as e:
+                if attempt >= self._part_attempts or not _is_transient(e):
+                    raise self.error(e, op, key) from e
+                delay = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "%s (attempt %d of %d); retrying in %.1fs",
+                    self.error(e, op, key),
+                    attempt,
+                    self._part_attempts,
+                    delay,
+                )
+                time.sleep(delay)
+                attempt += 1
+
+    def _where(self, name: str) -> str:
+        return f"checkpoint {name} in {self.url}"
+
+    def _dir_key(self, name: str) -> str:
+        return f"{self._base}{name}/"
+
+    def _manifest_key(self, name: str) -> str:
+        return f"{self._base}{name}/{MANIFEST}"
+
+    def _get_manifest(self, name: str) -> bytes | None:
+        """The raw manifest of ``name``; None if there is none (NotFound for a missing bucket)."""
+        from botocore.exceptions import ClientError
+
+        key = self._manifest_key(name)
+        s3 = self.client()
+
+        def get() -> bytes | None:
+            try:
+                resp = s3.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            with resp["Body"] as body:
+                if int(resp.get("ContentLength", 0)) > _MAX_MANIFEST:
+                    raise DataLoss(f"{self._where(name)}: {MANIFEST} is too large")
+                return cast(bytes, body.read())
+
+        # No retries of our own: a manifest is small, botocore's suffice, and an
+        # unreachable endpoint should fail fast.
+        return self._call("get", key, get)
+
+    def _load(self, name: str) -> _Remote:
+        """The parsed manifest of ``name``: NotFound, or DataLoss if malformed."""
+        data = self._get_manifest(check_name(name))
+        if data is None:
+            raise NotFound(f"{self._where(name)} does not exist")
+        return _parse_manifest(data, self._where(name))
+
+    def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Every object under ``prefix`` (the listing's dicts: Key, Size, LastModified)."""
+        s3 = self.client()
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("list", prefix, s3.list_objects_v2, **kwargs)
+            yield from resp.get("Contents", [])
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
+                return
+
+    def _delete(self, keys: builtins.list[str]) -> None:
+        """Delete objects in batches; Unavailable naming the first key that stayed."""
+        s3 = self.client()
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[i : i + _DELETE_BATCH]
+            resp = self._call(
+                "delete",
+                batch[0],
+                s3.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+            )
+            errors = resp.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise Unavailable(
+                    f"S3 delete s3://{self.bucket}/{first.get('Key')} at {self.endpoint}: "
+                    f"{self._clean(first.get('Code'))}: {self._clean(first.get('Message'))}"
+                    + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                )
+
+    # ------------------------------------------------------------------ Store
+
+    def begin(self, name: str) -> S3Writer:
+        """Start writing ``name`` into a local spool (AlreadyExists if it is in the bucket)."""
+        check_name(name)
+        if self._get_manifest(name) is not None:
+            raise AlreadyExists(f"{self._where(name)} exists already")
+        spool = os.path.join(self.spool_dir, f"{name}-{_token()}")
+        try:
+            os.makedirs(self.spool_dir, 0o700, exist_ok=True)
+            os.mkdir(spool, 0o700)
+            os.chmod(spool, 0o700)
+        except OSError as e:
+            raise _local_error(e, f"creating the spool for checkpoint {name}", spool) from e
+        return S3Writer(self, name, spool)
+
+    def open(self, name: str) -> S3Reader:
+        """Read ``name``'s manifest (NotFound / DataLoss) and prepare a local cache."""
+        remote = self._load(name)
+        try:
+            os.makedirs(self.cache_dir, 0o700, exist_ok=True)
+            import tempfile
+
+            cache = tempfile.mkdtemp(prefix=f"{name}-", dir=self.cache_dir)
+        except OSError as e:
+            raise _local_error(e, f"preparing a local copy of {name}", self.cache_dir) from e
+        try:
+            with _open_new(os.path.join(cache, MANIFEST)) as f:
+                f.write(remote.raw)
+        except OSError as e:
+            _rmtree(cache)
+            raise _local_error(e, f"preparing a local copy of {name}", cache) from e
+        return S3Reader(self, name, remote, cache)
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """Checkpoints with a valid manifest, oldest first (one GET per checkpoint)."""
+        s3 = self.client()
+        names: builtins.list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._base, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            resp = self._call("list", self._base or None, s3.list_objects_v2, **kwargs)
+            for p in resp.get("CommonPrefixes", []):
+                name = str(p.get("Prefix", ""))[len(self._base) :].rstrip("/")
+                if _NAME.fullmatch(name):
+                    names.append(name)
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
+                break
+
+        def info(name: str) -> CheckpointInfo | None:
+            try:
+                remote = self._load(name)
+            except (NotFound, DataLoss):
+                return None
+            m = remote.manifest
+            return CheckpointInfo(name, f"{self.url}/{name}", m.created, m.size, remote.metadata)
+
+        if not names:
+            return []
+        with ThreadPoolExecutor(
+            max_workers=min(self.concurrency, len(names)), thread_name_prefix="stasis-s3-list"
+        ) as pool:
+            infos = [i for i in pool.map(info, names) if i is not None]
+        return sorted(infos, key=lambda i: (i.created, i.name))
+
+    def remove(self, name: str) -> None:
+        """Delete ``name``: the manifest first (it vanishes in one step), then its objects.
+
+        Objects under ``prefix/name/`` without a manifest are removed too;
+        whatever a failure leaves behind is for ``gc``.
+        """
+        check_name(name)
+        keys = [str(o["Key"]) for o in self._list_keys(self._dir_key(name))]
+        if not keys:
+            raise NotFound(f"{self._where(name)} does not exist")
+        manifest = self._manifest_key(name)
+        if manifest in keys:
+            self._delete([manifest])
+        self._delete([k for k in keys if k != manifest])
+
+    def gc(self, grace_seconds: float) -> builtins.list[str]:
+        """Delete leftovers older than ``grace_seconds``; returns their keys (below the prefix).
+
+        Leftovers are: every object under a ``prefix/N/`` without a manifest,
+        objects under a complete checkpoint that its manifest does not name,
+        and unfinished multipart uploads under the prefix (their newest part
+        counts for their age). A prefix with a malformed manifest is left
+        alone. The grace period must outlast the longest single-file upload.
+        """
+        if grace_seconds < 0:
+            raise InvalidArgument(f"gc grace period must be >= 0, not {grace_seconds}")
+        deadline = time.time() - grace_seconds
+        s3 = self.client()
+        groups: dict[str, builtins.list[tuple[str, float]]] = {}
+        for obj in self._list_keys(self._base):
+            key = str(obj["Key"])
+            name, sep, _ = key[len(self._base) :].partition("/")
+            if sep and _NAME.fullmatch(name):
+                groups.setdefault(name, []).append((key, obj["LastModified"].timestamp()))
+        uploads = list(self._uploads(self._base))
+        active: dict[str, float] = {}  # checkpoint name -> newest upload activity
+        stale: builtins.list[tuple[str, str]] = []
+        for key, upload_id, initiated in uploads:
+            newest = initiated
+            if initiated <= deadline:
+                newest = max(initiated, self._newest_part(key, upload_id))
+            if newest <= deadline:
+                stale.append((key, upload_id))
+            name = key[len(self._base) :].partition("/")[0]
+            active[name] = max(active.get(name, 0.0), newest)
+        removed: builtins.list[str] = []
+        for key, upload_id in stale:
+            try:
+                self._call(
+                    "abort multipart upload",
+                    key,
+                    s3.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                )
+            except NotFound:
+                continue  # finished or aborted meanwhile
+            removed.append(f"{key[len(self._base) :]} (unfinished upload)")
+        doomed: builtins.list[str] = []
+        for name, objects in sorted(groups.items()):
+            manifest_key = self._manifest_key(name)
+            if any(k == manifest_key for k, _ in objects):
+                try:
+                    remote = self._load(name)
+                except NotFound:
+                    remote = None  # removed meanwhile: judge as leftovers
+                except DataLoss:
+                    continue
+                if remote is not None:
+                    keep = {manifest_key} | {
+                        self._dir_key(name) + s.key for s in remote.stored.values()
+                    }
+                    doomed += [k for k, t in objects if k not in keep and t <= deadline]
+                    continue
+            newest = max([t for _, t in objects] + [active.get(name, 0.0)])
+            if newest <= deadline:
+                doomed += [k for k, _ in objects]
+        self._delete(doomed)
+        removed += [k[len(self._base) :] for k in doomed]
+        return removed
+
+    def _uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """Unfinished multipart uploads under ``prefix``: (key, upload id, initiated)."""
+        s3 = self.client()
+        markers: dict[str, str] = {}
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, **markers}
+            resp = self._call(
+                "list multipart uploads",
+                prefix or None,
+                s3.list_multipart_uploads,
+                **kwargs,
+            )
+            for u in resp.get("Uploads", []):
+                yield str(u["Key"]), str(u["UploadId"]), u["Initiated"].timestamp()
+            if not resp.get("IsTruncated"):
+                return
+            markers = {
+                "KeyMarker": resp.get("NextKeyMarker", ""),
+                "UploadIdMarker": resp.get("NextUploadIdMarker", ""),
+            }
+
+    def _newest_part(self, key: str, upload_id: str) -> float:
+        """When the newest part of an unfinished upload arrived (0 if none or gone)."""
+        s3 = self.client()
+        newest = 0.0
+        marker = 0
+        while True:
+            try:
+                resp = self._call(
+                    "list parts",
+                    key,
+                    s3.list_parts,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumberMarker=marker,
+                )
+            except NotFound:
+                return newest
+            for p in resp.get("Parts", []):
+                if p.get("LastModified") is not None:
+                    newest = max(newest, p["LastModified"].timestamp())
+            if not resp.get("IsTruncated"):
+                return newest
+            marker = int(resp.get("NextPartNumberMarker", 0))
+
+    # ------------------------------------------------------------------ uploads
+
+    def push(self, spool: str, name: str | None = None) -> CheckpointInfo:
+        """Upload a spool that a failed ``commit`` kept; the spool is deleted on success.
+
+        ``name`` defaults to the one the writer had. Fails like ``commit``,
+        keeping the spool again.
+        """
+        spool = os.path.abspath(spool)
+        pending: dict[str, Any] = {}
+        try:
+            if not os.path.isdir(spool):
+                raise NotFound(f"spool {spool} does not exist")
+            if os.path.lexists(os.path.join(spool, PENDING)):
+                pending = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+            tree = _scan(spool)
+        except (OSError, ValueError, _NotRegular) as e:
+            raise InvalidArgument(f"spool {spool} cannot be read: {e}") from e
+        if not isinstance(pending, dict):
+            raise InvalidArgument(f"spool {spool}: {PENDING} is not an object")
+        name = name or pending.get("name") or os.path.basename(spool).rpartition("-")[0]
+        check_name(str(name))
+        metadata = pending.get("metadata", {})
+        compression = _check_compression(str(pending.get("compression", self.compression)))
+        if tree.others:
+            raise InvalidArgument(f"spool {spool}: {tree.others[0]} is not a regular file")
+        files = {rel: size for rel, size in tree.files.items() if rel != PENDING}
+        if MANIFEST in files or not isinstance(metadata, dict):
+            raise InvalidArgument(f"spool {spool} was not written by a checkpoint writer")
+        info = self._upload_kept(spool, str(name), metadata, compression, files)
+        _rmtree(spool)
+        return info
+
+    def _upload_kept(
+        self,
+        spool: str,
+        name: str,
+        metadata: dict[str, Any],
+        compression: str,
+        files: dict[str, int],
+    ) -> CheckpointInfo:
+        """``_upload``; on failure the error also says that the spool is kept."""
+        try:
+            return self._upload(spool, name, metadata, compression, files)
+        except StasisError as e:
+            raise type(e)(
+                f"{e}; the checkpoint's files are kept in {spool} (S3Store.push retries)"
+            ) from e
+
+    def _upload(
+        self,
+        spool: str,
+        name: str,
+        metadata: dict[str, Any],
+        compression: str,
+        files: dict[str, int],
+    ) -> CheckpointInfo:
+        """Upload every file under a fresh ``data-<random>/``, then the manifest (LAST)."""
+        where = self._where(name)
+        if self._get_manifest(name) is not None:
+            raise AlreadyExists(f"{where} exists already")
+        start = time.monotonic()
+        data_dir = f"{DATA_PREFIX}{_token()}"
+        stored: dict[str, StoredFile] = {}
+        entries: dict[str, FileEntry] = {}
+        up = _Uploader(self, where)
+        failed: BaseException | None = None
+        manifest_sent = False
+        try:
+            for rel in sorted(files):
+                rel_key = f"{data_dir}/{rel}{_EXT[compression]}"
+                path = os.path.join(spool, rel)
+                entries[rel], size = up.file(
+                    path, rel, self._dir_key(name) + rel_key, compression, files[rel]
+                )
+                stored[rel] = StoredFile(rel_key, size, compression)
+            up.finish()
+            stasis_json = _read_stasis_json(spool) if METADATA_FILE in files else None
+            manifest = Manifest(name, datetime.now(UTC), entries, metadata)
+            data = _manifest_bytes(manifest, stored, stasis_json)
+            # Whoever published this name while we uploaded wins (no atomic rename in S3).
+            if self._get_manifest(name) is not None:
+                raise AlreadyExists(f"{where} was written by someone else meanwhile")
+            key = self._manifest_key(name)
+            s3 = self.client()
+            manifest_sent = True
+            self._retry(
+                "put",
+                key,
+                s3.put_object,
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType="application/json",
+            )
+        except BaseException as e:
+            failed = e
+            if manifest_sent:  # it may have landed: never leave it pointing at deleted data
+                try:
+                    self._call("delete", key, s3.delete_object, Bucket=self.bucket, Key=key)
+                except Exception as e2:
+                    log.warning("%s; keeping the data its manifest may point at", e2)
+                    failed = None  # no cleanup: the data may belong to a listed checkpoint
+            raise
+        finally:
+            up.close(failed)
+        elapsed = time.monotonic() - start
+        total = manifest.size
+        log.info(
+            "uploaded %s: %d files, %.1f MiB (%.1f MiB stored, %s) in %.2fs, %.1f MiB/s",
+            where,
+            len(entries),
+            total / MiB,
+            sum(s.stored_size for s in stored.values()) / MiB,
+            compression,
+            elapsed,
+            total / MiB / max(elapsed, 1e-9),
+        )
+        info_metadata = dict(metadata)
+        if stasis_json is not None:
+            info_metadata.update(stasis_json)
+        return CheckpointInfo(name, f"{self.url}/{name}", manifest.created, total, info_metadata)
+
+
+def _read_stasis_json(spool: str) -> dict[str, Any] | None:
+    """The spool's ``stasis.json`` if it is a small JSON object (else None, as the local store)."""
+    try:
+        doc = json.loads(_read_small(os.path.join(spool, METADATA_FILE), _MAX_STASIS_JSON))
+    except (OSError, ValueError, _NotRegular):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _show_endpoint(endpoint: str | None) -> str:
+    """The endpoint for messages: user:password@ never shown."""
+    if not endpoint:
+        return "AWS S3"
+    scheme, sep, rest = endpoint.partition("://")
+    host, slash, path = rest.partition("/")
+    host = host.rpartition("@")[2]
+    return f"{scheme}{sep}{host}{slash}{path}".rstrip("/")
+
+
+def _local_error(e: OSError, doing: str, path: str) -> StasisError:
+    detail = e.strerror or str(e)
+    if e.errno in _FULL:
+        return ResourceExhausted(f"local disk is full: {doing} in {path}: {detail}")
+    return Unavailable(f"{doing} in {path}: {detail}")
+
+
+# --------------------------------------------------------------------------- uploader
+
+
+@dataclass
+class _Multipart:
+    key: str
+    upload_id: str
+    parts: list[Future[dict[str, Any]]] = field(default_factory=list)
+    done: bool = False
+
+
+class _Uploader:
+    """The uploads of one commit: a thread pool of PUTs fed by the committing thread.
+
+    At most ``concurrency + 1`` parts are in memory or in flight
+    (``_slots``); the first failure of any job stops the feeding. ``close``
+    waits for the pool and, after a failure, aborts unfinished multipart
+    uploads and deletes the objects written (best effort).
+    """
+
+    def __init__(self, store: S3Store, where: str) -> None:
+        self._store = store
+        self._s3 = store.client()
+        self._where = where
+        self._pool = ThreadPoolExecutor(
+            max_workers=store.concurrency, thread_name_prefix="stasis-s3-up"
+        )
+        self._slots = threading.Semaphore(store.concurrency + 1)
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None  # guarded by _lock
+        self._jobs: list[Future[Any]] = []  # committing thread only
+        self._multipart: list[_Multipart] = []  # committing thread only
+        self._objects: list[str] = []  # keys that may exist now; committing thread only
+
+    def _check(self) -> None:
+        with self._lock:
+            failure = self._failure
+        if failure is not None:
+            raise failure
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        self._check()
+        self._slots.acquire()  # blocks while too many parts are in memory
+        try:
+            self._check()
+            fut = self._pool.submit(self._run, fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._jobs.append(fut)
+        return fut
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except BaseException as e:
+            with self._lock:
+                if self._failure is None:
+                    self._failure = e
+            raise
+        finally:
+            self._slots.release()
+
+    def file(
+        self, path: str, rel: str, key: str, compression: str, size: int
+    ) -> tuple[FileEntry, int]:
+        """Hash, compress and upload one file; returns its entry and stored size.
+
+        The upload may still be running: ``finish`` waits for it.
+        """
+        store = self._store
+        part_size = max(store.part_size, -(-(size // _MAX_PARTS + 1) // MiB) * MiB)
+        comp = _Compressor(compression, size, store.zstd_level, store.zstd_threads)
+        sha = hashlib.sha256()
+        n = stored = 0
+        buf = bytearray()  # compressed output not yet submitted: < part_size after _drain
+        mpu: _Multipart | None = None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise _local_error(e, f"reading {rel}", path) from e
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidArgument(f"{self._where}: {rel} is not a regular file")
+            while True:
+                try:
+                    chunk = f.read(_READ)
+                except OSError as e:
+                    raise _local_error(e, f"reading {rel}", path) from e
+                if not chunk:
+                    break
+                sha.update(chunk)
+                n += len(chunk)
+                out = comp.compress(chunk)
+                stored += len(out)
+                buf += out
+                mpu = self._drain(buf, part_size, mpu, key)
+        out = comp.flush()  # multi-threaded zstd may hold back much of its output until here
+        stored += len(out)
+        buf += out
+        mpu = self._drain(buf, part_size, mpu, key)
+        if mpu is None:
+            self._objects.append(key)
+            self._submit(self._put, key, bytes(buf))
+        elif buf:
+            self._part(mpu, bytes(buf))
+        return FileEntry(sha.hexdigest(), n), stored
+
+    def _drain(
+        self, buf: bytearray, part_size: int, mpu: _Multipart | None, key: str
+    ) -> _Multipart | None:
+        """Submit whole parts from the front of ``buf`` (starting the multipart upload)."""
+        while len(buf) >= part_size:
+            mpu = mpu or self._start_multipart(key)
+            with memoryview(buf) as view:
+                part = bytes(view[:part_size])
+            del buf[:part_size]
+            self._part(mpu, part)
+        return mpu
+
+    def _start_multipart(self, key: str) -> _Multipart:
+        store, s3 = self._store, self._s3
+        self._check()
+        resp = store._call(
+            "create multipart upload",
+            key,
+            s3.create_multipart_upload,
+            Bucket=store.bucket,
+            Key=key,
+            **store._checksum_args(),
+        )
+        mpu = _Multipart(key, str(resp["UploadId"]))
+        self._multipart.append(mpu)
+        self._objects.append(key)
+        return mpu
+
+    def _part(self, mpu: _Multipart, data: bytes) -> None:
+        mpu.parts.append(
+            self._submit(self._upload_part, mpu.key, mpu.upload_id, len(mpu.parts) + 1, data)
+        )
+
+    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        store, s3 = self._store, self._s3
+        checksum = store._checksum_args()
+        resp = store._retry(
+            f"upload part {number} of",
+            key,
+            s3.upload_part,
+            Bucket=store.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+            **checksum,
+        )
+        part: dict[str, Any] = {"PartNumber": number, "ETag": resp["ETag"]}
+        if resp.get("ChecksumCRC32"):
+            part["ChecksumCRC32"] = resp["ChecksumCRC32"]
+        return part
+
+    def _put(self, key: str, data: bytes) -> None:
+        store, s3 = self._store, self._s3
+        store._retry("put", key, s3.put_object, Bucket=store.bucket, Key=key, Body=data)
+
+    def finish(self) -> None:
+        """Wait for every upload, then complete the multipart ones."""
+        store, s3 = self._store, self._s3
+        wait_futures(self._jobs)
+        self._check()
+        for mpu in self._multipart:
+            parts = [p.result() for p in mpu.parts]
+            store._retry(
+                "complete multipart upload",
+                mpu.key,
+                s3.complete_multipart_upload,
+                Bucket=store.bucket,
+                Key=mpu.key,
+                UploadId=mpu.upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+            mpu.done = True
+
+    def close(self, failure: BaseException | None) -> None:
+        """Stop the pool; after ``failure``, clean up what was written (never raises)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if failure is None:
+            return
+        store, s3 = self._store, self._s3
+        if _is_unreachable(failure):
+            log.warning("%s: endpoint unreachable, leaving partial uploads to gc", self._where)
+            return
+        for mpu in self._multipart:
+            if mpu.done:
+                continue
+            try:
+                store._call(
+                    "abort multipart upload",
+                    mpu.key,
+                    s3.abort_multipart_upload,
+                    Bucket=store.bucket,
+                    Key=mpu.key,
+                    UploadId=mpu.upload_id,
+                )
+            except Exception as e:
+                log.warning("%s (gc will collect it)", e)
+        try:
+            store._delete(self._objects)
+        except Exception as e:
+            log.warning("%s (gc will collect it)", e)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class S3Writer:
+    """A checkpoint spooled locally, uploaded by ``commit``.
+
+    States: "open" -> "committed" | "aborted" | "failed" (upload failed: the
+    spool at ``spool`` is kept for ``S3Store.push``; ``abort`` leaves it).
+    ``compression`` may be changed until ``commit``. Not safe for concurrent
+    use from several threads.
+    """
+
+    def __init__(self, store: S3Store, name: str, spool: str) -> None:
+        self._store = store
+        self._name = name
+        self.spool = spool
+        self.compression = store.compression
+        self._state = "open"
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        return self._name
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise FailedPrecondition(
+                f"checkpoint {self._name} in {self._store.url}: writer is {self._state}"
+            )
+
+    def _fail(self, e: OSError, doing: str) -> StasisError:
+        err = _local_error(e, f"checkpoint {self._name}: {doing}", self.spool)
+        if isinstance(err, ResourceExhausted):
+            self.abort()
+        return err
+
+    def _target(self, rel: str) -> str:
+        check_rel(rel)
+        if rel in (MANIFEST, PENDING):
+            raise InvalidArgument(f"{rel} is written by commit, not by the caller")
+        return os.path.join(self.spool, rel)
+
+    def path(self, rel: str, *, directory: bool = False) -> str:
+        """Local spool path for ``rel`` (parents created 0700); with ``directory``, ``rel`` too."""
+        self._check_open()
+        target = self._target(rel)
+        try:
+            os.makedirs(target if directory else os.path.dirname(target), 0o700, exist_ok=True)
+        except OSError as e:
+            raise self._fail(e, f"creating the directory for {rel}") from e
+        return target
+
+    def add_file(self, rel: str, src_path: str) -> None:
+        """Copy the local file ``src_path`` into the checkpoint as ``rel`` (mode 0600)."""
+        target = self.path(rel)
+        try:
+            src = open(src_path, "rb")  # noqa: SIM115 - closed below, distinct errors
+        except FileNotFoundError:
+            raise NotFound(f"checkpoint {self._name}: {src_path} does not exist") from None
+        except OSError as e:
+            raise InvalidArgument(f"checkpoint {self._name}: cannot read {src_path}: {e}") from e
+        with src:
+            try:
+                with _open_new(target) as dst:
+                    _copy(src, dst)
+            except OSError as e:
+                raise self._fail(e, f"writing {rel}") from e
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` into the checkpoint as ``rel`` (mode 0600)."""
+        target = self.path(rel)
+        try:
+            with _open_new(target) as dst:
+                dst.write(data)
+        except OSError as e:
+            raise self._fail(e, f"writing {rel}") from e
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> CheckpointInfo:
+        """Upload every file (hashed, compressed), then ``manifest.json``; delete the spool.
+
+        A bad file tree or metadata aborts (InvalidArgument). A failed upload
+        leaves no manifest, and keeps the spool (state "failed"): the error
+        says where; ``S3Store.push`` retries.
+        """
+        self._check_open()
+        where = f"checkpoint {self._name} in {self._store.url}"
+        try:
+            if not isinstance(metadata, dict | None):
+                raise TypeError(f"a dict is needed, not {type(metadata).__name__}")
+            metadata = json.loads(json.dumps(metadata or {}))
+            compression = _check_compression(self.compression)
+        except (TypeError, ValueError) as e:
+            self.abort()
+            raise InvalidArgument(f"{where}: bad metadata: {e}") from e
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            tree = _scan(self.spool)
+            if tree.others:
+                raise InvalidArgument(
+                    f"{where}: {tree.others[0]} is not a regular file or directory"
+                )
+            files = {rel: size for rel, size in tree.files.items() if rel != PENDING}
+            if MANIFEST in files:
+                raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
+            pending = {"name": self._name, "metadata": metadata, "compression": compression}
+            with _open_new(os.path.join(self.spool, PENDING)) as f:
+                f.write(json.dumps(pending).encode())
+        except OSError as e:
+            self.abort()
+            raise _local_error(e, f"committing checkpoint {self._name}", self.spool) from e
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "uploading"
+        try:
+            assert metadata is not None
+            info = self._store._upload_kept(self.spool, self._name, metadata, compression, files)
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._state = "committed"
+        _rmtree(self.spool)
+        return info
+
+    def abort(self) -> None:
+        """Remove the spool; idempotent; a no-op after commit or a failed upload."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        _rmtree(self.spool)
+
+    def __enter__(self) -> S3Writer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class S3Reader:
+    """A complete checkpoint, downloaded on demand into a private local directory.
+
+    ``path`` is that directory: a file appears there only once ``file`` (or
+    ``verify``) fetched and verified it. ``close`` deletes it. Safe for
+    concurrent use (downloads are serialized).
+    """
+
+    def __init__(self, store: S3Store, name: str, remote: _Remote, cache: str) -> None:
+        self._store = store
+        self._name = name
+        self._remote = remote
+        self._cache = cache
+        self._lock = threading.Lock()
+        self._have: set[str] = set()  # verified local copies; guarded by _lock
+        self._closed = False  # guarded by _lock
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        return self._name
+
+    @property
+    def path(self) -> str:
+        """The local directory the files are downloaded into."""
+        return self._cache
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest read when the checkpoint was opened."""
+        return self._remote.manifest
+
+    @property
+    def stored(self) -> dict[str, StoredFile]:
+        """Where each file is stored (key relative to the checkpoint, size, compression)."""
+        return dict(self._remote.stored)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Commit metadata updated with ``stasis.json``."""
+        return self._remote.metadata
+
+    @property
+    def info(self) -> CheckpointInfo:
+        """Name, creation time, size and metadata."""
+        m = self._remote.manifest
+        return CheckpointInfo(
+            self._name, f"{self._store.url}/{self._name}", m.created, m.size, self.metadata
+        )
+
+    def _where(self) -> str:
+        return f"checkpoint {self._name} in {self._store.url}"
+
+    def file(self, rel: str) -> str:
+        """Local path of file (or directory, e.g. ``checkpoint``) ``rel``, downloaded and verified.
+
+        NotFound if the manifest lists neither the file nor anything under
+        the directory; DataLoss naming the file if what is stored differs.
+        """
+        check_rel(rel)
+        files = self._remote.manifest.files
+        wanted = [rel] if rel in files else sorted(f for f in files if f.startswith(rel + "/"))
+        if not wanted:
+            raise NotFound(f"{self._where()}: no file {rel}")
+        problems = self._fetch(wanted, recheck=False)
+        if problems:
+            raise DataLoss(_problems_message(self._where(), problems))
+        return os.path.join(self._cache, rel)
+
+    def verify(self) -> None:
+        """Check the manifest is unchanged and every file matches it (downloading what is
+        not here yet, re-hashing what is); DataLoss naming the checkpoint and each file."""
+        where = self._where()
+        data = self._store._get_manifest(self._name)
+        if data is None:
+            raise DataLoss(f"{where}: {MANIFEST} is missing")
+        if data != self._remote.raw:
+            raise DataLoss(f"{where}: {MANIFEST} changed since the checkpoint was opened")
+        problems = self._fetch(sorted(self._remote.manifest.files), recheck=True)
+        if problems:
+            raise DataLoss(_problems_message(where, problems))
+
+    def _fetch(self, rels: builtins.list[str], *, recheck: bool) -> builtins.list[str]:
+        """Download the files not here yet (small ones in parallel, big ones with ranged
+        GETs); with ``recheck``, re-hash the ones here. Returns problems, one per file."""
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition(f"{self._where()}: reader is closed")
+            problems: dict[str, str] = {}
+            files = self._remote.manifest.files
+            missing = [r for r in rels if r not in self._have]
+            if recheck:
+                for rel in (r for r in rels if r in self._have):
+                    try:
+                        got: FileEntry | None = _digest(os.path.join(self._cache, rel))
+                    except (OSError, _NotRegular):
+                        got = None
+                    if got != files[rel]:
+                        self._have.discard(rel)
+                        problems[rel] = f"{rel}: the local copy changed or vanished"
+            big = [r for r in missing if self._remote.stored[r].stored_size > self._store.part_size]
+            small = [r for r in missing if r not in big]
+            with ThreadPoolExecutor(
+                max_workers=self._store.concurrency, thread_name_prefix="stasis-s3-down"
+            ) as pool:
+                futures = {rel: pool.submit(self._download, rel, None) for rel in small}
+                try:
+                    for rel in big:
+                        self._note(rel, partial(self._download, rel, pool), problems)
+                    for rel, fut in futures.items():
+                        self._note(rel, fut.result, problems)
+                except BaseException:
+                    for fut in futures.values():
+                        fut.cancel()
+                    raise
+            return [problems[r] for r in rels if r in problems]
+
+    def _note(self, rel: str, fetch: Callable[[], None], problems: dict[str, str]) -> None:
+        try:
+            fetch()
+        except _Bad as e:
+            problems[rel] = f"{rel}: {e.reason}"
+        else:
+            self._have.add(rel)
+
+    def _download(self, rel: str, pool: ThreadPoolExecutor | None) -> None:
+        """Fetch ``rel`` into the cache through decompression and sha256; _Bad on mismatch."""
+        import tempfile
+
+        entry = self._remote.manifest.files[rel]
+        stored = self._remote.stored[rel]
+        key = self._store._dir_key(self._name) + stored.key
+        target = os.path.join(self._cache, rel)
+        directory = os.path.dirname(target)
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(rel)}.", dir=directory)
+        except OSError as e:
+            raise _local_error(e, f"downloading {rel}", self._cache) from e
+        try:
+            with open(fd, "wb") as f:
+                sink = _Sink(f, entry.size)
+                decoder = _Decoder(stored.compression, sink)
+                for chunk in self._chunks(key, stored.stored_size, pool):
+                    decoder.feed(chunk)
+                decoder.finish()
+            if sink.size != entry.size:
+                raise _Bad(f"size {sink.size}, manifest says {entry.size}")
+            if sink.sha256.hexdigest() != entry.sha256:
+                raise _Bad("sha256 mismatch")
+            os.replace(tmp, target)
+        except OSError as e:
+            _rmtree(tmp)
+            raise _local_error(e, f"downloading {rel}", self._cache) from e
+        except BaseException:
+            _rmtree(tmp)
+            raise
+
+    def _chunks(self, key: str, size: int, pool: ThreadPoolExecutor | None) -> Iterator[bytes]:
+        """The stored object, in order: one GET, or ranged GETs ``concurrency`` ahead."""
+        store = self._store
+        if pool is None or size <= store.part_size:
+            yield self._get(key, None, size)
+            return
+        ranges = [(a, min(a + store.part_size, size) - 1) for a in range(0, size, store.part_size)]
+        window: deque[Future[bytes]] = deque()
+        it = iter(ranges)
+        try:
+            for r in it:
+                window.append(pool.submit(self._get, key, r, size))
+                if len(window) >= store.concurrency:
+                    break
+            while window:
+                data = window.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    window.append(pool.submit(self._get, key, nxt, size))
+                yield data
+        finally:
+            for fut in window:
+                fut.cancel()
+
+    def _get(self, key: str, byte_range: tuple[int, int] | None, size: int) -> bytes:
+        """One GET (of a range); _Bad if the object is missing or not the stored size."""
+        from botocore.exceptions import ClientError
+
+        s3 = self._store.client()
+        store = self._store
+
+        def get() -> bytes:
+            kwargs: dict[str, Any] = {"Bucket": store.bucket, "Key": key}
+            if byte_range is not None:
+                kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+            try:
+                resp = s3.get_object(**kwargs)
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code"))
+                if code in ("NoSuchKey", "404"):
+                    raise _Bad(f"stored object s3://{store.bucket}/{key} is missing") from e
+                if code == "InvalidRange":
+                    raise _Bad(f"stored object is smaller than the manifest's {size} bytes") from e
+                raise
+            with resp["Body"] as body:
+                data = cast(bytes, body.read())
+            total = int(resp.get("ContentLength", -1))
+            if byte_range is not None:
+                total = int(str(resp.get("ContentRange", "")).rpartition("/")[2] or -1)
+            if total != size:
+                raise _Bad(f"stored object is {total} bytes, the manifest says {size}")
+            want = size if byte_range is None else byte_range[1] - byte_range[0] + 1
+            if len(data) != want:
+                raise ConnectionError(f"short read: {len(data)} of {want} bytes")
+            return data
+
+        return store._retry("get", key, get)
+
+    def close(self) -> None:
+        """Delete the local copies (idempotent)."""
+        with self._lock:
+            self._closed = True
+            self._have.clear()
+        _rmtree(self._cache)
+
+    def __enter__(self) -> S3Reader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
