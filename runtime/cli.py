@@ -248,12 +248,13 @@ def _run(ns: argparse.Namespace) -> int:
     elif ns.command == "demo":
         return demo(ns)
     elif ns.command == "list":
-        from runtime.store import resolve
+        from runtime.store import default_store, open_store
 
-        store, _ = resolve(ns.store, config.load())
+        cfg = config.load()
+        store = open_store(ns.store, cfg) if ns.store else default_store(cfg)
         infos = store.list()
         if ns.json:
-            print(json.dumps([_info(i) for i in infos], indent=1))
+            print(json.dumps([_info(i) for i in infos], indent=1, default=str))
         else:
             for i in infos:
                 print(f"{i.name}\t{i.size}\t{i.created}")
@@ -270,9 +271,9 @@ def _run(ns: argparse.Namespace) -> int:
         _, reader = _open(ns.ref)
         export_tar(reader, ns.file)
     elif ns.command == "import":
-        from runtime.store import import_tar, resolve
+        from runtime.store import default_store, import_tar
 
-        store, _ = resolve("", config.load())
+        store = default_store(config.load())
         name = ns.name or os.path.basename(ns.file).removesuffix(".tar")
         print(import_tar(store, ns.file, name).name)
     return 0

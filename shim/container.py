@@ -93,6 +93,9 @@ class Container:
         self._reaper = reaper
         self._on_exit = on_exit
         self._oom: cgroups.OOMWatcher | None = None
+        # The checkpoint a restore reads from (a store reader); closed once
+        # Start has restored (or failed to), which frees a remote store's copies.
+        self.restore_source: Any = None
 
     @classmethod
     async def create(
@@ -219,6 +222,15 @@ class Container:
 
         loop.add_reader(watcher.fd, readable)
 
+    async def release_restore_source(self) -> None:
+        """Close the checkpoint reader of a restore, if any."""
+        source, self.restore_source = self.restore_source, None
+        if source is not None:
+            try:
+                await asyncio.to_thread(source.close)
+            except (OSError, StasisError) as e:
+                log.warning("closing checkpoint of %s: %s", self.id, e)
+
     def _stop_oom_watch(self) -> None:
         if self._oom is not None:
             asyncio.get_running_loop().remove_reader(self._oom.fd)
@@ -270,6 +282,7 @@ class Container:
             del self.execs[exec_id]
             return proc
         self._stop_oom_watch()
+        await self.release_restore_source()
         if self.rootfs is not None:
             try:
                 mounts.unmount_all(self.rootfs)

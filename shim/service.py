@@ -203,11 +203,18 @@ class TaskService:
         async with self._lifecycle:
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id!r} already exists in this shim")
+            source = None
             if not cfg.checkpoint:
-                cfg = await self._restore_by_annotation(cfg)
-            c = await Container.create(
-                cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
-            )
+                cfg, source = await self._restore_by_annotation(cfg)
+            try:
+                c = await Container.create(
+                    cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
+                )
+            except BaseException:
+                if source is not None:
+                    await asyncio.to_thread(source.close)
+                raise
+            c.restore_source = source
             self.containers[req.id] = c
             ev = events.TaskCreate(
                 container_id=req.id,
@@ -221,7 +228,7 @@ class TaskService:
             self._publish("/tasks/create", ev)
         return api.CreateTaskResponse(pid=c.init.pid)
 
-    async def _restore_by_annotation(self, cfg: CreateConfig) -> CreateConfig:
+    async def _restore_by_annotation(self, cfg: CreateConfig) -> tuple[CreateConfig, Any]:
         """Honour stasis.dev/restore-from: verify, apply the rootfs diff, restore at Start."""
         try:
             with open(os.path.join(cfg.bundle, "config.json"), "rb") as f:
@@ -229,14 +236,14 @@ class TaskService:
         except (OSError, ValueError) as e:
             raise InvalidArgument(f"bundle {cfg.bundle}: unreadable config.json: {e}") from e
         if RESTORE_FROM not in annotations:
-            return cfg
+            return cfg, None
         # Only restores pay for importing the checkpoint machinery.
         from runtime import config
         from shim import checkpointing
 
         request = checkpointing.restore_request(annotations)
         if request is None:
-            return cfg
+            return cfg, None
         ref, policy = request
         upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
         try:
@@ -247,9 +254,12 @@ class TaskService:
             log.warning("container %s starts fresh (restore-policy fresh): %s", cfg.id, e)
             if upper is not None:
                 await asyncio.to_thread(_empty_dir, upper)
-            return cfg
+            return cfg, None
         log.info("container %s restores from %s", cfg.id, ref)
-        return replace(cfg, checkpoint=plan.images, restore_tcp_established=plan.tcp_established)
+        restored = replace(
+            cfg, checkpoint=plan.images, restore_tcp_established=plan.tcp_established
+        )
+        return restored, plan.reader
 
     async def _start(self, req: api.StartRequest) -> api.StartResponse:
         c = self._get(req.id)
@@ -266,6 +276,8 @@ class TaskService:
                 self._publish("/tasks/start", events.TaskStart(container_id=c.id, pid=proc.pid))
                 c.watch_oom(self._on_oom)
         finally:
+            if not req.exec_id:
+                await c.release_restore_source()
             self._starting.discard(proc)
             pending = self._pending_exits.pop(proc, None)
             if pending is not None:

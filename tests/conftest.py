@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,95 @@ def shim_path() -> list[Path]:
     """Directories holding containerd-shim-stasis-v2: the repo's venv and this interpreter's."""
     dirs = [REPO / ".venv" / "bin", Path(sys.prefix) / "bin"]
     return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give shims and the CLI a Stasis config file of this session's own.
+
+    Shims inherit it through the private containerd's environment; the S3
+    fixture writes its endpoint and credentials into it. The machine's
+    /etc/stasis/config.toml is never read by tests.
+    """
+    if "STASIS_CONFIG" in os.environ:
+        return
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="stasis-test-config-")
+    path = Path(directory) / "config.toml"
+    path.write_text("# written by the test session\n")
+    path.chmod(0o600)
+    os.environ["STASIS_CONFIG"] = str(path)
+    config.add_cleanup(lambda: _forget_config(directory))
+
+
+def _forget_config(directory: str) -> None:
+    import shutil
+
+    os.environ.pop("STASIS_CONFIG", None)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible server (moto_server) for the session, with one bucket."""
+
+    endpoint: str
+    bucket: str
+    access_key_id: str
+    secret_access_key: str
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto_server on a free local port; the session config points S3 at it."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    binary = Path(sys.prefix) / "bin" / "moto_server"
+    proc = subprocess.Popen(
+        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        server = S3Server(f"http://127.0.0.1:{port}", "stasis-test", "stasis-key", "stasis-secret")
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            aws_access_key_id=server.access_key_id,
+            aws_secret_access_key=server.secret_access_key,
+            region_name="us-east-1",
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.create_bucket(Bucket=server.bucket)
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        Path(os.environ["STASIS_CONFIG"]).write_text(
+            "[storage.s3]\n"
+            f'access_key_id = "{server.access_key_id}"\n'
+            f'secret_access_key = "{server.secret_access_key}"\n'
+            'region = "us-east-1"\n'
+            f'endpoint = "{server.endpoint}"\n'
+        )
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
