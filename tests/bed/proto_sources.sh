@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the reference .proto files that tests/unit/test_proto_conformance.py
-# compares our protos/containerd/** against.
+# compares our protos/containerd/** against, and the CRI api.proto that
+# tests/bed/cri.py compiles.
 #
 # Each reference Debian package is downloaded with `apt-get download` and
 # unpacked with `dpkg-deb -x` into
@@ -30,6 +31,11 @@ SOURCES=(
 	"cgroups-sid golang-github-containerd-cgroups-dev/sid"
 	# gogoproto/gogo.proto, imported by the 1.6 and cgroups 1.0 files
 	"gogo-protobuf-bookworm golang-github-gogo-protobuf-dev/bookworm"
+	# CRI runtime/v1 api.proto, for the CRI client of the Kubernetes tests
+	# (tests/bed/cri.py; containerd 1.7 serves v1 beside kubelet 1.20's v1alpha2).
+	# Not packaged in bookworm; trixie's 0.32 has v1 only. cri.py takes v1alpha2
+	# from containerd-sid's third_party/k8s.io/cri-api.
+	"cri-api-trixie golang-github-kubernetes-cri-api-dev/trixie"
 )
 
 updated=0
