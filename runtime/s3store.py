@@ -54,7 +54,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -64,6 +64,7 @@ from types import TracebackType
 from typing import IO, Any, TypeVar, cast
 
 from runtime.config import S3Config
+from runtime.digest import KnownDigest
 from runtime.errors import (
     AlreadyExists,
     DataLoss,
@@ -1316,8 +1317,15 @@ class S3Writer:
         except OSError as e:
             raise self._fail(e, f"writing {rel}") from e
 
-    def commit(self, metadata: dict[str, Any] | None = None) -> CheckpointInfo:
+    def commit(
+        self,
+        metadata: dict[str, Any] | None = None,
+        known: Mapping[str, KnownDigest] | None = None,
+    ) -> CheckpointInfo:
         """Upload every file (hashed, compressed), then ``manifest.json``; delete the spool.
+
+        ``known`` is not used: the upload reads every file anyway and hashes
+        while it streams.
 
         A bad file tree or metadata aborts (InvalidArgument). A failed upload
         leaves no manifest, and keeps the spool (state "failed"): the error

@@ -31,12 +31,13 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from runtime.digest import KnownDigest
 from runtime.errors import (
     AlreadyExists,
     DataLoss,
@@ -188,8 +189,16 @@ class CheckpointWriter(Protocol):
         """Write ``data`` into the checkpoint as ``rel``."""
         ...
 
-    def commit(self, metadata: dict[str, Any] | None = None) -> CheckpointInfo:
-        """Digest every file, write the manifest last, and publish the checkpoint atomically."""
+    def commit(
+        self,
+        metadata: dict[str, Any] | None = None,
+        known: Mapping[str, KnownDigest] | None = None,
+    ) -> CheckpointInfo:
+        """Digest every file, write the manifest last, and publish the checkpoint atomically.
+
+        ``known``: digests taken while the files were written (by rel path);
+        a store may use those whose file is unchanged instead of re-reading it.
+        """
         ...
 
     def abort(self) -> None:
@@ -416,6 +425,22 @@ def _digest(path: str, *, seal: bool = False) -> FileEntry:
         if seal:
             os.fsync(fd)
     return FileEntry(h.hexdigest(), size)
+
+
+def _seal_known(path: str, known: KnownDigest, *, durable: bool) -> bool:
+    """Seal (0600, fsync) a file digested earlier, if it is unchanged since; else False."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not known.matches(st):
+            return False
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+        if durable:
+            os.fsync(fd)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _digest_all(
@@ -717,7 +742,11 @@ class _StagingWriter:
         except OSError as e:
             raise self._fail(e, f"writing {rel}") from e
 
-    def commit(self, metadata: dict[str, Any] | None = None) -> CheckpointInfo:
+    def commit(
+        self,
+        metadata: dict[str, Any] | None = None,
+        known: Mapping[str, KnownDigest] | None = None,
+    ) -> CheckpointInfo:
         """Digest and fsync every file, write ``manifest.json`` last, then publish.
 
         On any failure the partial checkpoint is removed: no manifest, nothing listed.
@@ -733,7 +762,7 @@ class _StagingWriter:
             self.abort()
             raise InvalidArgument(f"checkpoint {self._name}: bad metadata: {e}") from e
         try:
-            manifest = self._seal(metadata)
+            manifest = self._seal(metadata, known or {})
             info = CheckpointInfo(
                 self._name,
                 _ref(self._url, self._name),
@@ -752,7 +781,7 @@ class _StagingWriter:
         self._release()
         return info
 
-    def _seal(self, metadata: dict[str, Any]) -> Manifest:
+    def _seal(self, metadata: dict[str, Any], known: Mapping[str, KnownDigest]) -> Manifest:
         """Digest (and fsync, 0600) every file, then write the manifest; fsync the tree."""
         tree = _scan(self._staging)
         where = f"checkpoint {self._name} in {self._url}"
@@ -762,6 +791,11 @@ class _StagingWriter:
             raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
         paths = {rel: os.path.join(self._staging, rel) for rel in tree.files}
         files: dict[str, FileEntry] = {}
+        for rel, k in known.items():
+            path = paths.get(rel)
+            if path is not None and _seal_known(path, k, durable=self._durable):
+                files[rel] = FileEntry(k.sha256, k.size)
+                del paths[rel]
         for rel, got in _digest_all(paths, tree.files, seal=self._durable).items():
             if isinstance(got, _NotRegular):
                 raise InvalidArgument(f"{where}: {rel} is not a regular file")

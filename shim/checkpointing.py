@@ -20,6 +20,7 @@ from typing import Any
 
 from runtime import cgroups, rootfs
 from runtime.config import Config
+from runtime.digest import TailDigester
 from runtime.errors import FailedPrecondition, InvalidArgument, StasisError
 from runtime.runc import CheckpointOpts
 from runtime.store import CheckpointReader, default_store, open_store, resolve
@@ -122,18 +123,26 @@ async def checkpoint(
                     writer.path("rootfs-diff.tar"),
                     writer.path("deleted.files"),
                 )
-            await container.checkpoint(
-                CheckpointOpts(
-                    image_path=writer.path("checkpoint", directory=True),
-                    leave_running=not spec.exit,
-                    tcp_established=spec.tcp_established,
-                    shell_job=init.terminal,
+            images = writer.path("checkpoint", directory=True)
+            # Hash the images as CRIU writes them: the commit then neither
+            # re-reads them nor waits for all of their writeback.
+            digester = TailDigester(images).start()
+            try:
+                await container.checkpoint(
+                    CheckpointOpts(
+                        image_path=images,
+                        leave_running=not spec.exit,
+                        tcp_established=spec.tcp_established,
+                        shell_job=init.terminal,
+                    )
                 )
-            )
+            finally:
+                tail = await asyncio.to_thread(digester.finish)
         finally:
             if was_running and init.status == Status.PAUSED:
                 await init.resume()
         frozen = time.monotonic() - frozen_at
+        known = {f"checkpoint/{name}": digest for name, digest in tail.items()}
         writer.write_bytes("spec.dump", json.dumps(oci, indent=1).encode())
         checkpointed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config_dump = {
@@ -171,7 +180,7 @@ async def checkpoint(
             "frozen_seconds": round(frozen, 6),
         }
         writer.write_bytes("stasis.json", json.dumps(metadata, indent=1).encode())
-        info = await asyncio.to_thread(writer.commit, metadata)
+        info = await asyncio.to_thread(writer.commit, metadata, known)
     return CheckpointResult(
         ref=info.ref,
         name=info.name,
