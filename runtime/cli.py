@@ -7,6 +7,10 @@
   stasis rm REF                      remove a checkpoint
   stasis export REF FILE.tar         the checkpoint as a containerd/Podman-style archive
   stasis import FILE.tar [--name N]  an archive into the default store
+  stasis gc [--store STORE] [--grace SECONDS]
+                                     remove partial leftovers older than SECONDS (3600)
+  stasis push SPOOL_DIR [--to STORE] [--name NAME]
+                                     upload again a checkpoint whose S3 upload failed
   stasis demo                        a counter checkpointed, killed and restored
 
 Errors are one line on stderr and a non-zero exit code.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,14 +28,29 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from runtime.errors import FailedPrecondition, StasisError, Unavailable
+from runtime.errors import Code, FailedPrecondition, StasisError, Unavailable
 
 VERSION = "0.1.0"
 RUNTIME = "io.containerd.stasis.v2"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEMO_IMAGE = "docker.io/stasis/busybox:test"
+DEFAULT_GC_GRACE = 3600.0
+SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.s3store.DEFAULT_SPOOL_DIR (no boto3 import here)
+PENDING = ".stasis-pending.json"  # runtime.s3store.PENDING: written once a commit starts
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --grace: a finite number of seconds, >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds >= 0")
+    return value
 
 
 def _progress(msg: str) -> None:
@@ -54,6 +74,10 @@ def _ctr(ns: argparse.Namespace, *args: str, check: bool = True) -> str:
     return done.stdout
 
 
+class ShimGone(Unavailable):
+    """The shim's connection closed before it answered: it exited or was killed."""
+
+
 def _shim_call(socket: str, namespace: str, method: str, payload: bytes) -> bytes:
     from shim import ttrpc
 
@@ -72,6 +96,8 @@ def _shim_call(socket: str, namespace: str, method: str, payload: bytes) -> byte
     try:
         return asyncio.run(call())
     except ttrpc.RPCError as e:
+        if e.code == Code.UNAVAILABLE and e.message == ttrpc._CLOSED_MESSAGE:
+            raise ShimGone(f"the shim ({socket}) closed the connection before answering") from e
         raise StasisError(e.message) from e
 
 
@@ -99,9 +125,17 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
         image=info.image,
     )
     _progress(f"checkpointing {ns.container} ...")
-    resp = pb.CheckpointResponse.FromString(
-        _shim_call(sock, ns.namespace, "Checkpoint", req.SerializeToString())
-    )
+    try:
+        raw = _shim_call(sock, ns.namespace, "Checkpoint", req.SerializeToString())
+    except ShimGone as e:
+        leftovers = "stasis gc removes what it had written"
+        if store.startswith("s3://") or (not store and _default_is_s3()):
+            leftovers += f"; a spool it kept under {SPOOL_DIR} uploads with stasis push"
+        raise ShimGone(
+            f"checkpoint of {ns.container}: {e} (it exited or was killed); unless stasis "
+            f"list shows the checkpoint, it was not published: {leftovers}"
+        ) from e
+    resp = pb.CheckpointResponse.FromString(raw)
     return {
         "ref": resp.ref,
         "name": resp.name,
@@ -112,22 +146,49 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _open(ref: str) -> tuple[Any, Any]:
+def _default_is_s3() -> bool:
+    from runtime import config
+
+    try:
+        return config.load().storage.url.startswith("s3://")
+    except StasisError:
+        return False
+
+
+def _resolve(ref: str) -> tuple[Any, str]:
     from runtime import config
     from runtime.store import resolve
 
-    store, name = resolve(ref, config.load())
-    return store, store.open(name)
+    return resolve(ref, config.load())
+
+
+@contextlib.contextmanager
+def _open(ref: str) -> Iterator[Any]:
+    """The checkpoint's reader, closed afterwards (an S3 reader's local copies go)."""
+    store, name = _resolve(ref)
+    reader = store.open(name)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _remove_checkpoint(ref: str) -> None:
+    """Remove a checkpoint, opened first: a path to any other directory is refused."""
+    store, name = _resolve(ref)
+    store.open(name).close()
+    store.remove(name)
 
 
 def restore(ns: argparse.Namespace) -> str:
     """Create and start NEW_ID from checkpoint REF; returns the container id."""
-    _, reader = _open(ns.ref)
-    image = ns.image or str(reader.metadata.get("image") or "")
+    with _open(ns.ref) as reader:
+        metadata, path = reader.metadata, reader.path
+    image = ns.image or str(metadata.get("image") or "")
     if not image:
         raise FailedPrecondition(f"checkpoint {ns.ref} records no image: pass --image")
     # An absolute reference: the shim may run with another default store.
-    ref = f"file://{reader.path}" if not ns.ref.startswith(("s3://", "file://")) else ns.ref
+    ref = f"file://{path}" if not ns.ref.startswith(("s3://", "file://")) else ns.ref
     _progress(f"restoring {ns.ref} as {ns.new_id} ...")
     _ctr(ns, "run", "-d", "--runtime", RUNTIME, "--annotation",
          f"stasis.dev/restore-from={ref}", image, ns.new_id)  # fmt: skip
@@ -171,9 +232,50 @@ def demo(ns: argparse.Namespace) -> int:
         for id in created:
             _remove(ns, id)
         if ref and not ns.keep:
-            store, reader = _open(ref)
-            store.remove(reader.name)
+            _remove_checkpoint(ref)
     return 0
+
+
+def gc(ns: argparse.Namespace) -> list[str]:
+    """Remove a store's leftovers older than ``--grace``; returns them as references."""
+    from runtime import config
+    from runtime.store import default_store, open_store
+
+    cfg = config.load()
+    store = open_store(ns.store, cfg) if ns.store else default_store(cfg)
+    _progress(f"collecting leftovers in {store.url} older than {ns.grace:g} s ...")
+    base = store.url.rstrip("/")
+    return [f"{base}/{item}" for item in store.gc(ns.grace)]
+
+
+def push(ns: argparse.Namespace) -> dict[str, Any]:
+    """Upload a spool that a failed S3 upload kept (the spool goes once it is uploaded)."""
+    from runtime import config
+    from runtime.s3store import S3Store
+    from runtime.store import open_store
+
+    cfg = config.load()
+    url = ns.to or cfg.storage.url
+    if not url.startswith("s3://"):
+        where = "--to" if ns.to else "the configured store (storage.url)"
+        raise FailedPrecondition(
+            f"push uploads a kept spool to an S3 store: {where} is {url}, give --to s3://..."
+        )
+    spool = os.path.abspath(ns.spool)
+    if not os.path.isdir(spool):
+        raise FailedPrecondition(f"spool {spool} does not exist (or is not a directory)")
+    if not os.path.lexists(os.path.join(spool, PENDING)):
+        # Its writer died before commit (during the CRIU dump, say): the files may be
+        # incomplete, and a manifest over them would make them look restorable.
+        raise FailedPrecondition(
+            f"spool {spool} was never committed (no {PENDING}): its checkpoint may be "
+            "incomplete; not uploading it"
+        )
+    store = open_store(url, cfg)
+    assert isinstance(store, S3Store)
+    _progress(f"uploading {spool} to {store.url} ...")
+    info = store.push(spool, ns.name or None)
+    return {"ref": info.ref, "name": info.name, "size": info.size}
 
 
 def _remove(ns: argparse.Namespace, id: str) -> None:
@@ -230,6 +332,18 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import", help="read a checkpoint archive into the default store")
     im.add_argument("file")
     im.add_argument("--name")
+    g = sub.add_parser("gc", help="remove partial checkpoints and stray objects")
+    g.add_argument("--store", default="", help="default: the configured store")
+    g.add_argument(
+        "--grace", type=_seconds, default=DEFAULT_GC_GRACE, metavar="SECONDS",
+        help=f"only leftovers untouched for this long (default {DEFAULT_GC_GRACE:g})",
+    )  # fmt: skip
+    g.add_argument("--json", action="store_true")
+    pu = sub.add_parser("push", help="upload a kept spool again (after a failed S3 upload)")
+    pu.add_argument("spool", metavar="SPOOL_DIR")
+    pu.add_argument("--to", default="", help="s3://bucket/prefix (default: the configured store)")
+    pu.add_argument("--name", help="checkpoint name (default: the one the spool records)")
+    pu.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="checkpoint, kill and restore a counting container")
     d.add_argument("--image", default=DEMO_IMAGE)
     d.add_argument("--seconds", type=float, default=2.0)
@@ -258,18 +372,29 @@ def _run(ns: argparse.Namespace) -> int:
         else:
             for i in infos:
                 print(f"{i.name}\t{i.size}\t{i.created}")
+    elif ns.command == "gc":
+        removed = gc(ns)
+        if ns.json:
+            print(json.dumps(removed, indent=1))
+        for ref in [] if ns.json else removed:
+            print(ref)
+    elif ns.command == "push":
+        out = push(ns)
+        print(json.dumps(out) if ns.json else out["ref"])
     elif ns.command == "inspect":
-        _, reader = _open(ns.ref)
-        data = {"name": reader.name, "path": reader.path, "manifest": reader.manifest}
-        print(json.dumps(data, indent=1) if ns.json else json.dumps(reader.metadata, indent=1))
+        with _open(ns.ref) as reader:
+            manifest = json.loads(reader.manifest.to_json())
+            data = {"name": reader.name, "ref": reader.info.ref, "manifest": manifest}
+            if not reader.info.ref.startswith("s3://"):
+                data["path"] = reader.path  # an S3 reader's path is a temporary copy
+            print(json.dumps(data, indent=1) if ns.json else json.dumps(reader.metadata, indent=1))
     elif ns.command == "rm":
-        store, reader = _open(ns.ref)
-        store.remove(reader.name)
+        _remove_checkpoint(ns.ref)
     elif ns.command == "export":
         from runtime.store import export_tar
 
-        _, reader = _open(ns.ref)
-        export_tar(reader, ns.file)
+        with _open(ns.ref) as reader:
+            export_tar(reader, ns.file)
     elif ns.command == "import":
         from runtime.store import default_store, import_tar
 

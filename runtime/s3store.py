@@ -892,8 +892,13 @@ class S3Store:
         try:
             if not os.path.isdir(spool):
                 raise NotFound(f"spool {spool} does not exist")
-            if os.path.lexists(os.path.join(spool, PENDING)):
-                pending = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+            # Only a commit writes the pending record, after the dump finished:
+            # a spool without it (a writer killed mid-dump) is no checkpoint.
+            if not os.path.lexists(os.path.join(spool, PENDING)):
+                raise FailedPrecondition(
+                    f"spool {spool} was never committed (no {PENDING}): it is not a checkpoint"
+                )
+            pending = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
             tree = _scan(spool)
         except (OSError, ValueError, _NotRegular) as e:
             raise InvalidArgument(f"spool {spool} cannot be read: {e}") from e

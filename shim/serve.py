@@ -36,6 +36,10 @@ def _setup_logging(bundle: str, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO
     root = logging.getLogger()
     root.setLevel(level)
+    # The S3 client's own debug output is megabytes per checkpoint, multi-line,
+    # and full of signed requests: keep only its warnings.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         # containerd holds the bundle's `log` FIFO open for reading while it
         # starts the shim; without a reader there is nowhere to log to.
