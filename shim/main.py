@@ -236,6 +236,22 @@ def _mounted(path: str) -> bool:
         return False
 
 
+def _remove_dead_socket(bundle: str) -> None:
+    # A shim that was killed leaves its socket behind; nothing else removes
+    # it. A group's socket still served by a live shim stays.
+    try:
+        with open(os.path.join(bundle, "address"), encoding="utf-8") as fh:
+            address = fh.read().strip()
+    except OSError:
+        return
+    path = address.removeprefix("unix://")
+    if os.path.dirname(path) == SOCKET_DIR and os.path.exists(path) and not _alive(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def delete(f: Flags) -> int:
     """Clean up after a shim that is gone: force-delete the container and unmount its rootfs.
 
@@ -277,6 +293,7 @@ def delete(f: Flags) -> int:
             unmount_all(rootfs)
         except OSError:
             pass
+    _remove_dead_socket(bundle)
     sys.stdout.buffer.write(_encode_delete_response(128 + 9, time.time_ns()))
     sys.stdout.flush()
     return 0

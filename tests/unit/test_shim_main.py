@@ -553,3 +553,34 @@ def test_delete_unmounts_a_leftover_rootfs(workdir: Path) -> None:
         assert not is_mountpoint(str(rootfs))
     finally:
         unmount_all(str(rootfs))
+
+
+def test_delete_removes_a_dead_shim_socket_and_keeps_a_live_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    import socket as socketlib
+
+    from shim import main as shim_main
+
+    sockets = tmp_path / "s"
+    sockets.mkdir()
+    monkeypatch.setattr(shim_main, "SOCKET_DIR", str(sockets))
+    dead, live = sockets / "dead", sockets / "live"
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.bind(str(dead))  # bound, never listening: what a killed shim leaves
+    listener = socketlib.socket(socketlib.AF_UNIX)
+    try:
+        listener.bind(str(live))
+        listener.listen(1)
+        for name, path in (("b1", dead), ("b2", live)):
+            bundle = tmp_path / name
+            bundle.mkdir()
+            (bundle / "address").write_text(f"unix://{path}")
+            f = shim_main.Flags()
+            f.bundle, f.namespace = str(bundle), "ns"
+            assert shim_main.delete(f) == 0
+        capsysbinary.readouterr()
+        assert not dead.exists()
+        assert live.exists()
+    finally:
+        listener.close()
