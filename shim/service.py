@@ -123,8 +123,10 @@ class TaskService:
             try:
                 reply = await fn(req)
             except StasisError as e:
+                log.info("%s failed (%s): %s", method, e.code.name, e)
                 raise ttrpc.RPCError(e.code, str(e)) from e
             except OSError as e:
+                log.warning("%s failed: %s", method, e)
                 raise ttrpc.RPCError(Code.UNKNOWN, f"{method}: {e}") from e
             return reply.SerializeToString()
 

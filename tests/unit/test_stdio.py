@@ -395,7 +395,7 @@ def test_close_stdin_before_started(children: Children, tmp_path: Path) -> None:
     threads = threading.active_count()
     run(body())
     wait_threads(threads)
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads, "a thread of this test was left running"
     assert fd_count() == before
 
 
@@ -449,7 +449,7 @@ def test_no_fd_or_thread_leak_over_a_lifecycle(tmp_path: Path, children: Childre
     before = fd_count()
     run(body())
     wait_threads(threads)
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads, "a thread of this test was left running"
     assert fd_count() == before
 
 

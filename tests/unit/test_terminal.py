@@ -355,7 +355,7 @@ def test_terminal_io_lifecycle(tmp_path: Path, children: Children, console_dir: 
 
     run(body())
     wait_threads(threads)
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads, "a thread of this test was left running"
     assert fd_count() == before
 
 
@@ -387,7 +387,7 @@ def test_terminal_io_close_stops_copiers_of_a_running_child(
 
     run(body())
     wait_threads(threads)
-    assert threading.active_count() == threads
+    assert threading.active_count() <= threads, "a thread of this test was left running"
     assert fd_count() == before
 
 
