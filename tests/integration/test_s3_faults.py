@@ -23,18 +23,19 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+from bed import workload
 from bed.containerd import Containerd, unique_id
+from bed.workload import IMAGE, RUNTIME, count, stasis_argv, task
 from conftest import S3Server
 
 pytestmark = pytest.mark.integration
 
-RUNTIME = "io.containerd.stasis.v2"
-IMAGE = "docker.io/stasis/busybox:test"
 SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.s3store.DEFAULT_SPOOL_DIR, where shims spool
 CACHE_DIR = "/var/lib/stasis/cache"  # runtime.s3store.DEFAULT_CACHE_DIR, restores download
 MEM_MIB = 96  # random (incompressible) memory the container holds: the upload's bulk
@@ -54,35 +55,8 @@ def holding_memory(mib: int) -> str:
 
 # -- helpers -----------------------------------------------------------------------------
 
-
-def stasis(c: Containerd, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [*stasis_argv(c), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"stasis {' '.join(args)} failed: {done.stderr}")
-    return done
-
-
-def stasis_argv(c: Containerd) -> list[str]:
-    return [sys.executable, "-m", "runtime.cli", "--address", str(c.address), "-n", c.namespace]
-
-
-def task(c: Containerd, id: str) -> tuple[int, str] | None:
-    for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields[0] == id:
-            return int(fields[1]), fields[2]
-    return None
-
-
-def count(pid: int) -> int:
-    with open(f"/proc/{pid}/root/tmp/count", encoding="ascii") as f:
-        return int(f.read().strip() or 0)
+# S3 round trips are slower than local ones: more time for each CLI call.
+stasis = partial(workload.stasis, timeout=180)
 
 
 def wait_for(ok: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:

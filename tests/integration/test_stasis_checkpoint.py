@@ -9,69 +9,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, unique_id
+from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
 
 pytestmark = pytest.mark.integration
 
-RUNTIME = "io.containerd.stasis.v2"
-IMAGE = "docker.io/stasis/busybox:test"
 COUNTER = (
     "echo data > /written; rm /etc/group; "
     "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
 )
-
-
-def stasis(c: Containerd, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "runtime.cli", "--address", str(c.address), "-n", c.namespace]
-    done = subprocess.run(
-        [*cmd, *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"stasis {' '.join(args)} failed: {done.stderr}")
-    return done
-
-
-def task(c: Containerd, id: str) -> tuple[int, str] | None:
-    for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields[0] == id:
-            return int(fields[1]), fields[2]
-    return None
-
-
-def count(pid: int) -> int:
-    with open(f"/proc/{pid}/root/tmp/count", encoding="ascii") as f:
-        return int(f.read().strip() or 0)
-
-
-def wait_count(c: Containerd, id: str, above: int) -> int:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        t = task(c, id)
-        if t and t[1] == "RUNNING":
-            try:
-                n = count(t[0])
-            except (OSError, ValueError):
-                n = 0
-            if n > above:
-                return n
-        time.sleep(0.05)
-    raise AssertionError(f"{id} never counted past {above}")
-
-
-def remove(c: Containerd, id: str) -> None:
-    c.ctr("task", "kill", "-s", "KILL", id, check=False)
-    for _ in range(100):
-        if task(c, id) is None or c.ctr("task", "rm", "-f", id, check=False).returncode == 0:
-            break
-        time.sleep(0.05)
-    c.ctr("containers", "rm", id, check=False)
 
 
 @pytest.fixture

@@ -1,0 +1,75 @@
+"""What the integration tests do to containers again and again: run the stasis CLI
+against a private containerd, find a task, read a counter, remove a container."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from bed.containerd import Containerd
+
+RUNTIME = "io.containerd.stasis.v2"
+IMAGE = "docker.io/stasis/busybox:test"
+
+
+def stasis_argv(c: Containerd) -> list[str]:
+    """The stasis CLI of this checkout, aimed at ``c``."""
+    return [sys.executable, "-m", "runtime.cli", "--address", str(c.address), "-n", c.namespace]
+
+
+def stasis(
+    c: Containerd, *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``stasis ARGS``; with ``check`` a failure raises with its stderr."""
+    done = subprocess.run(
+        [*stasis_argv(c), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"stasis {' '.join(args)} failed: {done.stderr}")
+    return done
+
+
+def task(c: Containerd, id: str) -> tuple[int, str] | None:
+    """(init PID, status) of task ``id`` as `ctr task ls` shows it, or None."""
+    for line in c.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields[0] == id:
+            return int(fields[1]), fields[2]
+    return None
+
+
+def count(pid: int) -> int:
+    """The counter a test container writes to /tmp/count."""
+    with open(f"/proc/{pid}/root/tmp/count", encoding="ascii") as f:
+        return int(f.read().strip() or 0)
+
+
+def wait_count(c: Containerd, id: str, above: int, timeout: float = 20) -> int:
+    """Wait until task ``id`` runs and has counted past ``above``; returns the count."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t = task(c, id)
+        if t and t[1] == "RUNNING":
+            try:
+                n = count(t[0])
+            except (OSError, ValueError):
+                n = 0
+            if n > above:
+                return n
+        time.sleep(0.05)
+    raise AssertionError(f"{id} never counted past {above}")
+
+
+def remove(c: Containerd, id: str) -> None:
+    """Kill and delete the task and the container ``id`` (whatever state they are in)."""
+    c.ctr("task", "kill", "-s", "KILL", id, check=False)
+    for _ in range(100):
+        if task(c, id) is None or c.ctr("task", "rm", "-f", id, check=False).returncode == 0:
+            break
+        time.sleep(0.05)
+    c.ctr("containers", "rm", id, check=False)
