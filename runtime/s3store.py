@@ -930,7 +930,8 @@ class S3Store:
             return self._upload(spool, name, metadata, compression, files)
         except StasisError as e:
             raise type(e)(
-                f"{e}; the checkpoint's files are kept in {spool} (S3Store.push retries)"
+                f"{e}; the checkpoint's files are kept in {spool}: "
+                f"`stasis push {spool} --to {self.url}` uploads them again"
             ) from e
 
     def _upload(
