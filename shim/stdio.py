@@ -232,13 +232,19 @@ class ProcessIO:
             # FIFO readable only once a writer has written or come and gone.
             src = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             stops = {self._stop, self._stop_stdin}
+            draining = False
             while True:
-                ready = _wait([(src, select.POLLIN), *((s, select.POLLIN) for s in stops)])
-                if ready & stops:
-                    return
+                if not draining:
+                    ready = _wait([(src, select.POLLIN), *((s, select.POLLIN) for s in stops)])
+                    if self._stop in ready:
+                        return
+                    # CloseIO: what the client wrote before it still goes in.
+                    draining = self._stop_stdin in ready
                 try:
                     data = os.read(src, _CHUNK)
                 except BlockingIOError:
+                    if draining:
+                        return
                     continue
                 if not data:
                     return

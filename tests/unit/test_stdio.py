@@ -316,6 +316,32 @@ def test_stdin_reaches_the_child(tmp_path: Path, children: Children) -> None:
     run(body())
 
 
+def test_close_stdin_delivers_what_the_client_wrote_first(
+    tmp_path: Path, children: Children
+) -> None:
+    # CRI writes the input, then calls CloseIO at once: the input must still arrive.
+    inp, out = fifo(tmp_path, "in"), fifo(tmp_path, "out")
+
+    async def body() -> None:
+        rout = open_reader(out)
+        with closing_fds(rout):
+            io = ProcessIO(inp, out, "")
+            try:
+                pid = children.spawn(["cat"], io)
+                io.started(asyncio.get_running_loop())
+                w = await open_writer(inp)
+                with closing_fds(w):
+                    os.write(w, b"via-stdin\n")
+                    io.close_stdin()  # before the copier had a chance to read it
+                    assert await children.wait(pid) == 0
+                assert await read_until(rout, b"via-stdin\n") == b"via-stdin\n"
+            finally:
+                io.close()
+
+    for _ in range(20):
+        run(body())
+
+
 def test_client_closing_stdin_gives_eof(tmp_path: Path, children: Children) -> None:
     inp, out = fifo(tmp_path, "in"), fifo(tmp_path, "out")
 
