@@ -84,8 +84,8 @@ from runtime.store import (
     CheckpointInfo,
     FileEntry,
     Manifest,
-    _copy,
     _digest,
+    _LocalFiles,
     _NotRegular,
     _open_new,
     _problems_message,
@@ -1249,7 +1249,7 @@ class _Uploader:
 # --------------------------------------------------------------------------- writer
 
 
-class S3Writer:
+class S3Writer(_LocalFiles):
     """A checkpoint spooled locally, uploaded by ``commit``.
 
     States: "open" -> "committed" | "aborted" | "failed" (upload failed: the
@@ -1287,41 +1287,6 @@ class S3Writer:
         if rel in (MANIFEST, PENDING):
             raise InvalidArgument(f"{rel} is written by commit, not by the caller")
         return os.path.join(self.spool, rel)
-
-    def path(self, rel: str, *, directory: bool = False) -> str:
-        """Local spool path for ``rel`` (parents created 0700); with ``directory``, ``rel`` too."""
-        self._check_open()
-        target = self._target(rel)
-        try:
-            os.makedirs(target if directory else os.path.dirname(target), 0o700, exist_ok=True)
-        except OSError as e:
-            raise self._fail(e, f"creating the directory for {rel}") from e
-        return target
-
-    def add_file(self, rel: str, src_path: str) -> None:
-        """Copy the local file ``src_path`` into the checkpoint as ``rel`` (mode 0600)."""
-        target = self.path(rel)
-        try:
-            src = open(src_path, "rb")  # noqa: SIM115 - closed below, distinct errors
-        except FileNotFoundError:
-            raise NotFound(f"checkpoint {self._name}: {src_path} does not exist") from None
-        except OSError as e:
-            raise InvalidArgument(f"checkpoint {self._name}: cannot read {src_path}: {e}") from e
-        with src:
-            try:
-                with _open_new(target) as dst:
-                    _copy(src, dst)
-            except OSError as e:
-                raise self._fail(e, f"writing {rel}") from e
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` into the checkpoint as ``rel`` (mode 0600)."""
-        target = self.path(rel)
-        try:
-            with _open_new(target) as dst:
-                dst.write(data)
-        except OSError as e:
-            raise self._fail(e, f"writing {rel}") from e
 
     def commit(
         self,

@@ -666,7 +666,65 @@ class _DirReader:
 # --------------------------------------------------------------------------- writer
 
 
-class _StagingWriter:
+class _LocalFiles:
+    """Writing a checkpoint's files into a local directory (for CRIU and runc to write).
+
+    Shared by the local store's writers and the S3 writer's spool; subclasses
+    say where (``_target``), whether writing is allowed (``_check_open``) and
+    how a write failure is reported (``_fail``).
+    """
+
+    _name: str
+
+    def _check_open(self) -> None:
+        raise NotImplementedError
+
+    def _target(self, rel: str) -> str:
+        raise NotImplementedError
+
+    def _fail(self, e: OSError, doing: str) -> StasisError:
+        raise NotImplementedError
+
+    def path(self, rel: str, *, directory: bool = False) -> str:
+        """Local path for ``rel``, for CRIU and runc to write.
+
+        Parent directories are created (0700); with ``directory``, ``rel`` itself too.
+        """
+        self._check_open()
+        target = self._target(rel)
+        try:
+            os.makedirs(target if directory else os.path.dirname(target), 0o700, exist_ok=True)
+        except OSError as e:
+            raise self._fail(e, f"creating the directory for {rel}") from e
+        return target
+
+    def add_file(self, rel: str, src_path: str) -> None:
+        """Copy the local file ``src_path`` into the checkpoint as ``rel`` (mode 0600)."""
+        target = self.path(rel)
+        try:
+            src = open(src_path, "rb")  # noqa: SIM115 - closed below, distinct errors
+        except FileNotFoundError:
+            raise NotFound(f"checkpoint {self._name}: {src_path} does not exist") from None
+        except OSError as e:
+            raise InvalidArgument(f"checkpoint {self._name}: cannot read {src_path}: {e}") from e
+        with src:
+            try:
+                with _open_new(target) as dst:
+                    _copy(src, dst)
+            except OSError as e:
+                raise self._fail(e, f"writing {rel}") from e
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write ``data`` into the checkpoint as ``rel`` (mode 0600)."""
+        target = self.path(rel)
+        try:
+            with _open_new(target) as dst:
+                dst.write(data)
+        except OSError as e:
+            raise self._fail(e, f"writing {rel}") from e
+
+
+class _StagingWriter(_LocalFiles):
     """Writes a checkpoint into a local staging directory; subclasses publish it.
 
     State: "open" -> "committed" | "aborted"; every write method checks it.
@@ -703,44 +761,6 @@ class _StagingWriter:
         if rel == MANIFEST:
             raise InvalidArgument(f"{MANIFEST} is written by commit, not by the caller")
         return os.path.join(self._staging, rel)
-
-    def path(self, rel: str, *, directory: bool = False) -> str:
-        """Local path for ``rel`` inside the partial checkpoint, for CRIU and runc to write.
-
-        Parent directories are created (0700); with ``directory``, ``rel`` itself too.
-        """
-        self._check_open()
-        target = self._target(rel)
-        try:
-            os.makedirs(target if directory else os.path.dirname(target), 0o700, exist_ok=True)
-        except OSError as e:
-            raise self._fail(e, f"creating the directory for {rel}") from e
-        return target
-
-    def add_file(self, rel: str, src_path: str) -> None:
-        """Copy the local file ``src_path`` into the checkpoint as ``rel`` (mode 0600)."""
-        target = self.path(rel)
-        try:
-            src = open(src_path, "rb")  # noqa: SIM115 - closed below, distinct errors
-        except FileNotFoundError:
-            raise NotFound(f"checkpoint {self._name}: {src_path} does not exist") from None
-        except OSError as e:
-            raise InvalidArgument(f"checkpoint {self._name}: cannot read {src_path}: {e}") from e
-        with src:
-            try:
-                with _open_new(target) as dst:
-                    _copy(src, dst)
-            except OSError as e:
-                raise self._fail(e, f"writing {rel}") from e
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` into the checkpoint as ``rel`` (mode 0600)."""
-        target = self.path(rel)
-        try:
-            with _open_new(target) as dst:
-                dst.write(data)
-        except OSError as e:
-            raise self._fail(e, f"writing {rel}") from e
 
     def commit(
         self,
