@@ -1260,21 +1260,11 @@ class S3Writer(_LocalFiles):
 
     def __init__(self, store: S3Store, name: str, spool: str) -> None:
         self._store = store
+        self._url = store.url
         self._name = name
         self.spool = spool
         self.compression = store.compression
         self._state = "open"
-
-    @property
-    def name(self) -> str:
-        """The checkpoint's name."""
-        return self._name
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise FailedPrecondition(
-                f"checkpoint {self._name} in {self._store.url}: writer is {self._state}"
-            )
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
         err = _local_error(e, f"checkpoint {self._name}: {doing}", self.spool)

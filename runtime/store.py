@@ -675,9 +675,19 @@ class _LocalFiles:
     """
 
     _name: str
+    _url: str  # the store's, for messages
+    _state: str  # "open" while files may be written
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name."""
+        return self._name
 
     def _check_open(self) -> None:
-        raise NotImplementedError
+        if self._state != "open":
+            raise FailedPrecondition(
+                f"checkpoint {self._name} in {self._url}: writer is {self._state}"
+            )
 
     def _target(self, rel: str) -> str:
         raise NotImplementedError
@@ -737,17 +747,6 @@ class _StagingWriter(_LocalFiles):
         self._staging = staging
         self._url = store_url
         self._state = "open"
-
-    @property
-    def name(self) -> str:
-        """The checkpoint's name."""
-        return self._name
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise FailedPrecondition(
-                f"checkpoint {self._name} in {self._url}: writer is {self._state}"
-            )
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
         """Map a write failure; a full disk also throws the partial checkpoint away."""
