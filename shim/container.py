@@ -56,7 +56,23 @@ class CreateConfig:
     stderr: str = ""
     checkpoint: str = ""
     restore_tcp_established: bool = False
+    # The bundle's config.json, read once per Create (see read_spec).
+    spec: dict[str, Any] = field(default_factory=dict)
     options: RuncOptions = field(default_factory=RuncOptions)
+
+
+def read_spec(bundle: str) -> dict[str, Any]:
+    """The bundle's OCI spec (config.json); InvalidArgument when missing or unreadable."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise InvalidArgument(f"bundle {bundle} has no config.json") from None
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"bundle {bundle}: unreadable config.json: {e}") from e
+    if not isinstance(spec, dict):
+        raise InvalidArgument(f"bundle {bundle}: config.json is not a JSON object")
+    return spec
 
 
 ExitCallback = Callable[["Container", Process, Exit], None]
@@ -109,7 +125,7 @@ class Container:
         """Mount the rootfs and ``runc create`` the container; undo everything on failure."""
         if not _ID.match(cfg.id):
             raise InvalidArgument(f"invalid container id {cfg.id!r}")
-        if not os.path.isfile(os.path.join(cfg.bundle, "config.json")):
+        if not cfg.spec:
             raise InvalidArgument(f"bundle {cfg.bundle} has no config.json")
         opts = cfg.options
         runc = Runc(
@@ -203,10 +219,9 @@ class Container:
 
     def watch_oom(self, on_oom: OOMCallback) -> None:
         """Call ``on_oom`` whenever the kernel OOM-kills inside this container's cgroup."""
+        linux = self.config.spec.get("linux") or {}
         try:
-            with open(os.path.join(self.bundle, "config.json"), "rb") as f:
-                spec = json.load(f)
-            directory = cgroups.memory_dir(str((spec.get("linux") or {}).get("cgroupsPath", "")))
+            directory = cgroups.memory_dir(str(linux.get("cgroupsPath", "")))
             if directory is None or not os.path.isdir(directory):
                 return
             watcher = cgroups.OOMWatcher(directory)

@@ -28,7 +28,7 @@ from runtime import mount as mounts
 from runtime.errors import AlreadyExists, Code, InvalidArgument, NotFound, StasisError
 from runtime.runc import CheckpointOpts
 from shim import ttrpc
-from shim.container import Container, CreateConfig, RuncOptions
+from shim.container import Container, CreateConfig, RuncOptions, read_spec
 from shim.events import Publisher
 from shim.process import Exit, Process
 from shim.reaper import Reaper
@@ -201,6 +201,7 @@ class TaskService:
             stderr=req.stderr,
             checkpoint=req.checkpoint,
             options=opts,
+            spec=read_spec(req.bundle),
         )
         async with self._lifecycle:
             if req.id in self.containers:
@@ -232,11 +233,7 @@ class TaskService:
 
     async def _restore_by_annotation(self, cfg: CreateConfig) -> tuple[CreateConfig, Any]:
         """Honour stasis.dev/restore-from: verify, apply the rootfs diff, restore at Start."""
-        try:
-            with open(os.path.join(cfg.bundle, "config.json"), "rb") as f:
-                annotations = json.load(f).get("annotations") or {}
-        except (OSError, ValueError) as e:
-            raise InvalidArgument(f"bundle {cfg.bundle}: unreadable config.json: {e}") from e
+        annotations = cfg.spec.get("annotations") or {}
         if RESTORE_FROM not in annotations:
             return cfg, None
         # Only restores pay for importing the checkpoint machinery.
