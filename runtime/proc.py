@@ -10,6 +10,7 @@ use ``ForkSpawner``, and unit tests pass a recording stand-in.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -32,11 +33,13 @@ class Completed:
 
 @dataclass(frozen=True)
 class Stdio:
-    """File descriptors given to a child as fd 0, 1 and 2 (None: /dev/null)."""
+    """File descriptors given to a child as fd 0, 1 and 2 (None: /dev/null), and
+    ``extra`` ones as fd 3, 4, ... (what ``runc --preserve-fds`` passes on)."""
 
     stdin: int | None = None
     stdout: int | None = None
     stderr: int | None = None
+    extra: tuple[int, ...] = ()
 
 
 class Spawner(Protocol):
@@ -71,11 +74,17 @@ def spawn(
     null = -1
     actions: list[tuple[int, ...]] = []
     fds = (stdio.stdin, stdio.stdout, stdio.stderr)
+    # Extra fds first move above the targets 0..2+len(extra), so that placing
+    # one never overwrites the source of another.
+    lowest = 3 + len(stdio.extra)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest) for fd in stdio.extra]
     if None in fds:
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         for target, fd in enumerate(fds):
             actions.append((os.POSIX_SPAWN_DUP2, null if fd is None else fd, target))
+        for target, fd in enumerate(moved, start=3):
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
         return os.posix_spawnp(
             argv[0],
             list(argv),
@@ -87,6 +96,8 @@ def spawn(
     finally:
         if null >= 0:
             os.close(null)
+        for fd in moved:
+            os.close(fd)
 
 
 async def read_all(fd: int) -> bytes:
@@ -161,7 +172,9 @@ async def run_with(
         stdin, in_w = os.pipe()
         to_close.append(stdin)
     try:
-        _, exited = waiter(lambda: spawn(argv, Stdio(stdin, stdout, stdio.stderr), env=env))
+        _, exited = waiter(
+            lambda: spawn(argv, Stdio(stdin, stdout, stdio.stderr, stdio.extra), env=env)
+        )
     except BaseException:
         for fd in (out_r, in_w, *to_close):
             if fd >= 0:

@@ -84,12 +84,15 @@ class ExecOpts:
     process_json: str
     pid_file: str
     console_socket: str | None = None
+    preserve_fds: int = 0  # fds 3.. of runc's stdio passed on to the process
 
     def args(self) -> list[str]:
         """The command-line flags."""
         out = ["--detach", "--process", self.process_json, "--pid-file", self.pid_file]
         if self.console_socket:
             out += ["--console-socket", self.console_socket]
+        if self.preserve_fds:
+            out += ["--preserve-fds", str(self.preserve_fds)]
         return out
 
 

@@ -111,6 +111,8 @@ async def checkpoint(
     with store.begin(name) as writer:
         upper = _upperdir(container)
         was_running = init.status == Status.RUNNING
+        # Exec'd processes join the init's tree, which is what CRIU dumps.
+        execs = await container.detach_execs()
         if was_running:
             await init.pause()
         frozen_at = time.monotonic()
@@ -171,6 +173,7 @@ async def checkpoint(
             "exit": spec.exit,
             "tcp_established": spec.tcp_established,
             "labels": spec.labels,
+            "execs": execs,
             "sizes": {
                 "criu_images": criu_size,
                 "rootfs_diff_files": diff.files if diff else 0,

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,12 +23,26 @@ from runtime.errors import (
     NotFound,
     StasisError,
 )
+from runtime.procevents import ExitCodes
 from runtime.runc import CheckpointOpts, CreateOpts, RestoreOpts, Runc
-from shim.process import ExecProcess, Exit, InitProcess, Process, Status
+from shim.process import ExecProcess, Exit, InitProcess, Process, Status, ns_pid
 from shim.reaper import Reaper
 from shim.stdio import ProcessIO, TerminalIO
 
 log = logging.getLogger("stasis.container")
+
+SHEPHERD_NAME = "stasis-exec-shepherd"
+
+
+def find_shepherd() -> str | None:
+    """The exec shepherd next to the shim's interpreter (``python -m
+    shim.launcher`` builds it there), or ``$STASIS_EXEC_SHEPHERD`` (empty:
+    none); None when there is none, and execs then stay out of checkpoints."""
+    path = os.environ.get("STASIS_EXEC_SHEPHERD")
+    if path is None:
+        path = os.path.join(os.path.dirname(sys.executable), SHEPHERD_NAME)
+    return path if path and os.access(path, os.X_OK) else None
+
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
 
@@ -109,6 +124,8 @@ class Container:
         self._reaper = reaper
         self._on_exit = on_exit
         self._oom: cgroups.OOMWatcher | None = None
+        self.shepherd = find_shepherd()
+        self._exit_codes: ExitCodes | None = None  # for adopted execs
         # The checkpoint a restore reads from (a store reader); closed once
         # Start has restored (or failed to), which frees a remote store's copies.
         self.restore_source: Any = None
@@ -193,6 +210,85 @@ class Container:
     def _restored(self, init: InitProcess) -> None:
         init.io.started(asyncio.get_running_loop())
         self._watch(init)
+        metadata = getattr(self.restore_source, "metadata", None) or {}
+        self.adopt_restored(metadata.get("execs") or [])
+
+    def adopt_restored(self, records: list[dict[str, Any]]) -> None:
+        """Track the exec processes a checkpoint recorded, now restored as children
+        of the restored init (matched by their PID inside the container)."""
+        if not records:
+            return
+        by_ns_pid = _ns_pids(self.init.pid)
+        for rec in records:
+            id, pid = str(rec.get("id", "")), by_ns_pid.get(int(rec.get("pid", 0)), 0)
+            if not pid or not _ID.match(id) or id in self.execs:
+                log.warning("exec %r of the checkpoint was not restored in %s", id, self.id)
+                continue
+            io = ProcessIO("", "", "")
+            proc = ExecProcess.adopt(self.id, id, self.bundle, self.runc, io, pid)
+            self.execs[id] = proc
+            self._watch_adopted(proc)
+            log.info("restored exec %s of %s as PID %d", id, self.id, pid)
+
+    async def detach_execs(self) -> list[dict[str, Any]]:
+        """Before a checkpoint: hand every shepherded exec to the container's init,
+        so that CRIU dumps it with the init's tree; returns what the checkpoint
+        records of each exec it will contain."""
+        loop = asyncio.get_running_loop()
+        frozen = self.init.status == Status.PAUSED  # shepherds cannot act
+        for proc in self.running_execs():
+            if frozen or not proc.detachable():
+                if proc.adopted:
+                    continue
+                why = (
+                    "the container is paused"
+                    if frozen
+                    else "it has a terminal"
+                    if proc.terminal
+                    else "it was not shepherded"
+                )
+                log.warning("exec %s stays out of the checkpoint of %s: %s", proc.id, self.id, why)
+                continue
+            gone = proc.reaped
+            assert gone is not None
+            self._exit_codes_for(loop).watch(proc.pid)
+            proc.begin_detach()
+            try:
+                await asyncio.wait_for(asyncio.shield(gone), 10)
+            except TimeoutError:
+                raise FailedPrecondition(
+                    f"exec {proc.id} of {self.id}: its shepherd did not hand it over"
+                ) from None
+            proc.close_control()
+            self._watch_adopted(proc)
+        return [
+            {"id": p.id, "pid": ns_pid(p.pid), "args": list(p.spec.get("args") or [])}
+            for p in self.running_execs()
+            if p.adopted
+        ]
+
+    def _exit_codes_for(self, loop: asyncio.AbstractEventLoop) -> ExitCodes:
+        if self._exit_codes is None:
+            self._exit_codes = ExitCodes(loop)
+        return self._exit_codes
+
+    def _watch_adopted(self, proc: ExecProcess) -> None:
+        """Report an adopted exec's end, seen through its pidfd."""
+        loop = asyncio.get_running_loop()
+        codes = self._exit_codes_for(loop)
+        codes.watch(proc.pid)
+        fd = proc.pidfd
+
+        def ended() -> None:
+            loop.remove_reader(fd)
+            code = codes.code(proc.pid)
+            if code is None:
+                log.warning("exit code of adopted exec %s of %s unknown", proc.id, self.id)
+                code = 255
+            if proc.exit is None:
+                self._on_exit(self, proc, proc.exited(code))
+
+        loop.add_reader(fd, ended)
 
     async def checkpoint(self, opts: CheckpointOpts) -> None:
         """Checkpoint the container with CRIU into ``opts.image_path``.
@@ -210,12 +306,17 @@ class Container:
             shutil.rmtree(opts.work_path, ignore_errors=True)
 
     def _watch(self, proc: Process) -> None:
-        exited = self._reaper.watch(proc.pid)
-        exited.add_done_callback(
-            lambda f: (
-                self._on_exit(self, proc, proc.exited(f.result())) if not f.cancelled() else None
-            )
-        )
+        pid = proc.wait_pid if isinstance(proc, ExecProcess) else proc.pid
+        exited = self._reaper.watch(pid)
+        if isinstance(proc, ExecProcess):
+            proc.reaped = exited
+
+        def done(f: asyncio.Future[int]) -> None:
+            if f.cancelled() or (isinstance(proc, ExecProcess) and proc.adopted):
+                return  # an adopted exec's end is seen through its pidfd
+            self._on_exit(self, proc, proc.exited(f.result()))
+
+        exited.add_done_callback(done)
 
     def watch_oom(self, on_oom: OOMCallback) -> None:
         """Call ``on_oom`` whenever the kernel OOM-kills inside this container's cgroup."""
@@ -276,7 +377,9 @@ class Container:
         if self.init.status not in (Status.RUNNING, Status.PAUSED):
             raise FailedPrecondition(f"container {self.id} is not running")
         io = _new_io(*stdio, terminal)
-        proc = ExecProcess(self.id, exec_id, self.bundle, self.runc, io, stdio, spec, terminal)
+        proc = ExecProcess(
+            self.id, exec_id, self.bundle, self.runc, io, stdio, spec, terminal, self.shepherd
+        )
         proc.on_pid = self._exec_started
         self.execs[exec_id] = proc
         return proc
@@ -297,6 +400,8 @@ class Container:
             del self.execs[exec_id]
             return proc
         self._stop_oom_watch()
+        if self._exit_codes is not None:
+            self._exit_codes.close()
         await self.release_restore_source()
         if self.rootfs is not None:
             try:
@@ -319,3 +424,24 @@ class Container:
     async def stats(self) -> dict[str, Any]:
         """runc's cgroup statistics for the container."""
         return await self.runc.stats(self.id)
+
+
+def _ns_pids(init_pid: int) -> dict[int, int]:
+    """{PID inside the container: host PID} of the processes in ``init_pid``'s pid namespace."""
+    try:
+        ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+    except OSError:
+        return {}
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != ns:
+                continue
+        except OSError:
+            continue
+        inner = ns_pid(int(entry))
+        if inner:
+            found[inner] = int(entry)
+    return found

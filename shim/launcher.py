@@ -7,16 +7,24 @@ an import finder), which costs tens of milliseconds. The launcher written here
 runs Python isolated and without ``site`` (``-I -S``) and puts exactly the two
 directories the shim needs on ``sys.path``.
 
+It also builds the exec shepherd (``shim/shepherd.c``, a small static binary
+that makes exec'd processes checkpointable) into the same directory, where the
+shim looks for it (``SHEPHERD``). Without a C compiler the shim still works;
+its execs are then left out of checkpoints.
+
 Usage: ``python -m shim.launcher BINDIR`` (installers and the test bed run it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 
 NAME = "containerd-shim-stasis-v2"
+SHEPHERD = "stasis-exec-shepherd"
 
 
 def launcher_text(python: str, paths: list[str]) -> str:
@@ -45,7 +53,34 @@ def write(bindir: str) -> str:
     return dest
 
 
+def build_shepherd(bindir: str) -> str | None:
+    """Compile the exec shepherd statically into ``bindir``; its path, or None
+    (with the reason on stderr) when there is no working C compiler."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shepherd.c")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        print(f"{SHEPHERD}: no C compiler; exec'd processes stay out of checkpoints",
+              file=sys.stderr)  # fmt: skip
+        return None
+    dest = os.path.join(bindir, SHEPHERD)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    done = subprocess.run(
+        [cc, "-static", "-Os", "-s", "-Wall", "-o", tmp, source],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        with_reason = done.stderr.strip().splitlines()[-1:] or ["?"]
+        print(f"{SHEPHERD}: build failed: {with_reason[0]}", file=sys.stderr)
+        return None
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, dest)
+    return dest
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m shim.launcher BINDIR")
     print(write(sys.argv[1]))
+    build_shepherd(sys.argv[1])

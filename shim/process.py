@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass, replace
 from enum import IntEnum
@@ -24,7 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from runtime import netns
 from runtime.criu import criu_failure
-from runtime.errors import FailedPrecondition, NotFound
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtime.proc import Stdio
 from runtime.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.console import with_console
 
@@ -420,7 +423,15 @@ class InitProcess(Process):
 
 
 class ExecProcess(Process):
-    """An extra process in a running container (``runc exec --detach``)."""
+    """An extra process in a running container (``runc exec --detach``).
+
+    With a ``shepherd`` (``shim/shepherd.c``) and no terminal, runc execs the
+    shepherd, which forks the command: ``pid`` is the command's PID, and the
+    shepherd's exit carries the command's status. ``detach`` (before a
+    checkpoint) makes the shepherd exit so that the kernel hands the command to
+    the container's init, into the process tree CRIU dumps; from then on the
+    process is *adopted*: its exit is seen through a pidfd (``adopted`` True).
+    """
 
     def __init__(
         self,
@@ -432,44 +443,208 @@ class ExecProcess(Process):
         paths: tuple[str, str, str],
         spec: dict[str, Any],
         terminal: bool = False,
+        shepherd: str | None = None,
     ) -> None:
         super().__init__(container_id, id, bundle, runc, io, paths, terminal)
         self.spec = spec
         self._spec_path = os.path.join(bundle, f".exec-{id}.json")
         self._pid_path = os.path.join(bundle, f".exec-{id}.pid")
         self.on_pid: Any = None  # set by the container: called with the PID once known
+        self.shepherd = None if terminal else shepherd
+        self.shepherd_pid = 0  # the shepherd's PID, whose exit is the exec's while shepherded
+        self.pidfd = -1  # the command's pidfd, once known
+        self.adopted = False
+        self.reaped: asyncio.Future[int] | None = None  # wait_pid's exit, from the reaper
+        self._ctl: socket.socket | None = None
+
+    @classmethod
+    def adopt(
+        cls, container_id: str, id: str, bundle: str, runc: Runc, io: ProcessIO, pid: int
+    ) -> ExecProcess:
+        """An exec process that already runs as a child of the container's init
+        (restored from a checkpoint); its stdio is not connected."""
+        proc = cls(container_id, id, bundle, runc, io, ("", "", ""), {})
+        proc.pid = pid
+        proc.pidfd = os.pidfd_open(pid)
+        proc.adopted = True
+        proc._state = _Running(proc)
+        return proc
+
+    @property
+    def wait_pid(self) -> int:
+        """The PID whose exit (reaped by the shim) ends this exec."""
+        return self.shepherd_pid or self.pid
 
     async def _do_start(self) -> None:
-        with open(self._spec_path, "w", encoding="utf-8") as f:
-            json.dump(self.spec, f)
-        try:
-            if self.terminal:
-                await with_console(
-                    self.io,  # type: ignore[arg-type]
-                    lambda path: self.runc.exec(
-                        self.container_id,
-                        ExecOpts(self._spec_path, self._pid_path, path),
-                        self.io.child,
-                    ),
-                )
-            else:
-                await self.runc.exec(
-                    self.container_id, ExecOpts(self._spec_path, self._pid_path), self.io.child
-                )
-            with open(self._pid_path, encoding="ascii") as f:
-                self.pid = int(f.read().strip())
-        finally:
-            for path in (self._spec_path, self._pid_path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        if self.shepherd is not None:
+            await self._start_shepherded(self.shepherd)
+        else:
+            await self._start_plain()
         if self.on_pid is not None:
             self.on_pid(self)
+
+    async def _start_plain(self) -> None:
+        try:
+            await self._runc_exec(self.spec, self.io.child, 0)
+            self.pid = self._read_pid()
+        finally:
+            self._remove_files()
+
+    async def _start_shepherded(self, shepherd: str) -> None:
+        args = list(self.spec.get("args") or [])
+        if not args:
+            raise InvalidArgument(f"exec {self.describe()} has no args")
+        spec = {**self.spec, "args": ["/proc/self/fd/3", "4", "--", *args]}
+        binary = os.open(shepherd, os.O_RDONLY | os.O_CLOEXEC)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                await self._runc_exec(
+                    spec, replace(self.io.child, extra=(binary, theirs.fileno())), 2
+                )
+                self.shepherd_pid = self._read_pid()
+            finally:
+                self._remove_files()
+                os.close(binary)
+                theirs.close()
+            reply = await _read_line(ours, _SHEPHERD_TIMEOUT)
+        except BaseException:
+            ours.close()
+            raise
+        if not reply.startswith("ok"):
+            ours.close()
+            raise RuncError("exec", 1, _exec_failure(args[0], reply))
+        self._ctl = ours
+        self.pid = _only_child(self.shepherd_pid) or self.shepherd_pid
+        with contextlib.suppress(OSError):
+            self.pidfd = os.pidfd_open(self.pid)
+
+    async def _runc_exec(self, spec: dict[str, Any], stdio: Stdio, preserve: int) -> None:
+        with open(self._spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        if self.terminal:
+            await with_console(
+                self.io,  # type: ignore[arg-type]
+                lambda path: self.runc.exec(
+                    self.container_id, ExecOpts(self._spec_path, self._pid_path, path), stdio
+                ),
+            )
+        else:
+            await self.runc.exec(
+                self.container_id,
+                ExecOpts(self._spec_path, self._pid_path, preserve_fds=preserve),
+                stdio,
+            )
+
+    def _read_pid(self) -> int:
+        with open(self._pid_path, encoding="ascii") as f:
+            return int(f.read().strip())
+
+    def _remove_files(self) -> None:
+        for path in (self._spec_path, self._pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def detachable(self) -> bool:
+        """Whether ``detach`` can hand this running exec to the container's init."""
+        return (
+            self._ctl is not None
+            and not self.adopted
+            and self.exit is None
+            and self.pid != self.shepherd_pid
+        )
+
+    def begin_detach(self) -> None:
+        """Tell the shepherd to exit and leave the command to the container's init;
+        from now on the shepherd's exit is not this exec's (``adopted``)."""
+        assert self._ctl is not None
+        self.adopted = True
+        self._ctl.send(b"d")
+
+    def close_control(self) -> None:
+        """Close the shepherd's control socket (the shepherd goes on shepherding)."""
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+
+    def ns_pid(self) -> int:
+        """The command's PID inside the container's pid namespace (0 if unknown)."""
+        return ns_pid(self.pid)
 
     async def _do_kill_created(self, sig: int, all: bool) -> None:
         raise FailedPrecondition(f"exec {self.describe()} is not started")
 
     async def _do_kill(self, sig: int, all: bool) -> None:
         try:
-            os.kill(self.pid, sig)
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
         except ProcessLookupError as e:
             raise NotFound(f"process {self.describe()} already finished") from e
+
+    async def _destroy(self) -> None:
+        await super()._destroy()
+        self.close_control()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+_SHEPHERD_TIMEOUT = 30.0
+
+
+async def _read_line(sock: socket.socket, timeout: float) -> str:
+    """One line from the shepherd's control socket ("" at EOF)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    data = b""
+
+    async def read() -> bytes:
+        nonlocal data
+        while b"\n" not in data:
+            chunk = await loop.sock_recv(sock, 64)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        return ""
+    return data.decode("ascii", "replace").partition("\n")[0]
+
+
+def _exec_failure(arg0: str, reply: str) -> str:
+    """runc's wording for a command the container cannot execute."""
+    head = "exec failed: unable to start container process: exec: "
+    code = reply.split()[1] if reply.startswith("err ") and len(reply.split()) > 1 else ""
+    if not code.isdigit():
+        return f"{head}{json.dumps(arg0)}: the exec shepherd ended before it ran the command"
+    err = int(code)
+    if err == errno.ENOENT and "/" not in arg0:
+        return f"{head}{json.dumps(arg0)}: executable file not found in $PATH"
+    return f"{head}{json.dumps(arg0)}: {os.strerror(err).lower()}"
+
+
+def _only_child(pid: int) -> int:
+    """The single child of ``pid`` (its command), 0 when it has none (already gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            children = f.read().split()
+    except OSError:
+        return 0
+    return int(children[0]) if len(children) == 1 else 0
+
+
+def ns_pid(pid: int) -> int:
+    """``pid`` as its innermost pid namespace sees it (NSpid), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return 0

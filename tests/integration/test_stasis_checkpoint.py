@@ -6,6 +6,7 @@ from it; corrupt checkpoints and full stores fail safely.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -69,27 +70,85 @@ def test_checkpoint_exit_then_restore_by_annotation(
     assert "1 packets received" in ping.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runc re-parents `runc exec` processes to the shim (a subreaper outside the "
-    "container's pid namespace), so they are not in the init's process tree that runc "
-    "checkpoint has CRIU dump; restoring them needs a dump of their own trees",
-)
+SIDE = "j=0; while true; do j=$((j+1)); echo $j > /tmp/side; sleep 0.05; done"
+
+
+def side_count(c: Containerd, id: str, above: int, timeout: float = 20) -> int:
+    """Wait until the exec'd side counter of ``id`` has counted past ``above``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t = task(c, id)
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            n = int(Path(f"/proc/{t[0]}/root/tmp/side").read_text().strip())  # type: ignore[index]
+            if n > above:
+                return n
+        time.sleep(0.05)
+    raise AssertionError(f"side counter of {id} did not pass {above}")
+
+
 def test_exec_process_is_restored_too(
     containerd: Containerd, ids: list[str], tmp_path: Path
 ) -> None:
     id = start_counter(containerd, ids)
     wait_count(containerd, id, 5)
-    containerd.ctr("task", "exec", "-d", "--exec-id", "side", id, "sleep", "1000")
-    time.sleep(0.3)
+    containerd.ctr("task", "exec", "-d", "--exec-id", "side", id, "sh", "-c", SIDE)
+    before = side_count(containerd, id, 10)
     ref = stasis(containerd, "checkpoint", id, "--exit", "--to", str(tmp_path)).stdout.split()[-1]
+    meta = json.loads(stasis(containerd, "inspect", ref).stdout)
+    assert [e["id"] for e in meta["execs"]] == ["side"], meta["execs"]
     remove(containerd, id)
+
     new = unique_id("rst")
     containerd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",
                    f"stasis.dev/restore-from={ref}", IMAGE, new)  # fmt: skip
     ids.append(new)
-    ps = containerd.ctr("task", "exec", "--exec-id", "ps", new, "ps", "-o", "args").stdout
-    assert "sleep 1000" in ps, ps
+    # The exec'd counter goes on from where it was, next to the init's.
+    after = side_count(containerd, new, before)
+    side_count(containerd, new, after)
+    # It is still exec "side" of the task: listed, and signalled by its id.
+    ps = containerd.ctr("task", "ps", new).stdout
+    assert "side" in ps, ps
+    containerd.ctr("task", "kill", "--exec-id", "side", "-s", "KILL", new)
+    time.sleep(0.5)
+    stopped = side_count(containerd, new, 0)
+    time.sleep(0.5)
+    assert side_count(containerd, new, 0) == stopped, "the killed exec stopped counting"
+    wait_count(containerd, new, wait_count(containerd, new, 0))  # the init counts on
+
+
+def test_exec_survives_a_leave_running_checkpoint_and_keeps_its_exit_code(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = start_counter(containerd, ids)
+    wait_count(containerd, id, 5)
+    # A foreground exec: ctr waits for its exit code across the checkpoint.
+    ctr = [str(containerd.bin_dir / "ctr"), "--address", str(containerd.address),
+           "--namespace", containerd.namespace]  # fmt: skip
+    waiter = subprocess.Popen(
+        [*ctr, "task", "exec", "--exec-id", "fg", id,
+         "sh", "-c", "while [ ! -e /tmp/stop ]; do sleep 0.05; done; exit 7"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=containerd.env(),
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)
+        stasis(containerd, "checkpoint", id, "--to", str(tmp_path), "--name", "live")
+        wait_count(containerd, id, wait_count(containerd, id, 0))  # still running
+        containerd.ctr("task", "exec", "--exec-id", "stop", id, "touch", "/tmp/stop")
+        out, err = waiter.communicate(timeout=30)
+        assert waiter.returncode == 7, (out, err)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.communicate()
+
+
+def test_exec_of_a_missing_command_fails_like_runc(containerd: Containerd, ids: list[str]) -> None:
+    id = start_counter(containerd, ids)
+    wait_count(containerd, id, 1)
+    done = containerd.ctr("task", "exec", "--exec-id", "nope", id, "no-such-cmd", check=False)
+    assert done.returncode != 0
+    assert "executable file not found in $PATH" in done.stderr, done.stderr
 
 
 def test_checkpoint_leave_running_and_cli_store_commands(
