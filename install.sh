@@ -30,7 +30,8 @@ log() { printf '[stasis-install] %s\n' "$*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 
 missing=()
-for pkg in runc iptables iproute2 util-linux busybox-static python3-venv; do
+# gcc + libc6-dev: the static exec shepherd (shim/shepherd.c) is compiled at install.
+for pkg in runc iptables iproute2 util-linux busybox-static python3-venv gcc libc6-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
