@@ -243,8 +243,12 @@ class CheckpointReader(Protocol):
         """Name, creation time, size and metadata."""
         ...
 
-    def verify(self) -> None:
-        """Check every file against the manifest; any difference raises DataLoss."""
+    def verify(self, only: Callable[[str], bool] | None = None) -> None:
+        """Check every file against the manifest; any difference raises DataLoss.
+
+        With ``only``, just the files it selects are hashed (names, sizes and the
+        manifest are always checked); a store may hash more than asked.
+        """
         ...
 
     def file(self, rel: str) -> str:
@@ -592,8 +596,9 @@ class _DirReader:
     def _where(self) -> str:
         return f"checkpoint {self._name} in {self._url}"
 
-    def verify(self) -> None:
-        """Check sha256 and size of every file in the manifest, and that no file is extra.
+    def verify(self, only: Callable[[str], bool] | None = None) -> None:
+        """Check sha256 and size of every file in the manifest, and that no file is extra
+        (with ``only``, hash just the files it selects).
 
         Raises DataLoss naming the checkpoint and each file at fault.
         """
@@ -619,7 +624,7 @@ class _DirReader:
         for rel in sorted(expected.keys() & actual.keys()):
             if actual[rel] != expected[rel].size:
                 problems.append(f"{rel}: size {actual[rel]}, manifest says {expected[rel].size}")
-            else:
+            elif only is None or only(rel):
                 to_hash[rel] = os.path.join(self._path, rel)
         for rel, got in _digest_all(to_hash, actual, seal=False).items():
             if isinstance(got, BaseException):
@@ -1304,6 +1309,95 @@ class _HashingReader:
         return data
 
 
+# What containerd's own checkpoint archives carry besides spec.dump and config.dump:
+# the CRI ContainerStatus as JSON (status.dump: containerd 2.1's CRI restore, i.e.
+# CreateContainer with the archive as the image, fails without it) and containerd's
+# task status (status, kept there for checkpointctl). export_tar writes them, derived
+# from config.dump and spec.dump, when the checkpoint has none; they are not in the
+# manifest, and import_tar leaves them out again.
+_STATUS_DUMP = "status.dump"
+_CONTAINERD_STATUS = "status"
+_EXPORT_EXTRAS = frozenset({_STATUS_DUMP, _CONTAINERD_STATUS})
+_CRI_CONTAINER_RUNNING = 1  # runtime.v1.ContainerState
+_CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
+# Spec annotations that describe the old container's place, not the container:
+# containerd sets them again for the new one, and a Stasis restore annotation
+# must not make the restored container restore a second time.
+_NOT_CARRIED_ANNOTATIONS = ("io.kubernetes.cri.", "stasis.dev/restore-")
+
+
+def _iso_ns(value: object) -> int:
+    """An RFC 3339 time (as config.dump holds them) in ns since the epoch; 0 if none."""
+    if not isinstance(value, str) or not value:
+        return 0
+    text = value.replace("Z", "+00:00")
+    # Go writes up to nine fraction digits; datetime takes six.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return 0
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1_000_000) * 1000
+
+
+def _json_object(reader: CheckpointReader, rel: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(_read_small(reader.file(rel)))
+    except (OSError, ValueError, StasisError, _NotRegular):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _export_extras(reader: CheckpointReader) -> dict[str, bytes]:
+    """status.dump and status for a checkpoint that lacks them (see _EXPORT_EXTRAS).
+
+    Empty when the checkpoint has no config.dump (nothing to derive them from).
+    """
+    files = reader.manifest.files
+    missing = [rel for rel in sorted(_EXPORT_EXTRAS) if rel not in files]
+    config = _json_object(reader, "config.dump") if missing else None
+    if config is None:
+        return {}
+    spec = _json_object(reader, "spec.dump") or {}
+    annotations = spec.get("annotations")
+    carried = {
+        str(k): str(v)
+        for k, v in (annotations.items() if isinstance(annotations, dict) else ())
+        if not str(k).startswith(_NOT_CARRIED_ANNOTATIONS)
+    }
+    ident = str(config.get("id") or "")
+    # CRI's name for the container, where it ran under CRI (ours name it by its id)
+    cri_name = annotations.get(_CRI_CONTAINER_NAME) if isinstance(annotations, dict) else None
+    created = _iso_ns(config.get("createdTime"))
+    checkpointed = _iso_ns(config.get("checkpointedTime")) or created
+    image = str(config.get("rootfsImageName") or config.get("rootfsImage") or "")
+    extras = {
+        _STATUS_DUMP: {
+            "id": ident,
+            "metadata": {"name": str(cri_name or config.get("name") or ident)},
+            "state": _CRI_CONTAINER_RUNNING,
+            "created_at": created,
+            "started_at": created,
+            "image": {"image": image},
+            "image_ref": str(config.get("rootfsImageRef") or image),
+            "labels": {},
+            "annotations": carried,
+        },
+        _CONTAINERD_STATUS: {
+            "CreatedAt": created,
+            "StartedAt": created or checkpointed,
+            "FinishedAt": 0,
+            "ExitCode": 0,
+            "Pid": 0,
+            "Reason": "",
+            "Message": "",
+        },
+    }
+    return {rel: json.dumps(extras[rel], indent=1).encode() for rel in missing}
+
+
 def export_tar(reader: CheckpointReader, tar_path: str) -> None:
     """Write the checkpoint as a tar archive (gzip for ``.gz``/``.tgz``), mode 0600.
 
@@ -1312,6 +1406,11 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
     ``manifest.json`` first. Each file is checked against the manifest while
     it is copied (DataLoss on a mismatch); the archive appears under
     ``tar_path`` only when complete.
+
+    An uncompressed archive is what containerd 2.1's CRI restores from (the
+    archive's path as a new container's image) and what checkpointctl shows:
+    for them the archive also gets ``status.dump`` and ``status`` when the
+    checkpoint has none (outside the manifest; see ``_EXPORT_EXTRAS``).
     """
     import tarfile
 
@@ -1321,6 +1420,7 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
     tmp = os.path.join(directory, f".{os.path.basename(tar_path)}.partial-{_token()}")
     mtime = manifest.created.timestamp()
     gzip = tar_path.endswith((".gz", ".tgz"))
+    extras = _export_extras(reader)
 
     def member(name: str, kind: bytes, size: int = 0) -> tarfile.TarInfo:
         info = tarfile.TarInfo(name)
@@ -1364,6 +1464,8 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
                     tar.addfile(member(rel, tarfile.REGTYPE, entry.size), hashing)
                 if hashing.sha256.hexdigest() != entry.sha256:
                     raise DataLoss(f"{where}: {rel}: sha256 mismatch")
+            for rel, data in extras.items():
+                tar.addfile(member(rel, tarfile.REGTYPE, len(data)), _BytesReader(data))
             tar.close()
             out.flush()
             os.fsync(out.fileno())
@@ -1419,6 +1521,7 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
         seen: dict[str, FileEntry] = {}
         dirs: set[str] = set()
         manifest_data: bytes | None = None
+        imported: Manifest | None = None
         try:
             for m in tar:
                 rel = _member_rel(m.name, tar_path)
@@ -1455,6 +1558,10 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
                             if len(manifest_data) > _MAX_SMALL_JSON:
                                 raise InvalidArgument(f"{tar_path}: {MANIFEST} is too large")
                             continue
+                        if rel in _EXPORT_EXTRAS and manifest_data is not None:
+                            imported = imported or Manifest.parse(manifest_data, tar_path)
+                            if rel not in imported.files:
+                                continue  # export_tar's addition for containerd/checkpointctl
                         target = writer.path(rel)
                         try:
                             with _open_new(target) as dst:
@@ -1471,7 +1578,7 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
             raise InvalidArgument(f"{tar_path} is a damaged tar archive: {e}") from e
         metadata: dict[str, Any] = {}
         if manifest_data is not None:
-            imported = Manifest.parse(manifest_data, tar_path)
+            imported = imported or Manifest.parse(manifest_data, tar_path)
             _check_imported(imported, seen, tar_path)
             metadata = imported.metadata
         return writer.commit(metadata)

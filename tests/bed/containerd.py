@@ -30,7 +30,7 @@ RUN_BASE = Path(os.environ.get("STASIS_TEST_RUN_DIR", "/run/stasis-test"))
 RUNC_ROOTS: tuple[Path, ...] = (Path("/run/containerd/runc"), Path("/run/runc"))
 SETUP_HINT = "run `bash tests/bed/setup.sh` as root to install the test bed"
 
-# Plugins kept off: CRI (tests drive containerd through ctr for now) and NRI, whose
+# Plugins kept off: CRI (unless cri=True; tests mostly drive containerd through ctr) and NRI, whose
 # socket is a machine-wide path that private instances must not fight over.
 _DISABLED_PLUGINS: dict[str, list[str]] = {
     "1.7": ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri"],
@@ -46,7 +46,8 @@ _DISABLED_PLUGINS: dict[str, list[str]] = {
 _CONFIG_VERSION = {"1.7": 2, "2.1": 3}
 _MNT_DETACH = 2
 
-# With cri=True (1.7 only: kubelet 1.20 speaks CRI v1alpha2, which 2.x dropped).
+# With cri=True: 1.7 for the Kubernetes tests (kubelet 1.20 speaks CRI v1alpha2, which
+# 2.x dropped), 2.1 for CRI v1 tests driven by tests/bed/cri.py (checkpoint restore).
 CRI_NAMESPACE = "k8s.io"
 CRI_SANDBOX_IMAGE = "registry.k8s.io/pause:3.8"  # tests/bed/images.py PAUSE_REF
 CNI_BIN_DIR = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
@@ -113,11 +114,10 @@ class Containerd:
         namespace: str = DEFAULT_NAMESPACE,
         log_level: str = "debug",
         cri: bool = False,
+        registry_config_path: Path | None = None,
     ) -> None:
         if version not in _CONFIG_VERSION:
             raise ValueError(f"containerd version {version!r} not in the bed")
-        if cri and version != "1.7":
-            raise ValueError("cri=True is for containerd 1.7 (CRI v1alpha2, kubelet 1.20)")
         self.version = version
         self.workdir = Path(workdir)
         self.extra_path = [Path(p) for p in extra_path]
@@ -135,6 +135,8 @@ class Containerd:
         self.cni_conf_dir = self.workdir / "cni" / "net.d"
         self.cni_bridge = f"stc{uuid.uuid4().hex[:8]}"  # IFNAMSIZ: 15 characters at most
         self.cni_subnet = _free_subnet() if cri else None
+        # CRI's registry hosts directory (certs.d layout: <host:port>/hosts.toml), if any.
+        self.registry_config_path = registry_config_path
 
     @classmethod
     def in_run_dir(cls, version: str, extra_path: Sequence[Path] = (), **kw: Any) -> Containerd:
@@ -174,7 +176,7 @@ class Containerd:
         """The daemon's configuration (schema 2 for 1.7, 3 for 2.1)."""
         plugins = _DISABLED_PLUGINS[self.version]
         if self.cri:
-            plugins = [p for p in plugins if p != "io.containerd.grpc.v1.cri"]
+            plugins = [p for p in plugins if p == "io.containerd.nri.v1.nri"]
         disabled = ", ".join(f'"{p}"' for p in plugins)
         return f"""\
 version = {_CONFIG_VERSION[self.version]}
@@ -202,11 +204,19 @@ disabled_plugins = [{disabled}]
     def _cri_toml(self) -> str:
         """The CRI plugin's section: runc (default) and stasis handlers, CNI bridge.
 
+        1.7 keeps it all under the grpc.v1.cri plugin (schema 2); 2.1 splits it into
+        cri.v1.images and cri.v1.runtime (schema 3): see _cri_toml_v3.
+
         restrict_oom_score_adj: sandboxes ask for oom_score_adj -998, which a VM without
         CAP_SYS_RESOURCE refuses. Network namespaces live under the state directory,
         the stream server (exec/attach/port-forward) on a random loopback port.
         """
+        if self.version != "1.7":
+            return self._cri_toml_v3()
         cri = 'plugins."io.containerd.grpc.v1.cri"'
+        registry = ""
+        if self.registry_config_path is not None:
+            registry = f'  [{cri}.registry]\n    config_path = "{self.registry_config_path}"\n'
         return f"""
 [{cri}]
   sandbox_image = "{CRI_SANDBOX_IMAGE}"
@@ -227,6 +237,40 @@ disabled_plugins = [{disabled}]
       runtime_type = "{STASIS_RUNTIME_TYPE}"
       pod_annotations = ["{STASIS_ANNOTATIONS}"]
       container_annotations = ["{STASIS_ANNOTATIONS}"]
+{registry}"""
+
+    def _cri_toml_v3(self) -> str:
+        """containerd 2.x's CRI sections (same settings as the 1.7 ones)."""
+        images = 'plugins."io.containerd.cri.v1.images"'
+        runtime = 'plugins."io.containerd.cri.v1.runtime"'
+        registry = ""
+        if self.registry_config_path is not None:
+            registry = f'  [{images}.registry]\n    config_path = "{self.registry_config_path}"\n'
+        return f"""
+[{images}]
+  snapshotter = "overlayfs"
+  [{images}.pinned_images]
+    sandbox = "{CRI_SANDBOX_IMAGE}"
+{registry}
+[{runtime}]
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [{runtime}.cni]
+    bin_dirs = ["{CNI_BIN_DIR}"]
+    conf_dir = "{self.cni_conf_dir}"
+    max_conf_num = 1
+  [{runtime}.containerd]
+    default_runtime_name = "runc"
+    [{runtime}.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [{runtime}.containerd.runtimes.{STASIS_HANDLER}]
+      runtime_type = "{STASIS_RUNTIME_TYPE}"
+      pod_annotations = ["{STASIS_ANNOTATIONS}"]
+      container_annotations = ["{STASIS_ANNOTATIONS}"]
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 """
 
     def cni_conflist(self) -> dict[str, object]:

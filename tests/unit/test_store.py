@@ -880,7 +880,8 @@ def test_export_import_round_trip(store: Store, tmp_path: Path, suffix: str) -> 
     with tarfile.open(tar_path) as tar:
         names = tar.getnames()
         assert names[0] == MANIFEST
-        assert set(names) == EXPECTED | {MANIFEST, "checkpoint"}  # top level, Podman layout
+        # top level, Podman layout; plus what containerd's CRI restore needs
+        assert set(names) == EXPECTED | {MANIFEST, "checkpoint", "status.dump", "status"}
         assert tar.getmember("checkpoint").isdir()
         assert all(m.mode == 0o600 for m in tar.getmembers() if m.isfile())
 
@@ -893,6 +894,103 @@ def test_export_import_round_trip(store: Store, tmp_path: Path, suffix: str) -> 
         assert r.manifest.files == original.files
         for rel, data in _contents(tmp_path).items():
             assert Path(r.file(rel)).read_bytes() == data
+
+
+CRI_CONFIG_DUMP = {
+    "id": "c1",
+    "name": "c1",
+    "rootfsImageName": "127.0.0.1:5000/stasis/busybox:test",
+    "rootfsImageRef": "127.0.0.1:5000/stasis/busybox@sha256:" + "a" * 64,
+    "runtime": "io.containerd.stasis.v2",
+    "createdTime": "2025-01-02T03:04:05.123456789Z",
+    "checkpointedTime": "2025-01-02T03:05:00Z",
+    "restored": False,
+}
+CRI_SPEC_DUMP = {
+    "ociVersion": "1.2.0",
+    "annotations": {
+        "io.kubernetes.cri.sandbox-id": "old-pod",
+        "io.kubernetes.cri.container-name": "counter",
+        "stasis.dev/restore-from": "file:///old",
+        "stasis.dev/team": "a",
+    },
+}
+
+
+def _make_cri(store: Store, tmp_path: Path, extra: dict[str, bytes] | None = None) -> None:
+    with store.begin("cri") as w:
+        fill(w, tmp_path)
+        w.write_bytes("config.dump", json.dumps(CRI_CONFIG_DUMP).encode())
+        w.write_bytes("spec.dump", json.dumps(CRI_SPEC_DUMP).encode())
+        for rel, data in (extra or {}).items():
+            w.write_bytes(rel, data)
+        w.commit({})
+
+
+def _members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {
+            m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.isfile()
+        }
+
+
+def test_export_adds_what_containerd_cri_restore_reads(store: Store, tmp_path: Path) -> None:
+    """status.dump (a CRI ContainerStatus: containerd 2.1 refuses the archive without
+    it) and containerd's status, derived from config.dump and spec.dump."""
+    _make_cri(store, tmp_path)
+    with store.open("cri") as r:
+        export_tar(r, str(tmp_path / "cri.tar"))
+    files = _members(tmp_path / "cri.tar")
+    status = json.loads(files["status.dump"])
+    created = 1735787045123456000  # 2025-01-02T03:04:05.123456Z (ns, to the microsecond)
+    assert status == {
+        "id": "c1",
+        "metadata": {"name": "counter"},
+        "state": 1,
+        "created_at": created,
+        "started_at": created,
+        "image": {"image": CRI_CONFIG_DUMP["rootfsImageName"]},
+        "image_ref": CRI_CONFIG_DUMP["rootfsImageRef"],
+        "labels": {},
+        # the old pod's place and a Stasis restore request do not follow the container
+        "annotations": {"stasis.dev/team": "a"},
+    }
+    assert json.loads(files["status"])["CreatedAt"] == created
+    assert "status.dump" not in json.loads(files[MANIFEST])["files"]
+
+    # Importing the archive leaves the additions out: the checkpoint is as it was.
+    other = LocalStore(str(tmp_path / "other"))
+    import_tar(other, str(tmp_path / "cri.tar"), "back")
+    with other.open("back") as back, store.open("cri") as orig:
+        assert back.manifest.files == orig.manifest.files
+
+
+def test_export_keeps_a_checkpoint_s_own_status_dump(store: Store, tmp_path: Path) -> None:
+    own = b'{"id": "from-containerd"}'
+    _make_cri(store, tmp_path, {"status.dump": own})
+    with store.open("cri") as r:
+        export_tar(r, str(tmp_path / "cri.tar"))
+    with tarfile.open(tmp_path / "cri.tar") as tar:
+        assert tar.getnames().count("status.dump") == 1
+    files = _members(tmp_path / "cri.tar")
+    assert files["status.dump"] == own
+    assert "status" in files  # still missing from the checkpoint, so added
+    other = LocalStore(str(tmp_path / "other"))
+    import_tar(other, str(tmp_path / "cri.tar"), "back")
+    with other.open("back") as back:
+        assert Path(back.file("status.dump")).read_bytes() == own
+        assert "status" not in back.manifest.files
+
+
+def test_export_without_config_dump_adds_nothing(store: Store, tmp_path: Path) -> None:
+    with store.begin("bare") as w:
+        Path(w.path("checkpoint", directory=True), "core-1.img").write_bytes(b"core")
+        w.commit({})
+    with store.open("bare") as r:
+        export_tar(r, str(tmp_path / "bare.tar"))
+    assert set(_members(tmp_path / "bare.tar")) == {MANIFEST, "checkpoint/core-1.img"}
 
 
 def test_export_refuses_corrupt_checkpoint(local: LocalStore, root: Path, tmp_path: Path) -> None:
