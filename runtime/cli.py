@@ -8,9 +8,12 @@
   stasis export REF FILE.tar         the checkpoint as a containerd/Podman-style archive
   stasis import FILE.tar [--name N]  an archive into the default store
   stasis gc [--store STORE] [--grace SECONDS]
-                                     remove partial leftovers older than SECONDS (3600)
+                                     remove partial leftovers older than SECONDS (3600);
+                                     for an S3 store, also the local spools its failed
+                                     uploads kept, and spools never committed
   stasis push SPOOL_DIR [--to STORE] [--name NAME]
                                      upload again a checkpoint whose S3 upload failed
+                                     (to the store it was meant for, by default)
   stasis demo                        a counter checkpointed, killed and restored
 
 Errors are one line on stderr and a non-zero exit code.
@@ -38,7 +41,7 @@ RUNTIME = "io.containerd.stasis.v2"
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEMO_IMAGE = "docker.io/stasis/busybox:test"
 DEFAULT_GC_GRACE = 3600.0
-SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.s3store.DEFAULT_SPOOL_DIR (no boto3 import here)
+SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.s3store.DEFAULT_SPOOL_DIR
 PENDING = ".stasis-pending.json"  # runtime.s3store.PENDING: written once a commit starts
 
 
@@ -130,7 +133,11 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
     except ShimGone as e:
         leftovers = "stasis gc removes what it had written"
         if store.startswith("s3://") or (not store and _default_is_s3()):
-            leftovers += f"; a spool it kept under {SPOOL_DIR} uploads with stasis push"
+            # The upload runs in a worker process that outlives the shim.
+            leftovers = (
+                f"its upload worker may still publish it; a spool kept under {SPOOL_DIR} "
+                "uploads with stasis push, and stasis gc removes what was written"
+            )
         raise ShimGone(
             f"checkpoint of {ns.container}: {e} (it exited or was killed); unless stasis "
             f"list shows the checkpoint, it was not published: {leftovers}"
@@ -245,7 +252,13 @@ def gc(ns: argparse.Namespace) -> list[str]:
     store = open_store(ns.store, cfg) if ns.store else default_store(cfg)
     _progress(f"collecting leftovers in {store.url} older than {ns.grace:g} s ...")
     base = store.url.rstrip("/")
-    return [f"{base}/{item}" for item in store.gc(ns.grace)]
+    removed = [f"{base}/{item}" for item in store.gc(ns.grace)]
+    if store.url.startswith("s3://"):
+        from runtime.s3store import S3Store
+
+        assert isinstance(store, S3Store)
+        removed += [f"file://{path}" for path in store.gc_spools(ns.grace)]
+    return removed
 
 
 def push(ns: argparse.Namespace) -> dict[str, Any]:
@@ -255,13 +268,14 @@ def push(ns: argparse.Namespace) -> dict[str, Any]:
     from runtime.store import open_store
 
     cfg = config.load()
-    url = ns.to or cfg.storage.url
+    spool = os.path.abspath(ns.spool)
+    meant = _spool_url(spool)
+    url = ns.to or meant or cfg.storage.url
     if not url.startswith("s3://"):
         where = "--to" if ns.to else "the configured store (storage.url)"
         raise FailedPrecondition(
             f"push uploads a kept spool to an S3 store: {where} is {url}, give --to s3://..."
         )
-    spool = os.path.abspath(ns.spool)
     if not os.path.isdir(spool):
         raise FailedPrecondition(f"spool {spool} does not exist (or is not a directory)")
     if not os.path.lexists(os.path.join(spool, PENDING)):
@@ -276,6 +290,17 @@ def push(ns: argparse.Namespace) -> dict[str, Any]:
     _progress(f"uploading {spool} to {store.url} ...")
     info = store.push(spool, ns.name or None)
     return {"ref": info.ref, "name": info.name, "size": info.size}
+
+
+def _spool_url(spool: str) -> str:
+    """The store a committed spool was meant for ("" if it does not say)."""
+    try:
+        with open(os.path.join(spool, PENDING), "rb") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return ""
+    url = doc.get("url") if isinstance(doc, dict) else None
+    return url if isinstance(url, str) and url.startswith("s3://") else ""
 
 
 def _remove(ns: argparse.Namespace, id: str) -> None:
@@ -332,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import", help="read a checkpoint archive into the default store")
     im.add_argument("file")
     im.add_argument("--name")
-    g = sub.add_parser("gc", help="remove partial checkpoints and stray objects")
+    g = sub.add_parser("gc", help="remove partial checkpoints, stray objects and kept spools")
     g.add_argument("--store", default="", help="default: the configured store")
     g.add_argument(
         "--grace", type=_seconds, default=DEFAULT_GC_GRACE, metavar="SECONDS",
@@ -341,7 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     pu = sub.add_parser("push", help="upload a kept spool again (after a failed S3 upload)")
     pu.add_argument("spool", metavar="SPOOL_DIR")
-    pu.add_argument("--to", default="", help="s3://bucket/prefix (default: the configured store)")
+    pu.add_argument(
+        "--to", default="",
+        help="s3://bucket/prefix (default: the spool's own store, else the configured one)",
+    )  # fmt: skip
     pu.add_argument("--name", help="checkpoint name (default: the one the spool records)")
     pu.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="checkpoint, kill and restore a counting container")

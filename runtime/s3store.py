@@ -17,13 +17,21 @@ overwrites objects that a manifest points at.
 
 Writers spool locally: CRIU and runc write into
 ``<spool_dir>/<name>-<random>/`` (``CheckpointWriter.path``). ``commit``
-streams every file through sha256 and compression (zstd level 3 on all
-cores by default; ``lz4`` if the package is installed; ``none``) into
-parallel multipart uploads (parts of at least 8 MiB; at most ``concurrency
-+ 1`` parts in memory), then writes the manifest. If the upload fails, its
-multipart uploads are aborted and its objects deleted (best effort; ``gc``
-gets the rest), no manifest exists, and the spool is KEPT: the error names
-it, and ``S3Store.push(spool)`` uploads it again.
+records the commit in the spool (``.stasis-pending.json``: name, store URL,
+metadata, compression), then streams every file through sha256 and
+compression (zstd level 3 on all cores by default; ``lz4`` if the package is
+installed; ``none``) into parallel multipart uploads (parts of at least
+8 MiB; at most ``concurrency + 1`` parts in memory), then writes the
+manifest. If the upload fails, its multipart uploads are aborted and its
+objects deleted (best effort; ``gc`` gets the rest), no manifest exists, and
+the spool is KEPT: the error names it, and ``S3Store.push(spool)`` uploads it
+again. The shim does not upload itself: ``runtime.upload`` runs the commit in
+a child process, whose PID is in the spool's ``.stasis-upload.pid``.
+
+Whoever writes or uploads a spool holds an flock on its directory (a killed
+process drops it); ``push`` refuses a spool whose lock is held, and
+``gc_spools`` removes only unlocked spools that were never committed, or
+that a failed upload kept for this store, once older than the grace period.
 
 Readers download on demand into ``<cache_dir>/<name>-<random>/``: ``file``
 fetches big objects with parallel ranged GETs, fed in order straight into
@@ -38,18 +46,23 @@ request ("standard" mode); part uploads and ranged GETs get a few more
 attempts of their own, since a body that breaks off mid-stream is not
 retried by botocore.
 
-This module imports boto3 and zstandard: ``runtime.store`` imports it only
-for ``s3://`` URLs.
+This module imports boto3 and zstandard when it first needs them (a client,
+a codec); ``runtime.store`` imports the module itself only for ``s3://``
+URLs. Writing a spool, and ``gc_spools``, need neither.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -81,11 +94,14 @@ from runtime.store import (
     _NAME,
     MANIFEST,
     METADATA_FILE,
+    NAME_PATTERN,
     CheckpointInfo,
     FileEntry,
     Manifest,
     _digest,
     _LocalFiles,
+    _locked,
+    _newest_mtime,
     _NotRegular,
     _open_new,
     _problems_message,
@@ -107,8 +123,13 @@ COMPRESSIONS = ("zstd", "lz4", "none")
 DEFAULT_SPOOL_DIR = "/var/lib/stasis/spool"
 DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"
 PART_SIZE = 8 * MiB  # multipart part (and ranged GET) size; S3 wants >= 5 MiB
-PENDING = ".stasis-pending.json"  # in a spool: name, metadata, compression for push
+PENDING = ".stasis-pending.json"  # in a spool: name, url, metadata, compression for push
+PID_FILE = ".stasis-upload.pid"  # in a spool: the PID of the upload worker (runtime.upload)
 DATA_PREFIX = "data-"
+
+_SPOOL_OWN = frozenset({PENDING, PID_FILE})  # the spool's bookkeeping, never uploaded
+_SPOOL_NAME = re.compile(rf"(?:{NAME_PATTERN})-[0-9a-f]{{12}}")
+_NEW_SPOOL = re.compile(rf"\.(?:{NAME_PATTERN})-[0-9a-f]{{12}}\.new")
 
 _EXT = {"zstd": ".zst", "lz4": ".lz4", "none": ""}
 _READ = 4 * MiB  # input read per compressor call
@@ -687,17 +708,36 @@ class S3Store:
 
     def begin(self, name: str) -> S3Writer:
         """Start writing ``name`` into a local spool (AlreadyExists if it is in the bucket)."""
-        check_name(name)
-        if self._get_manifest(name) is not None:
+        self.check_absent(name)
+        spool, lock = new_spool(self.spool_dir, name)
+        return S3Writer(self, name, spool, lock)
+
+    def check_absent(self, name: str) -> None:
+        """AlreadyExists if checkpoint ``name`` is in the bucket (a GET of its manifest)."""
+        if self._get_manifest(check_name(name)) is not None:
             raise AlreadyExists(f"{self._where(name)} exists already")
-        spool = os.path.join(self.spool_dir, f"{name}-{_token()}")
-        try:
-            os.makedirs(self.spool_dir, 0o700, exist_ok=True)
-            os.mkdir(spool, 0o700)
-            os.chmod(spool, 0o700)
-        except OSError as e:
-            raise _local_error(e, f"creating the spool for checkpoint {name}", spool) from e
-        return S3Writer(self, name, spool)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that build a store like this one (but its ``s3`` config)."""
+        return {
+            "spool_dir": self.spool_dir,
+            "cache_dir": self.cache_dir,
+            "compression": self.compression,
+            "zstd_level": self.zstd_level,
+            "zstd_threads": self.zstd_threads,
+            "part_size": self.part_size,
+            "concurrency": self.concurrency,
+            "connect_timeout": self._connect_timeout,
+            "read_timeout": self._read_timeout,
+            "max_attempts": self._max_attempts,
+            "part_attempts": self._part_attempts,
+            "retry_delay": self._retry_delay,
+        }
+
+    @property
+    def s3(self) -> S3Config:
+        """The credentials and endpoint given to the store."""
+        return self._cfg
 
     def open(self, name: str) -> S3Reader:
         """Read ``name``'s manifest (NotFound / DataLoss) and prepare a local cache."""
@@ -885,8 +925,19 @@ class S3Store:
         """Upload a spool that a failed ``commit`` kept; the spool is deleted on success.
 
         ``name`` defaults to the one the writer had. Fails like ``commit``,
-        keeping the spool again.
+        keeping the spool again; FailedPrecondition while another process
+        (a writer, an upload worker) holds the spool.
         """
+        spool = os.path.abspath(spool)
+        with spool_lock(spool):
+            return self.push_locked(spool, name)
+
+    def gc_spools(self, grace_seconds: float) -> builtins.list[str]:
+        """``collect_spools`` in this store's spool directory: returns the paths removed."""
+        return collect_spools(self.spool_dir, self.url, grace_seconds)
+
+    def push_locked(self, spool: str, name: str | None = None) -> CheckpointInfo:
+        """``push``, by a caller that holds the spool's lock already (the upload worker)."""
         spool = os.path.abspath(spool)
         pending: dict[str, Any] = {}
         try:
@@ -910,7 +961,7 @@ class S3Store:
         compression = _check_compression(str(pending.get("compression", self.compression)))
         if tree.others:
             raise InvalidArgument(f"spool {spool}: {tree.others[0]} is not a regular file")
-        files = {rel: size for rel, size in tree.files.items() if rel != PENDING}
+        files = {rel: size for rel, size in tree.files.items() if rel not in _SPOOL_OWN}
         if MANIFEST in files or not isinstance(metadata, dict):
             raise InvalidArgument(f"spool {spool} was not written by a checkpoint writer")
         info = self._upload_kept(spool, str(name), metadata, compression, files)
@@ -1033,6 +1084,125 @@ def _local_error(e: OSError, doing: str, path: str) -> StasisError:
     if e.errno in _FULL:
         return ResourceExhausted(f"local disk is full: {doing} in {path}: {detail}")
     return Unavailable(f"{doing} in {path}: {detail}")
+
+
+# --------------------------------------------------------------------------- spools
+
+
+def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
+    """Create ``<spool_dir>/<name>-<random>/`` (0700) and lock it; returns its path and
+    the lock's descriptor (closing it releases the lock).
+
+    The directory is made and locked under a hidden name, then renamed into
+    place: ``collect_spools`` never finds it unlocked while its writer lives.
+    """
+    check_name(name)
+    token = _token()
+    spool = os.path.join(spool_dir, f"{name}-{token}")
+    new = os.path.join(spool_dir, f".{name}-{token}.new")
+    doing = f"creating the spool for checkpoint {name}"
+    try:
+        os.makedirs(spool_dir, 0o700, exist_ok=True)
+        os.mkdir(new, 0o700)
+    except OSError as e:
+        raise _local_error(e, doing, spool_dir) from e
+    try:
+        os.chmod(new, 0o700)
+        lock = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        _rmtree(new)
+        raise _local_error(e, doing, spool_dir) from e
+    # Where flock is not supported the grace period alone protects the spool.
+    with contextlib.suppress(OSError):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        os.rename(new, spool)
+    except OSError as e:
+        os.close(lock)
+        _rmtree(new)
+        raise _local_error(e, doing, spool_dir) from e
+    return spool, lock
+
+
+def spool_worker(spool: str) -> int | None:
+    """The PID recorded in the spool's ``.stasis-upload.pid`` (the upload worker that
+    has or had it), or None."""
+    try:
+        return int(_read_small(os.path.join(spool, PID_FILE), 64))
+    except (OSError, ValueError, _NotRegular):
+        return None
+
+
+@contextlib.contextmanager
+def spool_lock(spool: str) -> Iterator[None]:
+    """Hold the spool's lock for the block: FailedPrecondition if another process
+    (a writer, an upload) holds it, NotFound if there is no such directory."""
+    try:
+        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(f"spool {spool} does not exist") from None
+    except OSError as e:
+        raise InvalidArgument(f"spool {spool} cannot be read: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = spool_worker(spool)
+            holder = f" (its upload worker is pid {pid})" if pid else ""
+            raise FailedPrecondition(
+                f"spool {spool} is in use by another process{holder}: "
+                "a checkpoint is still writing or uploading it"
+            ) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise InvalidArgument(f"spool {spool} cannot be locked: {e.strerror}") from e
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.list[str]:
+    """Remove spools untouched for ``grace_seconds`` that no live process holds: the
+    ones never committed (their writer died during the dump) and the ones a failed
+    upload kept for store ``url`` (or whose store is not recorded). Returns their paths.
+
+    A kept spool of another store stays: ``gc`` of that store collects it.
+    """
+    if grace_seconds < 0:
+        raise InvalidArgument(f"gc grace period must be >= 0, not {grace_seconds}")
+    deadline = time.time() - grace_seconds
+    try:
+        with os.scandir(spool_dir) as it:
+            entries = sorted(
+                (e.path, e.name)
+                for e in it
+                if e.is_dir(follow_symlinks=False)
+                and (_SPOOL_NAME.fullmatch(e.name) or _NEW_SPOOL.fullmatch(e.name))
+            )
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise _local_error(e, "collecting spools", spool_dir) from e
+    removed: builtins.list[str] = []
+    for path, name in entries:
+        if _locked(path) or _newest_mtime(path) > deadline:
+            continue
+        if not name.startswith(".") and _kept_for(path) not in (None, url):
+            continue
+        _rmtree(path)
+        if not os.path.lexists(path):
+            removed.append(path)
+    return removed
+
+
+def _kept_for(spool: str) -> str | None:
+    """The store URL a committed spool records (None: not committed, or not recorded)."""
+    try:
+        doc = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+    except (OSError, ValueError, _NotRegular):
+        return None
+    url = doc.get("url") if isinstance(doc, dict) else None
+    return url if isinstance(url, str) else None
 
 
 # --------------------------------------------------------------------------- uploader
@@ -1252,19 +1422,24 @@ class _Uploader:
 class S3Writer(_LocalFiles):
     """A checkpoint spooled locally, uploaded by ``commit``.
 
-    States: "open" -> "committed" | "aborted" | "failed" (upload failed: the
-    spool at ``spool`` is kept for ``S3Store.push``; ``abort`` leaves it).
-    ``compression`` may be changed until ``commit``. Not safe for concurrent
-    use from several threads.
+    States: "open" -> "uploading" -> "committed" | "failed" (upload failed:
+    the spool at ``spool`` is kept for ``S3Store.push``; ``abort`` leaves
+    it), or "open" -> "aborted". ``compression`` may be changed until
+    ``commit``. The writer holds the spool's lock (``lock``, if given) until
+    it is done. Not safe for concurrent use from several threads.
+
+    ``runtime.upload`` splits ``commit`` across processes: ``prepare`` here,
+    the upload in a worker, ``finish`` when the worker is done.
     """
 
-    def __init__(self, store: S3Store, name: str, spool: str) -> None:
+    def __init__(self, store: S3Store, name: str, spool: str, lock: int | None = None) -> None:
         self._store = store
         self._url = store.url
         self._name = name
         self.spool = spool
         self.compression = store.compression
         self._state = "open"
+        self._lock = lock
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
         err = _local_error(e, f"checkpoint {self._name}: {doing}", self.spool)
@@ -1274,7 +1449,7 @@ class S3Writer(_LocalFiles):
 
     def _target(self, rel: str) -> str:
         check_rel(rel)
-        if rel in (MANIFEST, PENDING):
+        if rel == MANIFEST or rel in _SPOOL_OWN:
             raise InvalidArgument(f"{rel} is written by commit, not by the caller")
         return os.path.join(self.spool, rel)
 
@@ -1292,6 +1467,23 @@ class S3Writer(_LocalFiles):
         leaves no manifest, and keeps the spool (state "failed"): the error
         says where; ``S3Store.push`` retries.
         """
+        metadata, compression, files = self.prepare(metadata)
+        try:
+            info = self._store._upload_kept(self.spool, self._name, metadata, compression, files)
+        except BaseException:
+            self.finish(False)
+            raise
+        self.finish(True)
+        return info
+
+    def prepare(
+        self, metadata: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], str, dict[str, int]]:
+        """Check the tree and record the commit (``.stasis-pending.json``); state "uploading".
+
+        Returns the metadata (a JSON copy), the compression and the files to
+        upload (rel -> size). Anything wrong aborts: the spool goes.
+        """
         self._check_open()
         where = f"checkpoint {self._name} in {self._store.url}"
         try:
@@ -1305,16 +1497,22 @@ class S3Writer(_LocalFiles):
         except BaseException:
             self.abort()
             raise
+        assert isinstance(metadata, dict)
         try:
             tree = _scan(self.spool)
             if tree.others:
                 raise InvalidArgument(
                     f"{where}: {tree.others[0]} is not a regular file or directory"
                 )
-            files = {rel: size for rel, size in tree.files.items() if rel != PENDING}
+            files = {rel: size for rel, size in tree.files.items() if rel not in _SPOOL_OWN}
             if MANIFEST in files:
                 raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
-            pending = {"name": self._name, "metadata": metadata, "compression": compression}
+            pending = {
+                "name": self._name,
+                "url": self._store.url,
+                "metadata": metadata,
+                "compression": compression,
+            }
             with _open_new(os.path.join(self.spool, PENDING)) as f:
                 f.write(json.dumps(pending).encode())
         except OSError as e:
@@ -1324,15 +1522,24 @@ class S3Writer(_LocalFiles):
             self.abort()
             raise
         self._state = "uploading"
-        try:
-            assert metadata is not None
-            info = self._store._upload_kept(self.spool, self._name, metadata, compression, files)
-        except BaseException:
-            self._state = "failed"
-            raise
-        self._state = "committed"
-        _rmtree(self.spool)
-        return info
+        return metadata, compression, files
+
+    def finish(self, uploaded: bool) -> None:
+        """The upload is over: "committed" (the spool goes) or "failed" (it stays)."""
+        if self._state != "uploading":
+            raise FailedPrecondition(f"{self._where()}: writer is {self._state}")
+        self._state = "committed" if uploaded else "failed"
+        if uploaded:
+            _rmtree(self.spool)
+        self._release()
+
+    def _where(self) -> str:
+        return f"checkpoint {self._name} in {self._url}"
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            os.close(lock)
 
     def abort(self) -> None:
         """Remove the spool; idempotent; a no-op after commit or a failed upload."""
@@ -1340,6 +1547,7 @@ class S3Writer(_LocalFiles):
             return
         self._state = "aborted"
         _rmtree(self.spool)
+        self._release()
 
     def __enter__(self) -> S3Writer:
         return self
@@ -1425,9 +1633,10 @@ class S3Reader:
             raise DataLoss(_problems_message(self._where(), problems))
         return os.path.join(self._cache, rel)
 
-    def verify(self) -> None:
+    def verify(self, only: Callable[[str], bool] | None = None) -> None:
         """Check the manifest is unchanged and every file matches it (downloading what is
-        not here yet, re-hashing what is); DataLoss naming the checkpoint and each file."""
+        not here yet, re-hashing what is; all of them, whatever ``only`` selects);
+        DataLoss naming the checkpoint and each file."""
         where = self._where()
         data = self._store._get_manifest(self._name)
         if data is None:

@@ -13,17 +13,19 @@ import json
 import logging
 import os
 import platform
+import shlex
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime import cgroups, rootfs
+from runtime import cgroups, rootfs, upload
 from runtime.config import Config
 from runtime.digest import TailDigester
 from runtime.errors import FailedPrecondition, InvalidArgument, StasisError
 from runtime.runc import CheckpointOpts
-from runtime.store import CheckpointReader, default_store, open_store, resolve
+from runtime.store import CheckpointReader, LocalStore, default_store, open_store, resolve
 from shim.container import Container
 from shim.process import Status
 
@@ -108,7 +110,7 @@ async def checkpoint(
     annotations = oci.get("annotations") or {}
     image = spec.image or next((annotations[k] for k in IMAGE_ANNOTATIONS if k in annotations), "")
     started = time.monotonic()
-    with store.begin(name) as writer:
+    async with upload.begin(store, name, container.runc.spawner) as writer:
         upper = _upperdir(container)
         was_running = init.status == Status.RUNNING
         # Exec'd processes join the init's tree, which is what CRIU dumps.
@@ -183,7 +185,7 @@ async def checkpoint(
             "frozen_seconds": round(frozen, 6),
         }
         writer.write_bytes("stasis.json", json.dumps(metadata, indent=1).encode())
-        info = await asyncio.to_thread(writer.commit, metadata, known)
+        info = await writer.commit(metadata, known)
     return CheckpointResult(
         ref=info.ref,
         name=info.name,
@@ -205,10 +207,13 @@ async def _criu_version(container: Container) -> str:
 
 @dataclass(frozen=True)
 class RestorePlan:
-    """A verified checkpoint to restore a new container from."""
+    """A checkpoint to restore a new container from: verified, except the CRIU
+    images when ``images_pending`` (a ``RestoreGate`` checks those during the
+    restore, before anything runs)."""
 
     ref: str
     reader: CheckpointReader
+    images_pending: bool = False
 
     @property
     def images(self) -> str:
@@ -232,20 +237,128 @@ def restore_request(annotations: dict[str, str]) -> tuple[str, str] | None:
     return ref, policy
 
 
-def prepare_restore(ref: str, upperdir: str | None, config: Config) -> RestorePlan:
+def prepare_restore(
+    ref: str, upperdir: str | None, config: Config, *, defer_images: bool = False
+) -> RestorePlan:
     """Open and verify a checkpoint and apply its rootfs diff into ``upperdir``.
 
     Runs before the rootfs is mounted (the diff goes into the new container's
     empty upperdir). Raises with a message naming the checkpoint and the reason.
+    With ``defer_images``, a local checkpoint's CRIU images are left for a
+    ``RestoreGate`` to check during the restore.
     """
     try:
         store, name = resolve(ref, config)
         reader = store.open(name)
-        reader.verify()
+        # Local images are hashed while CRIU restores them (RestoreGate); a
+        # remote store verifies as it downloads, before CRIU can read anything.
+        pending = defer_images and isinstance(store, LocalStore)
+        reader.verify(only=_not_images if pending else None)
         if upperdir is not None and "rootfs-diff.tar" in reader.manifest.files:
             rootfs.apply(reader.file("rootfs-diff.tar"), reader.file("deleted.files"), upperdir)
     except StasisError as e:
         raise type(e)(f"restore from checkpoint {ref!r}: {e}") from e
     except OSError as e:
         raise FailedPrecondition(f"restore from checkpoint {ref!r}: {e}") from e
-    return RestorePlan(ref, reader)
+    return RestorePlan(ref, reader, pending)
+
+
+def _images(rel: str) -> bool:
+    return rel.startswith("checkpoint/")
+
+
+def _not_images(rel: str) -> bool:
+    return not _images(rel)
+
+
+CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU
+
+_GATE_SCRIPT = """#!/bin/sh
+# Stasis restore gate. CRIU runs this at every restore stage; at post-restore
+# (every process restored, none resumed yet) it waits for the shim's verdict on
+# the checkpoint's CRIU images: anything but "ok" makes CRIU abort the restore
+# and kill the tree (CRIU ignores a failing pre-resume script, not this one).
+[ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0
+: > {held}
+i=0
+while [ ! -e {verdict} ]; do
+    i=$((i + 1))
+    [ "$i" -le {polls} ] || exit 1
+    sleep 0.005
+done
+read -r verdict < {verdict}
+[ "$verdict" = ok ]
+"""
+
+
+class RestoreGate:
+    """Overlaps the sha256 check of a local checkpoint's CRIU images with ``runc
+    restore``, without ever letting a process of a corrupt checkpoint run.
+
+    ``install`` points runc at a CRIU configuration whose action script blocks
+    at post-restore until the verdict file exists; ``start`` hashes the images in
+    a thread and writes the verdict. After the restore, ``outcome`` waits for
+    the check and returns its error, if any.
+    """
+
+    def __init__(self, bundle: str, plan: RestorePlan, timeout: float = 600.0) -> None:
+        self.dir = os.path.join(bundle, "restore-gate")
+        self.verdict = os.path.join(self.dir, "verdict")
+        self.held = os.path.join(self.dir, "held")  # CRIU reached post-restore
+        self.plan = plan
+        self.timeout = timeout
+        self._task: asyncio.Task[StasisError | None] | None = None
+
+    def install(self, bundle: str, spec: dict[str, Any]) -> None:
+        """Write the script and CRIU config, and name them in the bundle's config.json."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        script = os.path.join(self.dir, "gate.sh")
+        polls = int(self.timeout / 0.005)
+        _write_atomic(
+            script,
+            _GATE_SCRIPT.format(
+                verdict=shlex.quote(self.verdict), held=shlex.quote(self.held), polls=polls
+            ),
+            0o700,
+        )
+        conf = os.path.join(self.dir, "criu.conf")
+        _write_atomic(conf, f"action-script {script}\n", 0o600)
+        annotated = {**spec, "annotations": {**(spec.get("annotations") or {})}}
+        annotated["annotations"][CRIU_CONFIG_ANNOTATION] = conf
+        _write_atomic(os.path.join(bundle, "config.json"), json.dumps(annotated), 0o644)
+
+    def start(self) -> None:
+        """Begin hashing the images (call on the event loop)."""
+        self._task = asyncio.ensure_future(asyncio.to_thread(self._check))
+
+    def _check(self) -> StasisError | None:
+        error: StasisError | None = None
+        try:
+            self.plan.reader.verify(only=_images)
+        except StasisError as e:
+            error = type(e)(f"restore from checkpoint {self.plan.ref!r}: {e}")
+        except OSError as e:
+            error = FailedPrecondition(f"restore from checkpoint {self.plan.ref!r}: {e}")
+        _write_atomic(self.verdict, "ok\n" if error is None else "bad\n", 0o600)
+        return error
+
+    async def outcome(self) -> StasisError | None:
+        """The images' check, once done: None when they match the manifest."""
+        assert self._task is not None, "gate not started"
+        return await asyncio.shield(self._task)
+
+    def was_held(self) -> bool:
+        """Whether CRIU ran the gate at post-restore (held the restored processes)."""
+        return os.path.exists(self.held)
+
+    def remove(self) -> None:
+        """Remove the gate's files."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_atomic(path: str, text: str, mode: int) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

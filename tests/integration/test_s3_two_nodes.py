@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from pathlib import Path
 
 import boto3
 import pytest
@@ -20,6 +21,10 @@ pytestmark = pytest.mark.integration
 # S3 round trips are slower than local ones: more time for each step.
 stasis = partial(workload.stasis, timeout=180)
 wait_count = partial(workload.wait_count, timeout=30)
+
+# Shared objects that boto3/botocore (urllib3's ssl, the XML parsers) or zstandard load:
+# a shim that never imported them has none of them mapped (its upload worker did).
+UPLOAD_LIBS = ("zstandard", "/_ssl.", "libssl.so", "/pyexpat.", "/_elementtree.")
 
 COUNTER = (
     "echo data > /written; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
@@ -35,9 +40,13 @@ def test_checkpoint_on_node_a_restore_on_node_b(
     a.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", COUNTER)
     try:
         before = wait_count(a, id, 40)
+        shim = int((a.state / "io.containerd.runtime.v2.task" / a.namespace / id / "shim.pid")
+                   .read_text())  # fmt: skip
         out = stasis(a, "checkpoint", id, "--exit", "--to", prefix, "--json")
         ref = json.loads(out.stdout)["ref"]
         assert ref.startswith(prefix + "/")
+        maps = Path(f"/proc/{shim}/maps").read_text()  # the shim outlives its exited task
+        assert not [m for m in UPLOAD_LIBS if m in maps], "the shim imported boto3 or zstandard"
         remove(a, id)
         # Only the manifest makes it a checkpoint: it is there, and listed.
         listed = stasis(a, "list", "--store", prefix, "--json").stdout
