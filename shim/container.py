@@ -129,6 +129,8 @@ class Container:
         # The checkpoint a restore reads from (a store reader); closed once
         # Start has restored (or failed to), which frees a remote store's copies.
         self.restore_source: Any = None
+        # Checks the CRIU images while Start restores them (checkpointing.RestoreGate).
+        self.restore_gate: Any = None
 
     @classmethod
     async def create(

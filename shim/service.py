@@ -8,11 +8,14 @@ exactly once. Events are published here, in the order containerd requires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -206,18 +209,20 @@ class TaskService:
         async with self._lifecycle:
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id!r} already exists in this shim")
-            source = None
+            plan = None
             if not cfg.checkpoint:
-                cfg, source = await self._restore_by_annotation(cfg)
+                cfg, plan = await self._restore_by_annotation(cfg)
             try:
                 c = await Container.create(
                     cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
                 )
+                if plan is not None and plan.images_pending:
+                    c.restore_gate = _restore_gate(c, plan)
             except BaseException:
-                if source is not None:
-                    await asyncio.to_thread(source.close)
+                if plan is not None:
+                    await asyncio.to_thread(plan.reader.close)
                 raise
-            c.restore_source = source
+            c.restore_source = plan.reader if plan is not None else None
             self.containers[req.id] = c
             ev = events.TaskCreate(
                 container_id=req.id,
@@ -246,7 +251,17 @@ class TaskService:
         ref, policy = request
         upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
         try:
-            plan = await asyncio.to_thread(checkpointing.prepare_restore, ref, upper, config.load())
+            # With policy fresh, everything is checked now, while starting fresh is
+            # still possible; with fail, the CRIU images are checked during Start.
+            plan = await asyncio.to_thread(
+                partial(
+                    checkpointing.prepare_restore,
+                    ref,
+                    upper,
+                    config.load(),
+                    defer_images=policy == "fail",
+                )
+            )
         except StasisError as e:
             if policy != "fresh":
                 raise
@@ -258,14 +273,17 @@ class TaskService:
         restored = replace(
             cfg, checkpoint=plan.images, restore_tcp_established=plan.tcp_established
         )
-        return restored, plan.reader
+        return restored, plan
 
     async def _start(self, req: api.StartRequest) -> api.StartResponse:
         c = self._get(req.id)
         proc = c.process(req.exec_id)
         self._starting.add(proc)
         try:
-            await proc.start()
+            if not req.exec_id and c.restore_gate is not None:
+                await _start_gated(c)
+            else:
+                await proc.start()
             if req.exec_id:
                 self._publish(
                     "/tasks/exec-started",
@@ -465,3 +483,39 @@ class TaskService:
                 return _EMPTY
         self.on_shutdown()
         return _EMPTY
+
+
+def _restore_gate(c: Container, plan: Any) -> Any:
+    """Hash the checkpoint's CRIU images while Start restores them (see RestoreGate)."""
+    from shim.checkpointing import RestoreGate
+
+    gate = RestoreGate(c.bundle, plan)
+    gate.install(c.bundle, c.config.spec)
+    gate.start()
+    return gate
+
+
+async def _start_gated(c: Container) -> None:
+    """Start (restore) a container whose images are still being checked: the gate
+    holds CRIU at post-restore until they are, so a corrupt checkpoint never runs."""
+    gate, c.restore_gate = c.restore_gate, None
+    try:
+        try:
+            await c.init.start()
+        except StasisError as e:
+            bad = await gate.outcome()
+            if bad is not None:
+                if gate.was_held():
+                    raise type(bad)(f"{bad} (its restored processes never ran)") from e
+                raise bad from e
+            raise
+        bad = await gate.outcome()
+        if bad is not None:  # CRIU did not run the gate: never leave it running
+            log.error("restore gate of %s was not honoured; killing it", c.id)
+            with contextlib.suppress(StasisError):
+                await c.init.kill(signal.SIGKILL, all=True)
+            raise bad
+        if not gate.was_held():
+            log.warning("CRIU did not run the restore gate of %s; its images matched", c.id)
+    finally:
+        gate.remove()
