@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -194,6 +195,10 @@ def test_oom_event(containerd: Containerd) -> None:
         text=True,
         env=containerd.env(),
     )
+    lines: list[str] = []
+    assert watcher.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(watcher.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
         time.sleep(0.3)
         r = containerd.ctr(
@@ -202,10 +207,19 @@ def test_oom_event(containerd: Containerd) -> None:
             check=False,
         )  # fmt: skip
         assert r.returncode == 137, r.stderr
-        time.sleep(0.5)
+        # The exit event may trail `ctr run` (which learns the exit through Wait)
+        # on a busy machine: wait for it for up to 10 s.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(id in line and "/tasks/exit" in line for line in list(lines)):
+                break
+            time.sleep(0.1)
     finally:
         watcher.terminate()
-        out, _ = watcher.communicate(timeout=10)
+        watcher.wait(timeout=10)
+        reader.join(timeout=10)
+        watcher.stdout.close()
+    out = "".join(lines)
     topics = [
         w for line in out.splitlines() if id in line for w in line.split() if w[:7] == "/tasks/"
     ]
