@@ -936,6 +936,8 @@ def bench_version(version: str, args: argparse.Namespace, out: dict[str, Any]) -
     work = Path(
         tempfile.mkdtemp(prefix=f"stasis-ckpt-{version.replace('.', '')}-", dir=args.workdir_base)
     )
+    # Restores may read the bench's stores (through containerd, the shims see this).
+    os.environ["STASIS_RESTORE_SOURCES"] = f"file://{work}"
     c = Containerd.in_run_dir(version, shim_path(), namespace=NAMESPACE)
     try:
         c.start()

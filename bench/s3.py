@@ -134,6 +134,7 @@ class Moto:
 
     def config_toml(self) -> str:
         return (
+            f'[storage]\nrestore_sources = ["s3://{BUCKET}"]\n'
             "[storage.s3]\n"
             f'access_key_id = "{ACCESS_KEY}"\n'
             f'secret_access_key = "{SECRET_KEY}"\n'

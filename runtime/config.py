@@ -4,6 +4,8 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
 
     [storage]
     url = "file:///var/lib/stasis/checkpoints"   # or "s3://bucket/prefix"
+    # Where a container's stasis.dev/restore-from may point besides `url`:
+    restore_sources = ["file:///mnt/nas/checkpoints", "s3://other-bucket/prefix"]
 
     [storage.s3]
     access_key_id = "..."
@@ -15,7 +17,9 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
 Every key is optional. Environment variables override the file:
 ``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
-``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``; an empty variable counts as unset.
+``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, and ``STASIS_RESTORE_SOURCES``
+(URLs separated by commas, replacing the file's list); an empty variable counts
+as unset.
 A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
 exist. Unknown keys, wrong types and bad values are errors naming the file (or
 variable) and the key, so a typo never silently falls back to a default.
@@ -68,6 +72,9 @@ class StorageConfig:
 
     url: str = DEFAULT_STORAGE_URL
     s3: S3Config = field(default_factory=S3Config)
+    # Stores a restore may read besides ``url`` (file:// or s3:// URLs): the
+    # annotation comes from whoever may create pods, the restore runs as root.
+    restore_sources: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ _S3_KEYS: dict[str, tuple[str, str]] = {
     "request_checksum_calculation": ("checksum", "STASIS_S3_REQUEST_CHECKSUM_CALCULATION"),
 }
 _STORAGE_URL_ENV = "STASIS_STORAGE_URL"
+_RESTORE_SOURCES_ENV = "STASIS_RESTORE_SOURCES"
 
 
 def load(env: Mapping[str, str] | None = None) -> Config:
@@ -118,7 +126,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
 def _from_toml(data: dict[str, Any], path: str) -> Config:
     _only(data, {"storage"}, path, "")
     storage = _table(data, "storage", path, "")
-    _only(storage, {"url", "s3"}, path, "storage.")
+    _only(storage, {"url", "s3", "restore_sources"}, path, "storage.")
     s3 = _table(storage, "s3", path, "storage.")
     _only(s3, set(_S3_KEYS), path, "storage.s3.")
 
@@ -131,7 +139,19 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
         if key in s3:
             where = f"config file {path}: storage.s3.{key}"
             s3_fields[attr] = _s3_value(attr, _string(s3[key], where), where)
-    return Config(StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields))))
+    sources: tuple[str, ...] = ()
+    if "restore_sources" in storage:
+        where = f"config file {path}: storage.restore_sources"
+        value = storage["restore_sources"]
+        if not isinstance(value, list):
+            raise InvalidArgument(f"{where} must be a list, not {type(value).__name__}")
+        sources = tuple(
+            check_storage_url(_string(v, f"{where}[{i}]"), f"{where}[{i}]")
+            for i, v in enumerate(value)
+        )
+    return Config(
+        StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields)), restore_sources=sources)
+    )
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
@@ -143,7 +163,11 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
         if value := env.get(var):
             fields: dict[str, Any] = {attr: _s3_value(attr, value, f"environment variable {var}")}
             s3 = replace(s3, **fields)
-    return Config(StorageConfig(url=url, s3=s3))
+    sources = config.storage.restore_sources
+    if value := env.get(_RESTORE_SOURCES_ENV):
+        where = f"environment variable {_RESTORE_SOURCES_ENV}"
+        sources = tuple(check_storage_url(v.strip(), where) for v in value.split(",") if v.strip())
+    return Config(StorageConfig(url=url, s3=s3, restore_sources=sources))
 
 
 def check_storage_url(url: str, where: str) -> str:

@@ -44,6 +44,7 @@ from runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     StasisError,
     Unavailable,
@@ -1275,6 +1276,32 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
     raise InvalidArgument(
         f"{ref!r} is not a checkpoint reference: give a name ({NAME_PATTERN}), "
         "an absolute path to a checkpoint directory, or file:///path/to/checkpoint"
+    )
+
+
+def check_source(ref: str, config: Config) -> None:
+    """Refuse (PermissionDenied) a restore reference outside the configured store
+    and ``storage.restore_sources``: a restore-from annotation comes from whoever
+    may create pods, and the restore runs as root."""
+    if _NAME.fullmatch(ref):
+        return  # a name in the configured store
+    if ref.startswith("s3://"):
+        target = ref.rstrip("/")
+    else:
+        path = _file_url_path(ref) if ref.startswith("file://") else ref
+        if path is None or not path.startswith("/"):
+            return  # not a reference at all: resolve() says why
+        target = "file://" + os.path.realpath(path)  # no way out through .. or symlinks
+    for source in (config.storage.url, *config.storage.restore_sources):
+        root = source.rstrip("/")
+        if root.startswith("file://"):
+            root = "file://" + os.path.realpath(root[len("file://") :])
+        if target.startswith(root + "/"):
+            return
+    allowed = ", ".join((config.storage.url, *config.storage.restore_sources))
+    raise PermissionDenied(
+        f"{ref!r} is outside the stores restores may read ({allowed}); "
+        "add its store to storage.restore_sources in the Stasis config to allow it"
     )
 
 

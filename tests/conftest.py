@@ -32,6 +32,17 @@ def shim_path() -> list[Path]:
     return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
 
 
+# Tests keep checkpoints in temporary directories (and the S3 fixture's bucket):
+# restores may read from there (storage.restore_sources).
+RESTORE_SOURCES = ("file:///tmp", "file:///var/tmp", "file:///run/stasis-test")
+
+
+def storage_table(*extra: str) -> str:
+    """The session config's [storage] table."""
+    listed = ", ".join(f'"{s}"' for s in (*RESTORE_SOURCES, *extra))
+    return f"[storage]\nrestore_sources = [{listed}]\n"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Give shims and the CLI a Stasis config file of this session's own.
 
@@ -45,7 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     directory = tempfile.mkdtemp(prefix="stasis-test-config-")
     path = Path(directory) / "config.toml"
-    path.write_text("# written by the test session\n")
+    path.write_text("# written by the test session\n" + storage_table())
     path.chmod(0o600)
     os.environ["STASIS_CONFIG"] = str(path)
     config.add_cleanup(lambda: _forget_config(directory))
@@ -105,7 +116,7 @@ def s3_server() -> Iterator[S3Server]:
                     raise
                 time.sleep(0.2)
         Path(os.environ["STASIS_CONFIG"]).write_text(
-            "[storage.s3]\n"
+            storage_table(f"s3://{server.bucket}") + "[storage.s3]\n"
             f'access_key_id = "{server.access_key_id}"\n'
             f'secret_access_key = "{server.secret_access_key}"\n'
             'region = "us-east-1"\n'

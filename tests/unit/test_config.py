@@ -204,3 +204,18 @@ def test_check_storage_url() -> None:
     assert check_storage_url("s3://b", "here") == "s3://b"
     with pytest.raises(InvalidArgument, match=r"^here: "):
         check_storage_url("x", "here")
+
+
+def test_restore_sources_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[storage]\nrestore_sources = ["/mnt/nas", "s3://b/p"]\n')
+    cfg = load({"STASIS_CONFIG": str(path)})
+    assert cfg.storage.restore_sources == ("file:///mnt/nas", "s3://b/p")
+    env = {"STASIS_CONFIG": str(path), "STASIS_RESTORE_SOURCES": "file:///x, /y"}
+    assert load(env).storage.restore_sources == ("file:///x", "file:///y")
+    path.write_text('[storage]\nrestore_sources = "/mnt/nas"\n')
+    with pytest.raises(InvalidArgument, match="restore_sources must be a list"):
+        load({"STASIS_CONFIG": str(path)})
+    path.write_text('[storage]\nrestore_sources = ["relative"]\n')
+    with pytest.raises(InvalidArgument, match=r"restore_sources\[0\]"):
+        load({"STASIS_CONFIG": str(path)})

@@ -1173,3 +1173,30 @@ def test_no_fd_leaks(local: LocalStore, tmp_path: Path) -> None:
     local.gc(0)
     local.remove("x")
     assert _fds() == before
+
+
+def test_restore_references_outside_the_configured_stores_are_refused(tmp_path: Path) -> None:
+    from runtime.config import Config, StorageConfig
+    from runtime.errors import PermissionDenied
+    from runtime.store import check_source
+
+    store = tmp_path / "store"
+    nas = tmp_path / "nas"
+    (tmp_path / "evil").mkdir()
+    (store / "link").parent.mkdir()
+    (store / "link").symlink_to(tmp_path / "evil")
+    cfg = Config(
+        StorageConfig(url=f"file://{store}", restore_sources=(f"file://{nas}", "s3://b/p"))
+    )
+    for ok in ("name-1", f"{store}/c1", f"file://{store}/c1", f"{nas}/c2", "s3://b/p/c3"):
+        check_source(ok, cfg)
+    for bad in (
+        "file:///etc/shadow-ckpt",
+        f"{store}/../evil/c1",
+        f"{store}/link/c1",  # a symlink out of the store
+        f"{store}",  # the store itself is no checkpoint of it
+        "s3://b/other/c3",
+        "s3://b/p2/c3",
+    ):
+        with pytest.raises(PermissionDenied, match="restore_sources"):
+            check_source(bad, cfg)

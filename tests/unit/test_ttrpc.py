@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protos.ttrpc import request_pb2, status_pb2
 from runtime.errors import Code, NotFound
@@ -856,3 +858,58 @@ def test_no_fd_leak_over_server_and_client_lifecycle(sock_path: str) -> None:
     before = open_fds()
     run(body())
     assert open_fds() == before
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+_frames = st.lists(
+    st.tuples(
+        st.one_of(st.integers(0, 64), st.integers(0, 2 * MAX_MESSAGE_SIZE)),  # claimed length
+        st.integers(0, 2**32 - 1),  # stream id
+        st.integers(0, 255),  # type
+        st.integers(0, 255),  # flags
+        st.one_of(
+            st.binary(max_size=64),
+            st.builds(
+                lambda m, p: request_bytes(m, p),
+                st.sampled_from(["Echo", "Nope"]),
+                st.binary(max_size=32),
+            ),
+        ),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=_frames, cut=st.integers(0, 4096))
+def test_fuzzed_frames_never_stop_the_server_serving_others(
+    frames: list[tuple[int, int, int, int, bytes]], cut: int
+) -> None:
+    """Whatever a client sends (headers lying about lengths, unknown types and
+    streams, garbage payloads, truncated at any byte), the server answers or
+    drops that connection, and another client is served all along."""
+    data = b"".join(HEADER.pack(n, sid, t, f) + p for n, sid, t, f, p in frames)
+    data = data[: max(cut, 1)] if cut < len(data) else data
+    directory = tempfile.mkdtemp(prefix="ttrpc-", dir="/tmp")
+    path = os.path.join(directory, "s.sock")
+
+    async def body() -> None:
+        async with serving(path, Harness()):
+            other = await Raw.open(path)
+            raw = await Raw.open(path)
+            with contextlib.suppress(ConnectionError):
+                await raw.send(data)
+                raw.writer.write_eof()
+            # The server reads to our EOF and then closes: nothing may hang.
+            with contextlib.suppress(ConnectionError):
+                while await raw.reader.read(65536):
+                    pass
+            await assert_echo_works(other, 1)
+            await raw.close()
+            await other.close()
+
+    try:
+        run(body())
+    finally:
+        shutil.rmtree(directory)
