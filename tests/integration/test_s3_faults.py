@@ -34,6 +34,7 @@ import boto3
 import pytest
 from bed import workload
 from bed.containerd import Containerd, unique_id
+from bed.s3proxy import Fault, FaultProxy
 from bed.workload import IMAGE, RUNTIME, count, stasis_argv, task
 from conftest import S3Server
 
@@ -505,3 +506,87 @@ def test_push_refuses_an_uncommitted_spool_and_gc_of_a_local_store(
     ]
     r = run("gc", "--store", str(store), "--grace", "-5")
     assert r.returncode != 0 and not fresh.exists()
+
+
+# -- S3 answering 500/503, or stalling ---------------------------------------------------------
+
+
+@pytest.fixture
+def fault_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(s3_server.endpoint)
+    yield proxy
+    proxy.close()
+
+
+def test_transient_errors_and_stalls_are_retried(
+    containerd_1_7: Containerd, s3_server: S3Server, fault_proxy: FaultProxy
+) -> None:
+    c = containerd_1_7
+    id = unique_id("s3t")
+    run = unique_id("transient")
+    prefix = f"s3://{s3_server.bucket}/{run}"
+    name = unique_id("ckpt-transient")
+    fault_proxy.faults += [
+        Fault("PUT", "partNumber=", status=503, times=2),  # SlowDown on two part uploads
+        Fault("POST", "uploads", status=500, times=1),  # one CreateMultipartUpload
+        Fault("PUT", "", stall=2.0, times=1),  # one request held for 2 s
+    ]
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", holding_memory(24))
+    try:
+        t = task(c, id)
+        assert t is not None
+        counting(t[0])
+        with session_config(
+            s3_config(fault_proxy.endpoint, s3_server.access_key_id, s3_server.secret_access_key)
+        ):
+            r = stasis(c, "checkpoint", id, "--to", prefix, "--name", name)
+        assert r.stdout.strip().splitlines()[-1] == f"{prefix}/{name}"
+        assert [f.hits for f in fault_proxy.faults] == [2, 1, 1], fault_proxy.faults
+        # Whole, and it verifies.
+        meta = json.loads(stasis(c, "inspect", f"{prefix}/{name}", "--json").stdout)
+        assert meta["name"] == name
+        t = task(c, id)
+        assert t is not None and t[1] == "RUNNING"
+        counting(t[0])
+    finally:
+        remove(c, id)
+        stasis(c, "rm", f"{prefix}/{name}", check=False)
+
+
+def test_persistent_server_errors_fail_cleanly_and_leave_nothing(
+    containerd_1_7: Containerd, s3_server: S3Server, fault_proxy: FaultProxy
+) -> None:
+    c = containerd_1_7
+    s3 = client(s3_server)
+    id = unique_id("s3e")
+    run = unique_id("broken")
+    prefix = f"s3://{s3_server.bucket}/{run}"
+    name = unique_id("ckpt-broken")
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", holding_memory(24))
+    try:
+        t = task(c, id)
+        assert t is not None
+        counting(t[0])
+        fault_proxy.faults.append(Fault("PUT", "", status=500))  # every upload fails
+        with session_config(
+            s3_config(fault_proxy.endpoint, s3_server.access_key_id, s3_server.secret_access_key)
+        ):
+            r = stasis(c, "checkpoint", id, "--to", prefix, "--name", name, check=False)
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("stasis: "), r.stderr
+        assert s3_server.bucket in lines[0] and fault_proxy.endpoint in lines[0], lines[0]
+        assert s3_server.secret_access_key not in r.stdout + r.stderr
+        # The container never noticed.
+        t = task(c, id)
+        assert t is not None and t[1] == "RUNNING"
+        counting(t[0])
+        # Nothing looks complete; gc leaves neither objects, nor parts, nor the spool.
+        listed = stasis(c, "list", "--store", prefix, "--json").stdout
+        assert name not in listed
+        stasis(c, "gc", "--store", prefix, "--grace", "0")
+        assert objects(s3, s3_server.bucket, f"{run}/") == []
+        assert uploads(s3, s3_server.bucket, f"{run}/") == []
+        assert glob.glob(f"{SPOOL_DIR}/{name}-*") == []
+    finally:
+        remove(c, id)
