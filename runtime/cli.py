@@ -15,6 +15,17 @@
                                      upload again a checkpoint whose S3 upload failed
                                      (to the store it was meant for, by default)
   stasis demo                        a counter checkpointed, killed and restored
+  stasis kube checkpoint NAMESPACE/POD [--to STORE] [--name NAME] [--leave-running]
+                     [--snapshot-volumes] [--snapshot-class C] [--json]
+                     [--kubeconfig F] [--address CONTAINERD_SOCK]
+                                     checkpoint every container of a pod at one moment
+                                     (run on its node); stops (deletes) the pod unless
+                                     --leave-running; prints the pod checkpoint's REF
+  stasis kube restore REF [--name NEW] [--namespace NS] [--node NODE]
+                     [--policy fail|fresh] [--no-wait] [--kubeconfig F]
+                                     create the pod again, restored; prints its name
+  stasis kube install [--kubeconfig F]
+                                     register the `stasis` RuntimeClass (idempotent)
 
 Errors are one line on stderr and a non-zero exit code.
 """
@@ -376,7 +387,81 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--image", default=DEMO_IMAGE)
     d.add_argument("--seconds", type=float, default=2.0)
     d.add_argument("--keep", action="store_true", help="keep the demo's checkpoint")
+    _kube_parser(sub)
     return p
+
+
+def _kube_parser(sub: Any) -> None:
+    k = sub.add_parser("kube", help="Kubernetes pods: checkpoint, restore, install")
+    ks = k.add_subparsers(dest="kube_command", required=True)
+    kc = ks.add_parser("checkpoint", help="checkpoint every container of a pod (on its node)")
+    kc.add_argument("pod", metavar="NAMESPACE/POD")
+    kc.add_argument("--to", default="", help="store (default: the configured one)")
+    kc.add_argument("--name", default="", help="name (default: NAMESPACE-POD-UTCTIME)")
+    kc.add_argument("--leave-running", action="store_true",
+                    help="resume the pod afterwards (default: delete it, like --exit)")  # fmt: skip
+    kc.add_argument("--snapshot-volumes", action="store_true",
+                    help="snapshot every PVC the pod mounts (VolumeSnapshot)")  # fmt: skip
+    kc.add_argument("--snapshot-class", default=None, help="VolumeSnapshotClass to use")
+    kc.add_argument("--kubeconfig", default=None)
+    kc.add_argument("--address", dest="kube_address", default=None,
+                    help="containerd's socket (default: --address)")  # fmt: skip
+    kc.add_argument("--json", action="store_true")
+    kr = ks.add_parser("restore", help="create a pod again from a pod checkpoint")
+    kr.add_argument("ref")
+    kr.add_argument("--name", default=None, help="pod name (default: the checkpointed pod's)")
+    kr.add_argument("--namespace", dest="kube_namespace", default=None,
+                    help="namespace (default: the checkpointed pod's)")  # fmt: skip
+    kr.add_argument("--node", default=None, help="bind it to this node (skip the scheduler)")
+    kr.add_argument("--policy", choices=("fail", "fresh"), default="fail",
+                    help="stasis.dev/restore-policy of the pod")  # fmt: skip
+    kr.add_argument("--no-wait", action="store_true", help="do not wait until it runs")
+    kr.add_argument("--timeout", type=_seconds, default=120.0)
+    kr.add_argument("--kubeconfig", default=None)
+    ki = ks.add_parser("install", help="register the stasis RuntimeClass")
+    ki.add_argument("--kubeconfig", default=None)
+
+
+def kube(ns: argparse.Namespace) -> int:
+    """`stasis kube ...`: the kubernetes client is imported only here."""
+    from kubernetes import client
+
+    from runtime import kube as k
+
+    api = k.connect(ns.kubeconfig)
+    try:
+        if ns.kube_command == "install":
+            created = k.install_runtime_class(api)
+            _progress("RuntimeClass stasis " + ("created" if created else "already there"))
+            print(k.RUNTIME_CLASS)
+        elif ns.kube_command == "checkpoint":
+            namespace, pod = k.split_pod(ns.pod)
+            _progress(f"checkpointing pod {namespace}/{pod} ...")
+            out = k.checkpoint_pod(
+                client.CoreV1Api(api), namespace, pod,
+                address=ns.kube_address or ns.address, store=ns.to, name=ns.name,
+                leave_running=ns.leave_running, custom=client.CustomObjectsApi(api),
+                snapshot_volumes=ns.snapshot_volumes, snapshot_class=ns.snapshot_class,
+            )  # fmt: skip
+            print(json.dumps(out) if ns.json else out["ref"])
+        elif ns.kube_command == "restore":
+            _progress(f"restoring pod from {ns.ref} ...")
+            print(
+                k.restore_pod(
+                    client.CoreV1Api(api),
+                    ns.ref,
+                    name=ns.name,
+                    namespace=ns.kube_namespace,
+                    node=ns.node,
+                    policy=ns.policy,
+                    custom=client.CustomObjectsApi(api),
+                    wait=not ns.no_wait,
+                    timeout=ns.timeout,
+                )
+            )
+    finally:
+        api.close()
+    return 0
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -389,6 +474,8 @@ def _run(ns: argparse.Namespace) -> int:
         print(restore(ns))
     elif ns.command == "demo":
         return demo(ns)
+    elif ns.command == "kube":
+        return kube(ns)
     elif ns.command == "list":
         from runtime.store import default_store, open_store
 

@@ -7,9 +7,11 @@ which is what a person needs to act on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,13 @@ from runtime.errors import FailedPrecondition, NotFound, StasisError, Unavailabl
 from runtime.proc import Completed, Spawner, Stdio
 
 DEFAULT_ROOT = "/run/containerd/runc"
+_DIE_WITH_PARENT = frozenset({"checkpoint", "restore"})
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv (for --pdeathsig), if installed."""
+    return shutil.which("setpriv")
 
 
 class RuncError(Unavailable):
@@ -170,6 +179,8 @@ class Runc:
     log: str | None = None
     systemd_cgroup: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The shim's own runc: checkpoint and restore die with the shim (see _argv).
+    die_with_parent: bool = False
 
     def _argv(self, command: str, args: Sequence[str], log: str | None) -> list[str]:
         argv = [self.binary, "--root", self.root]
@@ -177,7 +188,13 @@ class Runc:
             argv += ["--log", log, "--log-format", "json"]
         if self.systemd_cgroup:
             argv.append("--systemd-cgroup")
-        return [*argv, command, *args]
+        argv = [*argv, command, *args]
+        if self.die_with_parent and command in _DIE_WITH_PARENT and (setpriv := _setpriv()):
+            # A shim killed during a dump or a restore takes runc along; CRIU, its
+            # RPC peer gone, then aborts: a dump thaws the container, a restore
+            # kills what it restored. Nothing runs without a shim to account for it.
+            argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+        return argv
 
     async def _run(
         self,

@@ -23,9 +23,16 @@ from typing import Any
 from runtime import cgroups, rootfs, upload
 from runtime.config import Config
 from runtime.digest import TailDigester
-from runtime.errors import FailedPrecondition, InvalidArgument, StasisError
+from runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, StasisError
 from runtime.runc import CheckpointOpts
-from runtime.store import CheckpointReader, LocalStore, default_store, open_store, resolve
+from runtime.store import (
+    CheckpointReader,
+    LocalStore,
+    check_source,
+    default_store,
+    open_store,
+    resolve,
+)
 from shim.container import Container
 from shim.process import Status
 
@@ -35,6 +42,10 @@ RUNTIME = "io.containerd.stasis.v2"
 RESTORE_FROM = "stasis.dev/restore-from"
 RESTORE_POLICY = "stasis.dev/restore-policy"
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.containerd.image.name")
+CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+POD_FILE = "pod.json"  # what makes a checkpoint a pod checkpoint (runtime/kube.py)
+POD_FILE_MAX = 4 << 20
 FORMAT_VERSION = 1
 
 
@@ -98,7 +109,15 @@ async def checkpoint(
     the rootfs diff is captured and CRIU dumps it. On any failure the partial
     checkpoint is removed (the manifest is written last, so nothing half-done
     ever looks complete) and the container is thawed and keeps running.
+    Checkpoints of one container run one after the other, never interleaved.
     """
+    async with container.checkpoint_lock:
+        return await _checkpoint(container, spec, config, namespace)
+
+
+async def _checkpoint(
+    container: Container, spec: CheckpointSpec, config: Config, namespace: str
+) -> CheckpointResult:
     init = container.init
     if init.status not in (Status.RUNNING, Status.PAUSED):
         raise FailedPrecondition(
@@ -227,9 +246,13 @@ class RestorePlan:
 
 
 def restore_request(annotations: dict[str, str]) -> tuple[str, str] | None:
-    """(REF, policy) when the spec asks for a restore, else None."""
+    """(REF, policy) when the spec asks for a restore, else None.
+
+    A CRI sandbox (the pod's pause container) carries the pod's annotations too,
+    but is never restored: None for it.
+    """
     ref = annotations.get(RESTORE_FROM, "").strip()
-    if not ref:
+    if not ref or annotations.get(CRI_CONTAINER_TYPE) == "sandbox":
         return None
     policy = annotations.get(RESTORE_POLICY, "fail").strip() or "fail"
     if policy not in ("fail", "fresh"):
@@ -238,18 +261,41 @@ def restore_request(annotations: dict[str, str]) -> tuple[str, str] | None:
 
 
 def prepare_restore(
-    ref: str, upperdir: str | None, config: Config, *, defer_images: bool = False
-) -> RestorePlan:
+    ref: str,
+    upperdir: str | None,
+    config: Config,
+    *,
+    defer_images: bool = False,
+    container_name: str | None = None,
+) -> RestorePlan | None:
     """Open and verify a checkpoint and apply its rootfs diff into ``upperdir``.
+
+    ``ref`` names a container checkpoint, or a pod checkpoint (its ``pod.json``
+    maps container names to container checkpoints of the same store): then the
+    container named ``container_name`` (the CRI container name) is restored, and
+    None means the pod checkpoint has no such container (it starts fresh).
 
     Runs before the rootfs is mounted (the diff goes into the new container's
     empty upperdir). Raises with a message naming the checkpoint and the reason.
     With ``defer_images``, a local checkpoint's CRIU images are left for a
     ``RestoreGate`` to check during the restore.
     """
+    reader: CheckpointReader | None = None
     try:
+        check_source(ref, config)  # the annotation is not trusted input
         store, name = resolve(ref, config)
         reader = store.open(name)
+        if POD_FILE in reader.manifest.files:
+            member = _pod_member(reader, container_name)
+            reader.close()
+            reader = None
+            if member is None:
+                return None
+            reader = store.open(member)
+            if POD_FILE in reader.manifest.files:
+                raise InvalidArgument(
+                    f"container {container_name!r}: {member!r} is a pod checkpoint"
+                )
         # Local images are hashed while CRIU restores them (RestoreGate); a
         # remote store verifies as it downloads, before CRIU can read anything.
         pending = defer_images and isinstance(store, LocalStore)
@@ -257,10 +303,36 @@ def prepare_restore(
         if upperdir is not None and "rootfs-diff.tar" in reader.manifest.files:
             rootfs.apply(reader.file("rootfs-diff.tar"), reader.file("deleted.files"), upperdir)
     except StasisError as e:
+        if reader is not None:
+            reader.close()
         raise type(e)(f"restore from checkpoint {ref!r}: {e}") from e
     except OSError as e:
+        if reader is not None:
+            reader.close()
         raise FailedPrecondition(f"restore from checkpoint {ref!r}: {e}") from e
     return RestorePlan(ref, reader, pending)
+
+
+def _pod_member(reader: CheckpointReader, container_name: str | None) -> str | None:
+    """The container checkpoint a pod checkpoint records for ``container_name``."""
+    if not container_name:
+        raise InvalidArgument(
+            f"{reader.name!r} is a pod checkpoint: only a Kubernetes container "
+            f"(annotation {CRI_CONTAINER_NAME}) can be restored from it"
+        )
+    reader.verify()  # pod.json is small: check it (and the manifest) now
+    try:
+        with open(reader.file(POD_FILE), "rb") as f:
+            doc = json.loads(f.read(POD_FILE_MAX))
+        containers = doc["containers"]
+        member = containers.get(container_name)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise DataLoss(f"{POD_FILE} of pod checkpoint {reader.name!r} is malformed: {e}") from e
+    if member is None:
+        return None
+    if not isinstance(member, str):
+        raise DataLoss(f"{POD_FILE}: container {container_name!r}: not a checkpoint name")
+    return member
 
 
 def _images(rel: str) -> bool:
@@ -284,6 +356,8 @@ i=0
 while [ ! -e {verdict} ]; do
     i=$((i + 1))
     [ "$i" -le {polls} ] || exit 1
+    # No verdict ever comes from a dead shim.
+    kill -0 {shim} 2>/dev/null || exit 1
     sleep 0.005
 done
 read -r verdict < {verdict}
@@ -317,7 +391,10 @@ class RestoreGate:
         _write_atomic(
             script,
             _GATE_SCRIPT.format(
-                verdict=shlex.quote(self.verdict), held=shlex.quote(self.held), polls=polls
+                verdict=shlex.quote(self.verdict),
+                held=shlex.quote(self.held),
+                polls=polls,
+                shim=os.getpid(),
             ),
             0o700,
         )

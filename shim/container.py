@@ -131,6 +131,8 @@ class Container:
         self.restore_source: Any = None
         # Checks the CRIU images while Start restores them (checkpointing.RestoreGate).
         self.restore_gate: Any = None
+        # Serializes Stasis checkpoints of this container (checkpointing.checkpoint).
+        self.checkpoint_lock = asyncio.Lock()
 
     @classmethod
     async def create(
@@ -153,6 +155,7 @@ class Container:
             binary=opts.binary_name or "runc",
             log=os.path.join(cfg.bundle, "log.json"),
             systemd_cgroup=opts.systemd_cgroup,
+            die_with_parent=True,
         )
         rootfs: str | None = None
         io: ProcessIO | None = None

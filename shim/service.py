@@ -41,6 +41,7 @@ log = logging.getLogger("stasis.service")
 SERVICE = "containerd.task.v2.Task"
 STASIS_SERVICE = "stasis.v1.Checkpointer"
 RESTORE_FROM = "stasis.dev/restore-from"
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 _EMPTY = empty_pb2.Empty()
 # How long an init's exit waits for the exits of its execs.
 _EXEC_EXIT_GRACE = 2.0
@@ -59,6 +60,43 @@ def _empty_dir(path: str) -> None:
 
 def _timestamp(msg: Message, field: str, at_ns: int) -> None:
     getattr(msg, field).FromNanoseconds(at_ns)
+
+
+# CRI's per-container directory, <containerd root>/<this>/containers/<id> (fixed in
+# containerd 2.x "for backward compatibility", plugins/cri/runtime/plugin.go).
+_CRI_ROOT = "io.containerd.grpc.v1.cri"
+_CRI_CHECKPOINT_DIR = "ctrd-checkpoint"  # CRI CheckpointContainer's archive staging dir
+
+
+def _cri_work_path(c: Container) -> str:
+    """CRIU's work directory for a Task.Checkpoint of a CRI container that came
+    without runc CheckpointOptions, or "" (the shim's own, removed afterwards).
+
+    containerd's CRI CheckpointContainer sends CheckpointOptions{work_path} only to
+    runtime type io.containerd.runc.v2; any other type gets no options, yet CRI still
+    expects CRIU's work files where that work_path would have put them:
+    containerd 2.1.9, 2.2.5 and 2.3.2 on pass the staging directory
+    ``<CRI dir>/ctrd-checkpoint``, made before the call and archived whole (dump.log
+    and stats-dump then travel in the archive); earlier 2.x pass ``<CRI dir>`` itself
+    and fail the checkpoint when ``<CRI dir>/stats-dump`` is missing. The shim does
+    what runc would have been told to do. containerd's root comes from the bundle's
+    ``work`` link (``<root>/io.containerd.runtime.v2.task/<ns>/<id>``).
+    """
+    annotations = c.config.spec.get("annotations") or {}
+    if CRI_CONTAINER_TYPE not in annotations:
+        return ""
+    try:
+        work = os.path.realpath(os.path.join(c.bundle, "work"), strict=True)
+    except OSError:
+        return ""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(work)))
+    cri_dir = os.path.join(root, _CRI_ROOT, "containers", c.id)
+    staging = os.path.join(cri_dir, _CRI_CHECKPOINT_DIR)
+    for candidate in (staging, cri_dir):
+        if os.path.isdir(candidate) and not os.path.islink(candidate):
+            log.info("checkpoint of %s: CRIU work files into %s (CRI)", c.id, candidate)
+            return candidate
+    return ""
 
 
 class TaskService:
@@ -239,8 +277,8 @@ class TaskService:
     async def _restore_by_annotation(self, cfg: CreateConfig) -> tuple[CreateConfig, Any]:
         """Honour stasis.dev/restore-from: verify, apply the rootfs diff, restore at Start."""
         annotations = cfg.spec.get("annotations") or {}
-        if RESTORE_FROM not in annotations:
-            return cfg, None
+        if RESTORE_FROM not in annotations or annotations.get(CRI_CONTAINER_TYPE) == "sandbox":
+            return cfg, None  # a pod's sandbox carries the pod's annotations: never restored
         # Only restores pay for importing the checkpoint machinery.
         from runtime import config
         from shim import checkpointing
@@ -250,6 +288,7 @@ class TaskService:
             return cfg, None
         ref, policy = request
         upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
+        member = annotations.get(checkpointing.CRI_CONTAINER_NAME)
         try:
             # With policy fresh, everything is checked now, while starting fresh is
             # still possible; with fail, the CRIU images are checked during Start.
@@ -260,6 +299,7 @@ class TaskService:
                     upper,
                     config.load(),
                     defer_images=policy == "fail",
+                    container_name=member,
                 )
             )
         except StasisError as e:
@@ -268,6 +308,9 @@ class TaskService:
             log.warning("container %s starts fresh (restore-policy fresh): %s", cfg.id, e)
             if upper is not None:
                 await asyncio.to_thread(_empty_dir, upper)
+            return cfg, None
+        if plan is None:
+            log.info("container %s starts fresh: pod checkpoint %s has no %r", cfg.id, ref, member)
             return cfg, None
         log.info("container %s restores from %s", cfg.id, ref)
         restored = replace(
@@ -414,9 +457,10 @@ class TaskService:
         image = o.image_path or req.path
         if not image:
             raise InvalidArgument(f"checkpoint of {req.id}: no image path")
+        c = self._get(req.id)
         opts = CheckpointOpts(
             image_path=image,
-            work_path=o.work_path,
+            work_path=o.work_path or _cri_work_path(c),
             leave_running=not o.exit,
             tcp_established=o.open_tcp,
             ext_unix_sk=o.external_unix_sockets,
@@ -425,7 +469,7 @@ class TaskService:
             empty_ns=tuple(o.empty_namespaces),
             manage_cgroups_mode=o.cgroups_mode,
         )
-        await self._get(req.id).checkpoint(opts)
+        await c.checkpoint(opts)
         return _EMPTY
 
     async def stasis_checkpoint(self, req: stasis_api.CheckpointRequest) -> Message:

@@ -147,6 +147,18 @@ class CriClient:
         )
         return rpc(request_cls(**fields), timeout=timeout)
 
+    def image_call(self, method: str, timeout: float = 60.0, **fields: Any) -> Any:
+        """ImageService/<method> (PullImage, ImageStatus, ...) with a request built from
+        fields; the reply."""
+        request_cls = getattr(self.api, f"{method}Request")
+        response_cls = getattr(self.api, f"{method}Response")
+        rpc = self.channel.unary_unary(
+            f"/runtime.{self.version}.ImageService/{method}",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        return rpc(request_cls(**fields), timeout=timeout)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -155,3 +167,78 @@ class CriClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Pods:
+    """Pod sandboxes made through CRI v1 on one runtime handler; remove_all() stops and
+    removes them (and so their containers). Pod logs go under ``logs``."""
+
+    def __init__(self, cri: CriClient, logs: Path, handler: str, timeout: float = 90.0) -> None:
+        self.cri = cri
+        self.api = cri.api
+        self.logs = Path(logs)
+        self.handler = handler
+        self.timeout = timeout  # a busy machine; a restore pulls the base image
+        self.ids: list[str] = []
+
+    def run(self, name: str) -> tuple[str, Any]:
+        """A new pod: (sandbox id, its PodSandboxConfig)."""
+        import uuid
+
+        uid = uuid.uuid4().hex
+        logs = self.logs / uid
+        logs.mkdir(parents=True)
+        config = self.api.PodSandboxConfig(
+            metadata=self.api.PodSandboxMetadata(
+                name=f"{name}-{uid[:6]}", uid=uid, namespace="default", attempt=0
+            ),
+            log_directory=str(logs),
+            hostname=name,
+        )
+        reply = self.cri.call(
+            "RunPodSandbox", config=config, runtime_handler=self.handler, timeout=self.timeout
+        )
+        self.ids.append(reply.pod_sandbox_id)
+        return reply.pod_sandbox_id, config
+
+    def container(
+        self,
+        sandbox: str,
+        config: Any,
+        image: str,
+        command: list[str],
+        name: str = "counter",
+        own_pid_ns: bool = False,
+    ) -> str:
+        """Create and start a container in the pod (an archive path as ``image``
+        restores it on containerd 2.1); its id.
+
+        ``own_pid_ns``: a PID namespace of its own (NamespaceMode CONTAINER, what the
+        kubelet asks for unless the pod shares its process namespace) instead of the
+        CRI default, the pod's.
+        """
+        spec = self.api.ContainerConfig(
+            metadata=self.api.ContainerMetadata(name=name, attempt=0),
+            image=self.api.ImageSpec(image=image),
+            command=command,
+            log_path=f"{name}.log",
+        )
+        if own_pid_ns:
+            namespaces = self.api.NamespaceOption(pid=self.api.CONTAINER)
+            spec.linux.security_context.namespace_options.CopyFrom(namespaces)
+        cid = self.cri.call(
+            "CreateContainer",
+            pod_sandbox_id=sandbox,
+            config=spec,
+            sandbox_config=config,
+            timeout=self.timeout,
+        ).container_id
+        self.cri.call("StartContainer", container_id=cid, timeout=self.timeout)
+        return str(cid)
+
+    def remove_all(self) -> None:
+        """Stop and remove every pod made here, newest first."""
+        for sandbox in reversed(self.ids):
+            self.cri.call("StopPodSandbox", pod_sandbox_id=sandbox, timeout=self.timeout)
+            self.cri.call("RemovePodSandbox", pod_sandbox_id=sandbox, timeout=self.timeout)
+        self.ids.clear()

@@ -231,6 +231,27 @@ def test_global_flags() -> None:
     ]
 
 
+def test_checkpoint_and_restore_die_with_the_shim() -> None:
+    import shutil
+
+    from runtime.runc import CheckpointOpts, RestoreOpts
+
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "util-linux's setpriv"
+    r, sp = make(die_with_parent=True)
+    run(r.checkpoint("c1", CheckpointOpts(image_path="/img")))
+    opts = RestoreOpts(CheckpointOpts(image_path="/img"), pid_file="/p")
+    run(r.restore("c1", "/b", opts, Stdio()))
+    run(r.start("c1"))
+    wrapped = [setpriv, "--pdeathsig", "KILL", "--", *BASE]
+    assert sp.calls[0].argv[:8] == [*wrapped, "checkpoint"]
+    assert sp.calls[1].argv[:8] == [*wrapped, "restore"]
+    assert sp.calls[2].argv == [*BASE, "start", "c1"]  # short commands stay plain
+    r, sp = make()
+    run(r.checkpoint("c1", CheckpointOpts(image_path="/img")))
+    assert sp.argv[:4] == [*BASE, "checkpoint"]
+
+
 def test_default_root() -> None:
     sp = FakeSpawner()
     run(Runc(sp).start("c1"))

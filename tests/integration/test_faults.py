@@ -1,0 +1,292 @@
+"""Checkpoints under contention and restores from where they may not come from:
+concurrent checkpoints of one container (serialized, never interleaved), many
+containers checkpointed at once, and restore-from references outside the
+configured stores (refused, nothing starts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from bed.containerd import Containerd, mounts_under, unique_id
+from bed.workload import IMAGE, RUNTIME, remove, stasis, stasis_argv, task, wait_count
+
+pytestmark = pytest.mark.integration
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+CONCURRENT = 6  # containers checkpointed at once (2 cores here; the bench goes to 20)
+
+
+@pytest.fixture
+def ids(containerd: Containerd) -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for id in made:
+        remove(containerd, id)
+
+
+def start_counter(c: Containerd, ids: list[str]) -> str:
+    id = unique_id("flt")
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", COUNTER)
+    ids.append(id)
+    return id
+
+
+def checkpoint(c: Containerd, id: str, store: Path, name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*stasis_argv(c), "checkpoint", id, "--to", str(store), "--name", name, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_two_checkpoints_of_one_container_are_serialized(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = start_counter(containerd, ids)
+    wait_count(containerd, id, 5)
+    store = tmp_path / "store"
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda n: checkpoint(containerd, id, store, n), ["a", "b"]))
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    results = [json.loads(run.stdout) for run in runs]
+    assert {r["name"] for r in results} == {"a", "b"}
+    # Each is whole and verifies on its own; they were taken one after the other.
+    for name in ("a", "b"):
+        stasis(containerd, "inspect", str(store / name))
+    wait_count(containerd, id, wait_count(containerd, id, 0))  # still counting
+
+    # Both restore.
+    for name in ("a", "b"):
+        new = unique_id("rst")
+        containerd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",
+                       f"stasis.dev/restore-from={store / name}", IMAGE, new)  # fmt: skip
+        ids.append(new)
+        wait_count(containerd, new, 5)
+
+
+def test_many_containers_checkpointed_at_once(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    made = [start_counter(containerd, ids) for _ in range(CONCURRENT)]
+    for id in made:
+        wait_count(containerd, id, 2)
+    store = tmp_path / "store"
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        runs = list(pool.map(lambda id: checkpoint(containerd, id, store, f"c-{id}"), made))
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    listed = stasis(containerd, "list", "--store", str(store), "--json").stdout
+    for id in made:
+        assert f"c-{id}" in listed
+        assert (store / f"c-{id}" / "manifest.json").exists()
+        assert task(containerd, id)[1] == "RUNNING"  # type: ignore[index]
+        wait_count(containerd, id, wait_count(containerd, id, 0))
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["file:///etc/stasis-nothing/c1", "/usr/share/c1", "file:///var/lib/../../etc/c1"],
+)
+def test_restore_from_outside_the_configured_stores_is_refused(
+    containerd: Containerd, ids: list[str], ref: str
+) -> None:
+    new = unique_id("evil")
+    r = containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME, "--annotation", f"stasis.dev/restore-from={ref}",
+        IMAGE, new, check=False,
+    )  # fmt: skip
+    containerd.ctr("containers", "rm", new, check=False)
+    assert r.returncode != 0
+    assert "restore_sources" in r.stderr and ref in r.stderr, r.stderr
+    assert task(containerd, new) is None
+
+
+# -- the shim killed, containerd restarted, in the middle of a checkpoint -------------------
+
+MEM_MIB = 384  # memory the container holds, so that the dump takes a while
+
+
+def holding_memory(mib: int) -> str:
+    """busybox sh: `dd` holds `mib` MiB of random bytes (blocked on its second read
+    for ever, as in bench/checkpoint.py), next to a counter in /tmp/count."""
+    n = mib << 20
+    return (
+        f"(head -c {n} /dev/urandom; exec sleep 1000000) | "
+        f"dd bs={n} count=2 iflag=fullblock of=/dev/null 2>/dev/null & {COUNTER}"
+    )
+
+
+def bundle(c: Containerd, id: str) -> Path:
+    return c.state / "io.containerd.runtime.v2.task" / c.namespace / id
+
+
+def wait_for_dump(store: Path, timeout: float = 60) -> None:
+    """Until CRIU is writing page images somewhere under ``store``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pages in store.glob("*/checkpoint/pages-*.img"):
+            with contextlib.suppress(OSError):
+                if pages.stat().st_size > 1 << 20:
+                    return
+        time.sleep(0.005)
+    raise AssertionError(f"no dump under {store} within {timeout} s")
+
+
+def start_holding(c: Containerd, ids: list[str]) -> str:
+    id = unique_id("mem")
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", holding_memory(MEM_MIB))
+    ids.append(id)
+    wait_count(c, id, 5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until dd holds it all
+        pid = task(c, id)[0]  # type: ignore[index]
+        rss = 0
+        with contextlib.suppress(OSError):  # a child may come and go meanwhile
+            for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+        if rss >= (MEM_MIB << 10) * 0.95:
+            return id
+        time.sleep(0.2)
+    raise AssertionError(f"{id} never held {MEM_MIB} MiB")
+
+
+def checkpoint_in_background(c: Containerd, id: str, store: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*stasis_argv(c), "checkpoint", id, "--to", str(store), "--name", "k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_shim_killed_during_checkpoint_leaves_no_checkpoint_and_no_orphans(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = start_holding(containerd, ids)
+    init = task(containerd, id)[0]  # type: ignore[index]
+    shim = int((bundle(containerd, id) / "shim.pid").read_text())
+    store = tmp_path / "store"
+    cli = checkpoint_in_background(containerd, id, store)
+    try:
+        wait_for_dump(store)
+        os.kill(shim, signal.SIGKILL)
+        _, err = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode != 0
+    assert len(err.strip().splitlines()) == 1, err  # one clear line
+    # containerd cleans up after a dead shim: the container is stopped, its
+    # processes are gone, and nothing is left mounted.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+        Path(f"/proc/{init}").exists() or (task(containerd, id) or ("", "STOPPED"))[1] != "STOPPED"
+    ):
+        time.sleep(0.2)
+    assert not Path(f"/proc/{init}").exists(), "the container's init outlived its shim"
+    assert not mounts_under(bundle(containerd, id))
+    # No checkpoint looks complete; gc removes what the dump left.
+    assert not list(store.glob("*/manifest.json"))
+    listed = json.loads(stasis(containerd, "list", "--store", str(store), "--json").stdout)
+    assert listed == []
+    time.sleep(1)  # CRIU, re-parented, may still be finishing its files
+    stasis(containerd, "gc", "--store", str(store), "--grace", "0")
+    assert [p.name for p in store.iterdir()] == []
+
+
+def test_containerd_restarted_during_checkpoint_changes_nothing(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = start_holding(containerd, ids)
+    store = tmp_path / "store"
+    cli = checkpoint_in_background(containerd, id, store)
+    try:
+        wait_for_dump(store)
+        containerd.restart()
+        out, err = cli.communicate(timeout=180)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    assert cli.returncode == 0, err
+    assert out.strip().splitlines()[-1] == f"file://{store}/k"
+    assert (store / "k" / "manifest.json").exists()
+    stasis(containerd, "inspect", str(store / "k"))
+    assert task(containerd, id)[1] == "RUNNING"  # type: ignore[index]
+    wait_count(containerd, id, wait_count(containerd, id, 0))
+
+
+def cgroup_procs(c: Containerd, id: str) -> list[int]:
+    """PIDs in the container's cgroup (ctr puts it at /<namespace>/<id>), v1 or v2."""
+    found: list[int] = []
+    for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory", "/sys/fs/cgroup"):
+        procs = Path(base, c.namespace, id, "cgroup.procs")
+        with contextlib.suppress(OSError):
+            found += [int(p) for p in procs.read_text().split()]
+    return found
+
+
+def test_shim_killed_during_restore_leaves_nothing_running(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = start_holding(containerd, ids)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+
+    new = unique_id("rst")
+    ids.append(new)
+    restore = subprocess.Popen(
+        [str(containerd.bin_dir / "ctr"), "--address", str(containerd.address),
+         "--namespace", containerd.namespace, "run", "-d", "--runtime", RUNTIME,
+         "--annotation", f"stasis.dev/restore-from={store / 'k'}", IMAGE, new],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        text=True, env=containerd.env(),
+    )  # fmt: skip
+    try:
+        log = bundle(containerd, new) / "criu-restore" / "restore.log"
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.stat().st_size > 0):
+            assert time.monotonic() < deadline and restore.poll() is None, "no restore seen"
+            time.sleep(0.005)
+        shim = int((bundle(containerd, new) / "shim.pid").read_text())
+        os.kill(shim, signal.SIGKILL)
+        _, err = restore.communicate(timeout=120)
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+            restore.communicate()
+    assert restore.returncode != 0, err
+    # CRIU aborts with runc gone: no restored process runs, not even for a moment
+    # after the fact, and containerd's cleanup of the dead shim leaves no mounts.
+    deadline = time.monotonic() + 30
+    while cgroup_procs(containerd, new) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cgroup_procs(containerd, new) == []
+    time.sleep(1)
+    assert cgroup_procs(containerd, new) == []
+    remove(containerd, new)
+    assert not mounts_under(bundle(containerd, new))
+    # The checkpoint is untouched: a second restore goes on counting.
+    again = unique_id("rst")
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",
+                   f"stasis.dev/restore-from={store / 'k'}", IMAGE, again)  # fmt: skip
+    ids.append(again)
+    wait_count(containerd, again, 5)
