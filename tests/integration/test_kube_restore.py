@@ -281,3 +281,84 @@ def test_failed_restores(
     assert read(kube_cluster, fresh, "a", "/tmp/started") != two["started"]["a"]
     assert read(kube_cluster, fresh, "b", "/tmp/started") == two["started"]["b"]
     assert count(kube_cluster, fresh, "b") >= two["before"]["b"]
+
+
+def test_pod_with_a_claim_comes_back_on_its_retained_volume(
+    kube_cluster: KubeCluster, pods: list[str], store: Path, tmp_path: Path
+) -> None:
+    """The whole flow through `stasis kube`: the checkpoint records the claim and sets
+    its hostPath volume to Retain; pod and claim are deleted; the restore recreates
+    the claim, which re-binds the same volume, and the restored pod reads what was
+    written before and counts on."""
+    name = unique_id("pvc")
+    host = tmp_path / "volume"
+    host.mkdir()
+    host.chmod(0o777)
+    pv, claim, sc = f"pv-{name}", f"claim-{name}", f"manual-{name}"
+    create(kube_cluster, {
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {
+            "capacity": {"storage": "1Mi"}, "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": sc,
+            "hostPath": {"path": str(host), "type": "Directory"},
+        },
+    })  # fmt: skip
+    try:
+        create(kube_cluster, {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": "default"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"], "storageClassName": sc,
+                "resources": {"requests": {"storage": "1Mi"}},
+            },
+        })  # fmt: skip
+        manifest = counting_pod(name, ("main",))
+        spec = manifest["spec"]
+        spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]
+        main = spec["containers"][0]
+        main["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+        main["command"] = ["sh", "-c", "echo kept > /data/file; " + COUNTER]
+        pods.append(name)
+        create(kube_cluster, manifest)
+        running(kube_cluster, name)
+        before = wait_count(kube_cluster, name, "main", WARM)
+
+        ref = stasis(
+            kube_cluster, "kube", "checkpoint", f"default/{name}", "--to", str(store),
+            f"--kubeconfig={kube_cluster.kubeconfig}",
+        ).stdout.strip().splitlines()[-1]  # fmt: skip
+        volume = kube_cluster.api("GET", f"/api/v1/persistentvolumes/{pv}")
+        assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+        record = json.loads((Path(ref.removeprefix("file://")) / "pod.json").read_text())
+        assert [v["claimName"] for v in record["volumes"]] == [claim]
+
+        kube_cluster.kubectl("delete", "pvc", claim, "--wait=false")
+        kube_cluster.kubectl(
+            "wait", "--for=delete", f"pod/{name}", f"pvc/{claim}", "--timeout=150s",
+            check=False, timeout=170,
+        )  # fmt: skip
+        assert kube_cluster.kubectl("get", "pvc", claim, check=False).returncode != 0
+
+        new = unique_id("pvc-restored")
+        pods.append(new)
+        stasis(
+            kube_cluster, "kube", "restore", ref, "--name", new,
+            f"--kubeconfig={kube_cluster.kubeconfig}",
+        )  # fmt: skip
+        restored = kube_cluster.api(
+            "GET", f"/api/v1/namespaces/default/persistentvolumeclaims/{claim}"
+        )
+        assert restored["spec"]["volumeName"] == pv
+        assert restored["status"]["phase"] == "Bound"
+        assert read(kube_cluster, new, "main", "/data/file") == "kept"
+        after = count(kube_cluster, new, "main")
+        assert after >= before
+        assert wait_count(kube_cluster, new, "main", after) > after
+    finally:
+        kube_cluster.kubectl(
+            "delete", "pod", "--wait=false", "--ignore-not-found", *pods, check=False
+        )
+        kube_cluster.kubectl(
+            "delete", "pvc", claim, "--wait=false", "--ignore-not-found", check=False
+        )
+        kube_cluster.kubectl("delete", "pv", pv, "--wait=false", "--ignore-not-found", check=False)
