@@ -355,8 +355,9 @@ def test_pod_with_a_claim_comes_back_on_its_retained_volume(
         assert after >= before
         assert wait_count(kube_cluster, new, "main", after) > after
     finally:
+        mine = [p for p in pods if p == name or p.startswith("pvc-restored")]
         kube_cluster.kubectl(
-            "delete", "pod", "--wait=false", "--ignore-not-found", *pods, check=False
+            "delete", "pod", "--wait=false", "--ignore-not-found", *mine, check=False
         )
         kube_cluster.kubectl(
             "delete", "pvc", claim, "--wait=false", "--ignore-not-found", check=False
