@@ -188,6 +188,8 @@ def containerd(request: pytest.FixtureRequest) -> Containerd:
 
 from bed.containerd import CRI_NAMESPACE  # noqa: E402
 from bed.kube import KubeCluster, kube_bed_missing  # noqa: E402
+from bed.registry import Registry, registry_missing  # noqa: E402
+from bed.workload import IMAGE  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -215,3 +217,44 @@ def kube_cluster() -> Iterator[KubeCluster]:
         left = containerd.stop()
     if leaks or left:
         pytest.fail(f"the Kubernetes cluster left behind (now cleaned up): {leaks} {left}")
+
+
+# -- containerd 2.1 with CRI, and a registry on loopback --------------------------------
+
+REGISTRY_BASE = "stasis/busybox:test"  # the busybox image's repository and tag, pushed
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Debian's docker-registry on loopback (containerd's CRI restore pulls the
+    checkpoint's base image from a registry even when it is local: ENVIRONMENT.md)."""
+    if why := registry_missing():
+        pytest.fail(why, pytrace=False)
+    reg = Registry(tmp_path_factory.mktemp("registry"))
+    reg.start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def cri_containerd_2_1(registry: Registry) -> Iterator[Containerd]:
+    """containerd 2.1 with CRI (namespace k8s.io, so ctr and stasis see CRI's
+    containers), pause imported, busybox pushed to the registry as
+    ``registry.ref(REGISTRY_BASE)``."""
+    c = Containerd.in_run_dir(
+        "2.1", shim_path(), namespace=CRI_NAMESPACE, cri=True,
+        registry_config_path=registry.hosts_dir,
+    )  # fmt: skip
+    try:
+        c.start()
+        c.import_image(images_dir() / "pause.tar")
+        c.import_image(images_dir() / "busybox.tar")
+        c.ctr("images", "tag", IMAGE, registry.ref(REGISTRY_BASE))
+        c.ctr("images", "push", "--plain-http", registry.ref(REGISTRY_BASE), timeout=120)
+        yield c
+    finally:
+        left = c.stop()
+    if left:
+        pytest.fail(f"containerd 2.1 with CRI left behind (now cleaned up): {left}")

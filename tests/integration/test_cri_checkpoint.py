@@ -20,7 +20,6 @@ registry (tests/bed/registry.py) on loopback.
 from __future__ import annotations
 
 import json
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bed.containerd import CRI_NAMESPACE, STASIS_HANDLER, Containerd, images_dir
+from bed.containerd import STASIS_HANDLER, Containerd
 from bed.cri import CriClient, Pods, cri_missing
-from bed.registry import Registry, registry_missing
-from bed.workload import IMAGE, task, wait_count
+from bed.registry import Registry
+from bed.workload import task, wait_count
+from conftest import REGISTRY_BASE
 
 pytestmark = pytest.mark.integration
 
@@ -39,51 +39,16 @@ REPO = Path(__file__).resolve().parents[2]
 COUNTER = (
     "echo data > /written; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
 )
-BASE = "stasis/busybox:test"  # IMAGE's repository and tag, pushed to the registry
+BASE = REGISTRY_BASE
 CRI_TIMEOUT = 90.0  # a busy 2-core machine; the restore pulls the base image
 # CRI runtime handler -> the runtime type containerd records for its containers
 HANDLERS = {STASIS_HANDLER: "io.containerd.stasis.v2", "runc": "io.containerd.runc.v2"}
 
 
-def _shim_path() -> list[Path]:
-    dirs = [REPO / ".venv" / "bin", Path(sys.prefix) / "bin"]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
-
-
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    if why := registry_missing():
-        pytest.fail(why, pytrace=False)
-    reg = Registry(tmp_path_factory.mktemp("registry"))
-    reg.start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
-@pytest.fixture(scope="module")
-def containerd(registry: Registry) -> Iterator[Containerd]:
-    """containerd 2.1 with CRI (namespace k8s.io), pause imported, busybox pushed to
-    the registry."""
-    c = Containerd.in_run_dir(
-        "2.1",
-        _shim_path(),
-        namespace=CRI_NAMESPACE,
-        cri=True,
-        registry_config_path=registry.hosts_dir,
-    )
-    try:
-        c.start()
-        c.import_image(images_dir() / "pause.tar")
-        c.import_image(images_dir() / "busybox.tar")
-        c.ctr("images", "tag", IMAGE, registry.ref(BASE))
-        c.ctr("images", "push", "--plain-http", registry.ref(BASE), timeout=120)
-        yield c
-    finally:
-        left = c.stop()
-    if left:
-        pytest.fail(f"containerd 2.1 with CRI left behind (now cleaned up): {left}")
+def containerd(cri_containerd_2_1: Containerd) -> Containerd:
+    """The session's containerd 2.1 with CRI (tests/conftest.py)."""
+    return cri_containerd_2_1
 
 
 @pytest.fixture(scope="module")

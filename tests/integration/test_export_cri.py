@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bed.containerd import CRI_NAMESPACE, STASIS_HANDLER, Containerd, cache_dir, images_dir
-from bed.cri import CriClient, cri_missing
-from bed.registry import Registry, registry_missing
-from bed.workload import IMAGE, stasis, task, wait_count
+from bed.containerd import STASIS_HANDLER, Containerd, cache_dir
+from bed.cri import CriClient, Pods, cri_missing
+from bed.registry import Registry
+from bed.workload import stasis, task, wait_count
+from conftest import REGISTRY_BASE
 
 pytestmark = pytest.mark.integration
 
@@ -34,102 +33,14 @@ CHECKPOINTCTL = cache_dir() / "checkpointctl-v1.1.0" / "checkpointctl"  # tests/
 COUNTER = (
     "echo data > /written; i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
 )
-BASE = "stasis/busybox:test"  # IMAGE's repository and tag, pushed to the registry
+BASE = REGISTRY_BASE
 CRI_TIMEOUT = 90.0  # a busy 2-core machine; the restore pulls the base image
 
 
-def _shim_path() -> list[Path]:
-    dirs = [REPO / ".venv" / "bin", Path(sys.prefix) / "bin"]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
-
-
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    if why := registry_missing():
-        pytest.fail(why, pytrace=False)
-    reg = Registry(tmp_path_factory.mktemp("registry"))
-    reg.start()
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
-@pytest.fixture(scope="module")
-def containerd(registry: Registry) -> Iterator[Containerd]:
-    """containerd 2.1 with CRI (namespace k8s.io, so ctr and stasis see CRI's
-    containers), pause imported, busybox pushed to the registry."""
-    c = Containerd.in_run_dir(
-        "2.1",
-        _shim_path(),
-        namespace=CRI_NAMESPACE,
-        cri=True,
-        registry_config_path=registry.hosts_dir,
-    )
-    try:
-        c.start()
-        c.import_image(images_dir() / "pause.tar")
-        c.import_image(images_dir() / "busybox.tar")
-        c.ctr("images", "tag", IMAGE, registry.ref(BASE))
-        c.ctr("images", "push", "--plain-http", registry.ref(BASE), timeout=120)
-        yield c
-    finally:
-        left = c.stop()
-    if left:
-        pytest.fail(f"containerd 2.1 with CRI left behind (now cleaned up): {left}")
-
-
-class Pods:
-    """Pod sandboxes made through CRI; remove_all() stops and removes them (and so
-    their containers)."""
-
-    def __init__(self, cri: CriClient, logs: Path) -> None:
-        self.cri = cri
-        self.api = cri.api
-        self.logs = logs
-        self.ids: list[str] = []
-
-    def run(self, name: str) -> tuple[str, Any]:
-        """A new pod on the stasis handler: (sandbox id, its PodSandboxConfig)."""
-        uid = uuid.uuid4().hex
-        logs = self.logs / uid
-        logs.mkdir(parents=True)
-        config = self.api.PodSandboxConfig(
-            metadata=self.api.PodSandboxMetadata(
-                name=f"{name}-{uid[:6]}", uid=uid, namespace="default", attempt=0
-            ),
-            log_directory=str(logs),
-            hostname=name,
-        )
-        reply = self.cri.call(
-            "RunPodSandbox", config=config, runtime_handler=STASIS_HANDLER, timeout=CRI_TIMEOUT
-        )
-        self.ids.append(reply.pod_sandbox_id)
-        return reply.pod_sandbox_id, config
-
-    def container(self, sandbox: str, config: Any, image: str, command: list[str]) -> str:
-        """Create and start a container named `counter` in the pod; its id."""
-        spec = self.api.ContainerConfig(
-            metadata=self.api.ContainerMetadata(name="counter", attempt=0),
-            image=self.api.ImageSpec(image=image),
-            command=command,
-            log_path="counter.log",
-        )
-        cid = self.cri.call(
-            "CreateContainer",
-            pod_sandbox_id=sandbox,
-            config=spec,
-            sandbox_config=config,
-            timeout=CRI_TIMEOUT,
-        ).container_id
-        self.cri.call("StartContainer", container_id=cid, timeout=CRI_TIMEOUT)
-        return str(cid)
-
-    def remove_all(self) -> None:
-        for sandbox in reversed(self.ids):
-            self.cri.call("StopPodSandbox", pod_sandbox_id=sandbox, timeout=CRI_TIMEOUT)
-            self.cri.call("RemovePodSandbox", pod_sandbox_id=sandbox, timeout=CRI_TIMEOUT)
-        self.ids.clear()
+def containerd(cri_containerd_2_1: Containerd) -> Containerd:
+    """The session's containerd 2.1 with CRI (tests/conftest.py)."""
+    return cri_containerd_2_1
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +48,7 @@ def pods(containerd: Containerd, tmp_path_factory: pytest.TempPathFactory) -> It
     if why := cri_missing("v1"):
         pytest.fail(why, pytrace=False)
     with CriClient(containerd.address, tmp_path_factory.mktemp("cri")) as cri:
-        made = Pods(cri, tmp_path_factory.mktemp("pod-logs"))
+        made = Pods(cri, tmp_path_factory.mktemp("pod-logs"), STASIS_HANDLER, CRI_TIMEOUT)
         try:
             yield made
         finally:
