@@ -1,16 +1,35 @@
 """What the integration tests do to containers again and again: run the stasis CLI
-against a private containerd, find a task, read a counter, remove a container."""
+against a private containerd, find a task, read a counter, hold memory, find a
+bundle, remove a container."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bed.containerd import Containerd
 
 RUNTIME = "io.containerd.stasis.v2"
 IMAGE = "docker.io/stasis/busybox:test"
+# busybox sh: counts in /tmp/count, 20 times a second
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+
+
+def holding_memory(mib: int) -> str:
+    """busybox sh: a `dd` holds `mib` MiB of random bytes in one buffer (blocked on its
+    second read for ever, as in bench/checkpoint.py), next to COUNTER."""
+    n = mib << 20
+    return (
+        f"(head -c {n} /dev/urandom; exec sleep 1000000) | "
+        f"dd bs={n} count=2 iflag=fullblock of=/dev/null 2>/dev/null & {COUNTER}"
+    )
+
+
+def bundle(c: Containerd, id: str) -> Path:
+    """The task's bundle directory (shim.pid, log, rootfs ...)."""
+    return c.state / "io.containerd.runtime.v2.task" / c.namespace / id
 
 
 def stasis_argv(c: Containerd) -> list[str]:

@@ -18,11 +18,21 @@ from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, mounts_under, unique_id
-from bed.workload import IMAGE, RUNTIME, remove, stasis, stasis_argv, task, wait_count
+from bed.workload import (
+    COUNTER,
+    IMAGE,
+    RUNTIME,
+    bundle,
+    holding_memory,
+    remove,
+    stasis,
+    stasis_argv,
+    task,
+    wait_count,
+)
 
 pytestmark = pytest.mark.integration
 
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
 CONCURRENT = 20  # containers checkpointed at once
 
 
@@ -125,20 +135,6 @@ def test_restore_from_outside_the_configured_stores_is_refused(
 # -- the shim killed, containerd restarted, in the middle of a checkpoint -------------------
 
 MEM_MIB = 384  # memory the container holds, so that the dump takes a while
-
-
-def holding_memory(mib: int) -> str:
-    """busybox sh: `dd` holds `mib` MiB of random bytes (blocked on its second read
-    for ever, as in bench/checkpoint.py), next to a counter in /tmp/count."""
-    n = mib << 20
-    return (
-        f"(head -c {n} /dev/urandom; exec sleep 1000000) | "
-        f"dd bs={n} count=2 iflag=fullblock of=/dev/null 2>/dev/null & {COUNTER}"
-    )
-
-
-def bundle(c: Containerd, id: str) -> Path:
-    return c.state / "io.containerd.runtime.v2.task" / c.namespace / id
 
 
 def wait_for_dump(store: Path, timeout: float = 60) -> None:

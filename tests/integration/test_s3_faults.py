@@ -35,7 +35,7 @@ import pytest
 from bed import workload
 from bed.containerd import Containerd, unique_id
 from bed.s3proxy import Fault, FaultProxy
-from bed.workload import IMAGE, RUNTIME, count, stasis_argv, task
+from bed.workload import COUNTER, IMAGE, RUNTIME, bundle, count, holding_memory, stasis_argv, task
 from conftest import S3Server
 
 pytestmark = pytest.mark.integration
@@ -49,17 +49,6 @@ UPLOAD_LIBS = ("zstandard", "/_ssl.", "libssl.so", "/pyexpat.", "/_elementtree."
 CACHE_DIR = "/var/lib/stasis/cache"  # runtime.s3store.DEFAULT_CACHE_DIR, restores download
 MEM_MIB = 96  # random (incompressible) memory the container holds: the upload's bulk
 PROXY_RATE = 8 << 20  # bytes/s the proxy lets through towards moto: ~12 s for the upload
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
-
-
-def holding_memory(mib: int) -> str:
-    """busybox sh: a `dd` holds `mib` MiB of random bytes in one buffer (blocked on its
-    second read for ever, as in bench/checkpoint.py), next to a counter in /tmp/count."""
-    n = mib << 20
-    return (
-        f"(head -c {n} /dev/urandom; exec sleep 1000000) | "
-        f"dd bs={n} count=2 iflag=fullblock of=/dev/null 2>/dev/null & {COUNTER}"
-    )
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -131,10 +120,6 @@ def upload_libs(pid: int) -> list[str]:
 
 def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def bundle(c: Containerd, id: str) -> Path:
-    return c.state / "io.containerd.runtime.v2.task" / c.namespace / id
 
 
 def alive(pid: int) -> bool:
