@@ -15,6 +15,7 @@
                                      upload again a checkpoint whose S3 upload failed
                                      (to the store it was meant for, by default)
   stasis demo                        a counter checkpointed, killed and restored
+  stasis keygen FILE                 a new checkpoint encryption key (encryption.key_file)
   stasis kube checkpoint NAMESPACE/POD [--to STORE] [--name NAME] [--leave-running]
                      [--snapshot-volumes] [--snapshot-class C] [--json]
                      [--kubeconfig F] [--address CONTAINERD_SOCK]
@@ -387,6 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--image", default=DEMO_IMAGE)
     d.add_argument("--seconds", type=float, default=2.0)
     d.add_argument("--keep", action="store_true", help="keep the demo's checkpoint")
+    kg = sub.add_parser("keygen", help="write a new checkpoint encryption key (mode 0600)")
+    kg.add_argument("file", metavar="FILE", help="the key file to create (never overwritten)")
     _kube_parser(sub)
     return p
 
@@ -476,6 +479,12 @@ def _run(ns: argparse.Namespace) -> int:
         return demo(ns)
     elif ns.command == "kube":
         return kube(ns)
+    elif ns.command == "keygen":
+        from runtime.crypt import write_key_file
+
+        key = write_key_file(ns.file)
+        _progress(f"wrote {ns.file}: set encryption.key_file to it (key id {key.id})")
+        print(key.id)
     elif ns.command == "list":
         from runtime.store import default_store, open_store
 

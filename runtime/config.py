@@ -14,10 +14,16 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
     endpoint = "https://minio.example:9000"
     request_checksum_calculation = "when_supported"  # or "when_required"
 
+    [encryption]
+    # Encrypt new checkpoints (AES-256-GCM) and decrypt encrypted ones with
+    # this key: 32 bytes, raw, hex or base64; mode 0600/0400 (`stasis keygen`).
+    key_file = "/etc/stasis/checkpoint.key"
+
 Every key is optional. Environment variables override the file:
 ``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
-``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, and ``STASIS_RESTORE_SOURCES``
+``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``, and
+``STASIS_RESTORE_SOURCES``
 (URLs separated by commas, replacing the file's list); an empty variable counts
 as unset.
 A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
@@ -78,10 +84,22 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """Client-side encryption of checkpoints at rest (``runtime.crypt``).
+
+    ``key_file`` None: new checkpoints are stored unencrypted and encrypted
+    ones cannot be opened. The file is read when a store is opened.
+    """
+
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole Stasis configuration."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
 
 
 # TOML key -> S3Config field, and the environment variable that overrides it.
@@ -94,6 +112,7 @@ _S3_KEYS: dict[str, tuple[str, str]] = {
 }
 _STORAGE_URL_ENV = "STASIS_STORAGE_URL"
 _RESTORE_SOURCES_ENV = "STASIS_RESTORE_SOURCES"
+_KEY_FILE_ENV = "STASIS_ENCRYPTION_KEY_FILE"
 
 
 def load(env: Mapping[str, str] | None = None) -> Config:
@@ -124,7 +143,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], path: str) -> Config:
-    _only(data, {"storage"}, path, "")
+    _only(data, {"storage", "encryption"}, path, "")
     storage = _table(data, "storage", path, "")
     _only(storage, {"url", "s3", "restore_sources"}, path, "storage.")
     s3 = _table(storage, "s3", path, "storage.")
@@ -149,8 +168,15 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
             check_storage_url(_string(v, f"{where}[{i}]"), f"{where}[{i}]")
             for i, v in enumerate(value)
         )
+    encryption = _table(data, "encryption", path, "")
+    _only(encryption, {"key_file"}, path, "encryption.")
+    key_file = None
+    if "key_file" in encryption:
+        where = f"config file {path}: encryption.key_file"
+        key_file = _key_file(_string(encryption["key_file"], where), where)
     return Config(
-        StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields)), restore_sources=sources)
+        StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields)), restore_sources=sources),
+        EncryptionConfig(key_file=key_file),
     )
 
 
@@ -167,7 +193,19 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     if value := env.get(_RESTORE_SOURCES_ENV):
         where = f"environment variable {_RESTORE_SOURCES_ENV}"
         sources = tuple(check_storage_url(v.strip(), where) for v in value.split(",") if v.strip())
-    return Config(StorageConfig(url=url, s3=s3, restore_sources=sources))
+    encryption = config.encryption
+    if value := env.get(_KEY_FILE_ENV):
+        encryption = EncryptionConfig(_key_file(value, f"environment variable {_KEY_FILE_ENV}"))
+    return Config(StorageConfig(url=url, s3=s3, restore_sources=sources), encryption)
+
+
+def _key_file(path: str, where: str) -> str | None:
+    """An absolute key file path; "" means none."""
+    if not path:
+        return None
+    if not path.startswith("/"):
+        raise InvalidArgument(f"{where}: {path!r} must be an absolute path")
+    return path
 
 
 def check_storage_url(url: str, where: str) -> str:

@@ -35,6 +35,8 @@ _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 _EVENT_HEAD = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 _EXIT = struct.Struct("=IIII")  # pid, tgid, exit_code, exit_signal
 NLMSG_DONE = 3
+_SO_RCVBUFFORCE = 33  # socket.SO_RCVBUFFORCE (Linux), needs CAP_NET_ADMIN
+_RCVBUF = 8 << 20
 
 
 def _request(op: int) -> bytes:
@@ -91,6 +93,12 @@ class ExitCodes:
             log.warning("no process events (exit codes of adopted processes unknown): %s", e)
             return None
         try:
+            # Every exit on the host arrives here: a roomy buffer keeps a burst of
+            # them (a busy node, a test run) from overflowing it (ENOBUFS).
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RCVBUF)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
             sock.bind((0, CN_IDX_PROC))
             sock.send(_request(PROC_CN_MCAST_LISTEN))
             sock.setblocking(False)

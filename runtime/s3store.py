@@ -46,6 +46,14 @@ request ("standard" mode); part uploads and ranged GETs get a few more
 attempts of their own, since a body that breaks off mid-stream is not
 retried by botocore.
 
+With a key (``key_file``, ``runtime.crypt``) every file is compressed, then
+encrypted, as it streams up (a fresh salt per attempt; the spool stays as
+written and ``.stasis-pending.json`` records the key id, so ``push`` never
+uploads it in clear or under another key); the manifest then describes the
+ciphertext (objects stored with ``compression`` "none") and carries the
+``encryption`` object and its MAC, and readers decrypt verified downloads
+into a private ``<name>-plain-*`` directory next to the cache.
+
 This module imports boto3 and zstandard when it first needs them (a client,
 a codec); ``runtime.store`` imports the module itself only for ``s3://``
 URLs. Writing a spool, and ``gc_spools``, need neither.
@@ -70,11 +78,11 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from runtime.config import S3Config
 from runtime.digest import KnownDigest
@@ -96,6 +104,7 @@ from runtime.store import (
     METADATA_FILE,
     NAME_PATTERN,
     CheckpointInfo,
+    Encryption,
     FileEntry,
     Manifest,
     _digest,
@@ -113,6 +122,9 @@ from runtime.store import (
     check_name,
     check_rel,
 )
+
+if TYPE_CHECKING:
+    from runtime.crypt import Key, Sealer
 
 log = logging.getLogger("stasis.s3")
 
@@ -451,6 +463,7 @@ class S3Store:
         max_attempts: int = 5,
         part_attempts: int = 4,
         retry_delay: float = 0.5,
+        key_file: str | None = None,
     ) -> None:
         self.bucket, self.prefix = parse_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
@@ -480,6 +493,14 @@ class S3Store:
         self._max_attempts = max_attempts
         self._part_attempts = max(1, part_attempts)
         self._retry_delay = retry_delay
+        # With a key, uploads are encrypted and encrypted checkpoints can be read
+        # (the key file travels to the upload worker by path, in ``options``).
+        self.key_file = key_file
+        self.key: Key | None = None
+        if key_file is not None:
+            from runtime.crypt import load_key
+
+            self.key = load_key(key_file)
         self.endpoint = _show_endpoint(self._cfg.endpoint)
         self._base = f"{self.prefix}/" if self.prefix else ""
         self._client_lock = threading.Lock()
@@ -732,6 +753,7 @@ class S3Store:
             "max_attempts": self._max_attempts,
             "part_attempts": self._part_attempts,
             "retry_delay": self._retry_delay,
+            "key_file": self.key_file,
         }
 
     @property
@@ -742,6 +764,7 @@ class S3Store:
     def open(self, name: str) -> S3Reader:
         """Read ``name``'s manifest (NotFound / DataLoss) and prepare a local cache."""
         remote = self._load(name)
+        sealer = remote.manifest.open_with(self.key, self._where(name))
         try:
             os.makedirs(self.cache_dir, 0o700, exist_ok=True)
             import tempfile
@@ -755,7 +778,7 @@ class S3Store:
         except OSError as e:
             _rmtree(cache)
             raise _local_error(e, f"preparing a local copy of {name}", cache) from e
-        return S3Reader(self, name, remote, cache)
+        return S3Reader(self, name, remote, cache, sealer)
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """Checkpoints with a valid manifest, oldest first (one GET per checkpoint)."""
@@ -959,6 +982,14 @@ class S3Store:
         check_name(str(name))
         metadata = pending.get("metadata", {})
         compression = _check_compression(str(pending.get("compression", self.compression)))
+        key_id = pending.get("key_id")
+        if key_id is not None and (self.key is None or self.key.id != key_id):
+            configured = "no key" if self.key is None else f"key id {self.key.id}"
+            raise FailedPrecondition(
+                f"spool {spool} is to be encrypted with key id {key_id}, but {configured} "
+                "is configured (encryption.key_file): it is uploaded neither in clear nor "
+                "with another key"
+            )
         if tree.others:
             raise InvalidArgument(f"spool {spool}: {tree.others[0]} is not a regular file")
         files = {rel: size for rel, size in tree.files.items() if rel not in _SPOOL_OWN}
@@ -1004,17 +1035,37 @@ class S3Store:
         up = _Uploader(self, where)
         failed: BaseException | None = None
         manifest_sent = False
+        sealer: Sealer | None = None
+        encryption: Encryption | None = None
+        if self.key is not None:
+            # Compressed, then encrypted, on the way up (a new salt per attempt:
+            # the spool stays as CRIU wrote it); the manifest describes the
+            # stored ciphertext, so its objects have no compression of their own.
+            from runtime import crypt
+
+            salt = crypt.new_salt()
+            sealer = self.key.derive(salt)
+            encryption = Encryption(crypt.ALG, crypt.CHUNK, self.key.id, salt.hex())
+            if compression == "lz4":
+                compression = "zstd"  # the only compression an encrypted stream records
+        kept = "none" if sealer is not None else compression
         try:
             for rel in sorted(files):
-                rel_key = f"{data_dir}/{rel}{_EXT[compression]}"
+                rel_key = f"{data_dir}/{rel}{_EXT[kept]}"
                 path = os.path.join(spool, rel)
                 entries[rel], size = up.file(
-                    path, rel, self._dir_key(name) + rel_key, compression, files[rel]
+                    path, rel, self._dir_key(name) + rel_key, compression, files[rel], sealer
                 )
-                stored[rel] = StoredFile(rel_key, size, compression)
+                stored[rel] = StoredFile(rel_key, size, kept)
             up.finish()
-            stasis_json = _read_stasis_json(spool) if METADATA_FILE in files else None
+            stasis_json = None
+            if METADATA_FILE in files and sealer is None:  # encrypted: stays in its file
+                stasis_json = _read_stasis_json(spool)
             manifest = Manifest(name, datetime.now(UTC), entries, metadata)
+            if sealer is not None and encryption is not None:
+                manifest = replace(manifest, encryption=encryption)
+                mac = sealer.mac(manifest.to_json())  # MAC "" while computed
+                manifest = replace(manifest, encryption=replace(encryption, mac=mac))
             data = _manifest_bytes(manifest, stored, stasis_json)
             # Whoever published this name while we uploaded wins (no atomic rename in S3).
             if self._get_manifest(name) is not None:
@@ -1269,15 +1320,29 @@ class _Uploader:
             self._slots.release()
 
     def file(
-        self, path: str, rel: str, key: str, compression: str, size: int
+        self,
+        path: str,
+        rel: str,
+        key: str,
+        compression: str,
+        size: int,
+        sealer: Sealer | None = None,
     ) -> tuple[FileEntry, int]:
         """Hash, compress and upload one file; returns its entry and stored size.
 
+        With ``sealer`` the compressed stream is encrypted (``runtime.crypt``,
+        zstd recorded in its header) and the entry is that of the ciphertext.
         The upload may still be running: ``finish`` waits for it.
         """
         store = self._store
         part_size = max(store.part_size, -(-(size // _MAX_PARTS + 1) // MiB) * MiB)
         comp = _Compressor(compression, size, store.zstd_level, store.zstd_threads)
+        enc = None
+        if sealer is not None:
+            from runtime import crypt
+
+            flags = crypt.FLAGS_ZSTD if compression == "zstd" else crypt.FLAGS_NONE
+            enc = crypt.Encryptor(sealer, rel, flags)
         sha = hashlib.sha256()
         n = stored = 0
         buf = bytearray()  # compressed output not yet submitted: < part_size after _drain
@@ -1296,13 +1361,19 @@ class _Uploader:
                     raise _local_error(e, f"reading {rel}", path) from e
                 if not chunk:
                     break
+                out = comp.compress(chunk)
+                if enc is not None:
+                    chunk = out = enc.update(out)
                 sha.update(chunk)
                 n += len(chunk)
-                out = comp.compress(chunk)
                 stored += len(out)
                 buf += out
                 mpu = self._drain(buf, part_size, mpu, key)
         out = comp.flush()  # multi-threaded zstd may hold back much of its output until here
+        if enc is not None:
+            out = enc.update(out) + enc.finish()
+            sha.update(out)
+            n += len(out)
         stored += len(out)
         buf += out
         mpu = self._drain(buf, part_size, mpu, key)
@@ -1507,11 +1578,14 @@ class S3Writer(_LocalFiles):
             files = {rel: size for rel, size in tree.files.items() if rel not in _SPOOL_OWN}
             if MANIFEST in files:
                 raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
+            key = self._store.key
             pending = {
                 "name": self._name,
                 "url": self._store.url,
                 "metadata": metadata,
                 "compression": compression,
+                # push refuses to upload it in clear, or under another key
+                "key_id": key.id if key is not None else None,
             }
             with _open_new(os.path.join(self.spool, PENDING)) as f:
                 f.write(json.dumps(pending).encode())
@@ -1572,7 +1646,9 @@ class S3Reader:
     concurrent use (downloads are serialized).
     """
 
-    def __init__(self, store: S3Store, name: str, remote: _Remote, cache: str) -> None:
+    def __init__(
+        self, store: S3Store, name: str, remote: _Remote, cache: str, sealer: Sealer | None = None
+    ) -> None:
         self._store = store
         self._name = name
         self._remote = remote
@@ -1580,6 +1656,11 @@ class S3Reader:
         self._lock = threading.Lock()
         self._have: set[str] = set()  # verified local copies; guarded by _lock
         self._closed = False  # guarded by _lock
+        # An encrypted checkpoint: ``file`` decrypts the verified downloads into
+        # ``_plain`` (a private 0700 directory next to the cache, removed by close).
+        self._sealer = sealer
+        self._plain: str | None = None  # guarded by _lock
+        self._decrypted: set[str] = set()  # guarded by _lock
 
     @property
     def name(self) -> str:
@@ -1631,7 +1712,43 @@ class S3Reader:
         problems = self._fetch(wanted, recheck=False)
         if problems:
             raise DataLoss(_problems_message(self._where(), problems))
+        if self._sealer is not None:
+            return self._decrypt(rel, wanted)
         return os.path.join(self._cache, rel)
+
+    def stored_file(self, rel: str) -> str:
+        """Local path of ``rel`` as stored (encrypted, for an encrypted checkpoint), verified."""
+        check_rel(rel)
+        if rel not in self._remote.manifest.files:
+            raise NotFound(f"{self._where()}: no file {rel}")
+        problems = self._fetch([rel], recheck=False)
+        if problems:
+            raise DataLoss(_problems_message(self._where(), problems))
+        return os.path.join(self._cache, rel)
+
+    def _decrypt(self, rel: str, wanted: builtins.list[str]) -> str:
+        import tempfile
+
+        assert self._sealer is not None
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition(f"{self._where()}: reader is closed")
+            try:
+                if self._plain is None:
+                    self._plain = tempfile.mkdtemp(
+                        prefix=f"{self._name}-plain-", dir=self._store.cache_dir
+                    )
+                for f in wanted:
+                    if f in self._decrypted:
+                        continue
+                    target = os.path.join(self._plain, f)
+                    os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
+                    with open(os.path.join(self._cache, f), "rb") as src, _open_new(target) as dst:
+                        self._sealer.decrypt(src, dst, f, self._where())
+                    self._decrypted.add(f)
+            except OSError as e:
+                raise _local_error(e, f"decrypting {rel}", self._store.cache_dir) from e
+            return os.path.join(self._plain, rel)
 
     def verify(self, only: Callable[[str], bool] | None = None) -> None:
         """Check the manifest is unchanged and every file matches it (downloading what is
@@ -1782,11 +1899,15 @@ class S3Reader:
         return store._retry("get", key, get)
 
     def close(self) -> None:
-        """Delete the local copies (idempotent)."""
+        """Delete the local copies, decrypted ones included (idempotent)."""
         with self._lock:
             self._closed = True
             self._have.clear()
+            self._decrypted.clear()
+            plain, self._plain = self._plain, None
         _rmtree(self._cache)
+        if plain is not None:
+            _rmtree(plain)
 
     def __enter__(self) -> S3Reader:
         return self

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -52,6 +53,7 @@ from runtime.errors import (
 
 if TYPE_CHECKING:
     from runtime.config import Config
+    from runtime.crypt import Key, Sealer
 
 MANIFEST = "manifest.json"
 METADATA_FILE = "stasis.json"
@@ -67,6 +69,8 @@ _MAX_WORKERS = 4
 _MAX_SMALL_JSON = 64 << 20  # manifest.json / stasis.json read into memory
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+_HEX = re.compile(r"[0-9a-f]+")
+DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"  # decrypted copies (root); others: the temp dir
 
 
 # --------------------------------------------------------------------------- data
@@ -81,14 +85,61 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Encryption:
+    """How an encrypted checkpoint was sealed (``runtime.crypt``); in ``manifest.json``.
+
+    ``salt`` (hex) derives the checkpoint's keys from the key ``key_id`` names;
+    ``mac`` (hex) is HMAC-SHA256, with the derived MAC key, of the manifest as
+    serialized with ``mac`` = "".
+    """
+
+    alg: str
+    chunk: int
+    key_id: str
+    salt: str
+    mac: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON object stored under ``encryption``."""
+        return {
+            "alg": self.alg,
+            "chunk": self.chunk,
+            "key_id": self.key_id,
+            "salt": self.salt,
+            "mac": self.mac,
+        }
+
+    @classmethod
+    def parse(cls, doc: object, where: str) -> Encryption:
+        """Check the ``encryption`` object; anything malformed is DataLoss."""
+        if not isinstance(doc, dict):
+            raise DataLoss(f"{where}: {MANIFEST}: 'encryption' is not an object")
+        alg, chunk, key_id, salt, mac = (
+            doc.get(k) for k in ("alg", "chunk", "key_id", "salt", "mac")
+        )
+        if not isinstance(alg, str) or not isinstance(chunk, int) or isinstance(chunk, bool):
+            raise DataLoss(f"{where}: {MANIFEST}: 'encryption' has a bad alg or chunk")
+        for what, value in (("key_id", key_id), ("salt", salt), ("mac", mac)):
+            if not isinstance(value, str) or not _HEX.fullmatch(value):
+                raise DataLoss(f"{where}: {MANIFEST}: 'encryption': bad {what}")
+        assert isinstance(key_id, str) and isinstance(salt, str) and isinstance(mac, str)
+        return cls(alg, chunk, key_id, salt, mac)
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """The contents of ``manifest.json``: every file of a checkpoint, with its digest."""
+    """The contents of ``manifest.json``: every file of a checkpoint, with its digest.
+
+    For an encrypted checkpoint (``encryption`` set) the digests and sizes are
+    those of the stored, encrypted files, so ``verify`` needs no key.
+    """
 
     name: str
     created: datetime
     files: dict[str, FileEntry]
     metadata: dict[str, Any] = field(default_factory=dict)
     version: int = MANIFEST_VERSION
+    encryption: Encryption | None = None
 
     @property
     def size(self) -> int:
@@ -106,6 +157,8 @@ class Manifest:
             },
             "metadata": self.metadata,
         }
+        if self.encryption is not None:
+            doc["encryption"] = self.encryption.to_doc()
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -143,7 +196,48 @@ class Manifest:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad size")
             entries[rel] = FileEntry(digest, size)
-        return cls(name=name, created=when, files=entries, metadata=metadata)
+        encryption = None
+        if "encryption" in doc:
+            encryption = Encryption.parse(doc["encryption"], where)
+        return cls(name=name, created=when, files=entries, metadata=metadata, encryption=encryption)
+
+    def unsealed(self) -> bytes:
+        """What the manifest's MAC covers: ``to_json`` with the MAC blanked."""
+        assert self.encryption is not None
+        return dataclasses.replace(
+            self, encryption=dataclasses.replace(self.encryption, mac="")
+        ).to_json()
+
+    def open_with(self, key: Key | None, where: str) -> Sealer | None:
+        """The sealer for an encrypted checkpoint, its manifest authenticated; None if plain.
+
+        FailedPrecondition without a key, PermissionDenied for another key,
+        DataLoss if the manifest fails authentication.
+        """
+        enc = self.encryption
+        if enc is None:
+            return None
+        if key is None:
+            raise FailedPrecondition(
+                f"{where} is encrypted (key id {enc.key_id}): configure encryption.key_file "
+                "(or STASIS_ENCRYPTION_KEY_FILE) with its key"
+            )
+        if key.id != enc.key_id:
+            raise PermissionDenied(
+                f"{where} is encrypted with key id {enc.key_id}, but the configured key "
+                f"({key.source or 'given'}) has key id {key.id}"
+            )
+        from runtime import crypt
+
+        if enc.alg != crypt.ALG or enc.chunk != crypt.CHUNK:
+            raise DataLoss(f"{where}: unsupported encryption {enc.alg} with chunk {enc.chunk}")
+        try:
+            sealer = key.derive(bytes.fromhex(enc.salt))
+        except ValueError as e:
+            raise DataLoss(f"{where}: {MANIFEST}: bad encryption salt") from e
+        if not sealer.check_mac(self.unsealed(), enc.mac):
+            raise DataLoss(f"{where}: {MANIFEST} authentication failed (changed or forged)")
+        return sealer
 
 
 @dataclass(frozen=True)
@@ -522,14 +616,33 @@ def _read_small(path: str, limit: int = _MAX_SMALL_JSON) -> bytes:
     return data
 
 
-def _stasis_json(directory: str, manifest: Manifest) -> dict[str, Any]:
+def _stasis_json(
+    directory: str, manifest: Manifest, sealer: Sealer | None = None
+) -> dict[str, Any]:
     """Commit metadata updated with ``stasis.json``; a bad ``stasis.json`` is ignored here
-    (``verify`` is what reports corruption)."""
+    (``verify`` is what reports corruption).
+
+    An encrypted checkpoint's ``stasis.json`` is read only with its ``sealer``
+    (without, the manifest's metadata, authenticated but not encrypted, is all).
+    """
     metadata = dict(manifest.metadata)
-    if METADATA_FILE in manifest.files:
+    entry = manifest.files.get(METADATA_FILE)
+    if entry is not None:
+        path = os.path.join(directory, METADATA_FILE)
         try:
-            doc = json.loads(_read_small(os.path.join(directory, METADATA_FILE), 1 << 20))
-        except (OSError, ValueError, _NotRegular):
+            if manifest.encryption is None:
+                data = _read_small(path, 1 << 20)
+            elif sealer is None or entry.size > 2 << 20:
+                return metadata
+            else:
+                import io
+
+                out = io.BytesIO()
+                with open(path, "rb") as f:
+                    sealer.decrypt(f, out, METADATA_FILE, directory)
+                data = out.getvalue()
+            doc = json.loads(data)
+        except (OSError, ValueError, _NotRegular, DataLoss):
             return metadata
         if isinstance(doc, dict):
             metadata.update(doc)
@@ -545,6 +658,13 @@ def _problems_message(what: str, problems: list[str]) -> str:
 # --------------------------------------------------------------------------- reader
 
 
+def _default_cache_dir() -> str:
+    """Where readers put decrypted copies: Stasis's cache as root, else the temp dir."""
+    import tempfile
+
+    return DEFAULT_CACHE_DIR if os.geteuid() == 0 else tempfile.gettempdir()
+
+
 class _DirReader:
     """A complete checkpoint in a local directory (the store's own, or a local copy)."""
 
@@ -555,13 +675,21 @@ class _DirReader:
         manifest: Manifest,
         store_url: str,
         cleanup: Callable[[], None] | None = None,
+        sealer: Sealer | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         self._name = name
         self._path = path
         self._manifest = manifest
         self._url = store_url
         self._cleanup = cleanup
-        self._metadata = _stasis_json(path, manifest)
+        # An encrypted checkpoint: ``file`` decrypts into ``_plain`` (a private
+        # 0700 directory under ``cache_dir``, made on first use, removed by close).
+        self._sealer = sealer
+        self._cache_dir = cache_dir
+        self._plain: str | None = None
+        self._decrypted: set[str] = set()
+        self._metadata = _stasis_json(path, manifest, sealer)
 
     @property
     def name(self) -> str:
@@ -640,7 +768,19 @@ class _DirReader:
 
         InvalidArgument if ``rel`` would leave the checkpoint; NotFound if the
         manifest lists neither that file nor any file under that directory.
+        For an encrypted checkpoint, the path of a decrypted copy (each file
+        checked against the manifest as it is decrypted; DataLoss otherwise).
         """
+        path = self.stored_file(rel)
+        if self._sealer is None:
+            return path
+        try:
+            return self._decrypt(rel)
+        except OSError as e:
+            raise _storage_error(e, f"decrypting {rel} of {self._where()}", self._url) from e
+
+    def stored_file(self, rel: str) -> str:
+        """Local path of ``rel`` as stored (encrypted, for an encrypted checkpoint)."""
         check_rel(rel)
         files = self._manifest.files
         if rel not in files and not any(f.startswith(rel + "/") for f in files):
@@ -651,8 +791,38 @@ class _DirReader:
             raise InvalidArgument(f"{self._where()}: {rel} leads out of the checkpoint")
         return path
 
+    def _decrypt(self, rel: str) -> str:
+        assert self._sealer is not None
+        if self._plain is None:
+            import tempfile
+
+            cache = self._cache_dir or _default_cache_dir()
+            os.makedirs(cache, 0o700, exist_ok=True)
+            self._plain = tempfile.mkdtemp(prefix=f"{self._name}-", dir=cache)  # 0700
+        files = self._manifest.files
+        wanted = [rel] if rel in files else sorted(f for f in files if f.startswith(rel + "/"))
+        for f in wanted:
+            if f in self._decrypted:
+                continue
+            target = os.path.join(self._plain, f)
+            os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
+            src_fd = os.open(
+                os.path.join(self._path, f), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+            with open(src_fd, "rb") as src, _open_new(target) as dst:
+                hashing = _HashingReader(src)
+                self._sealer.decrypt(hashing, dst, f, self._where())  # type: ignore[arg-type]
+                if hashing.read(1) or hashing.sha256.hexdigest() != files[f].sha256:
+                    raise DataLoss(f"{self._where()}: {f}: sha256 mismatch")
+            self._decrypted.add(f)
+        return os.path.join(self._plain, rel)
+
     def close(self) -> None:
-        """Release the local copy, if the store made one."""
+        """Release the local copy, if the store made one, and any decrypted files."""
+        plain, self._plain = self._plain, None
+        self._decrypted.clear()
+        if plain is not None:
+            _rmtree(plain)
         cleanup, self._cleanup = self._cleanup, None
         if cleanup is not None:
             cleanup()
@@ -740,6 +910,31 @@ class _LocalFiles:
             raise self._fail(e, f"writing {rel}") from e
 
 
+def _encrypt_in_place(sealer: Sealer, path: str, rel: str, where: str, durable: bool) -> FileEntry:
+    """Replace the staged file ``path`` by its encryption (temp file + rename)."""
+    tmp = f"{path}.stasis-encrypting"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidArgument(f"{where}: {rel} is not a regular file") from e
+        raise
+    try:
+        with open(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidArgument(f"{where}: {rel} is not a regular file")
+            with _open_new(tmp) as dst:
+                sha256, size = sealer.encrypt(src, dst, rel)
+                dst.flush()
+                if durable:
+                    os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    return FileEntry(sha256, size)
+
+
 class _StagingWriter(_LocalFiles):
     """Writes a checkpoint into a local staging directory; subclasses publish it.
 
@@ -748,11 +943,16 @@ class _StagingWriter(_LocalFiles):
 
     _durable = True  # fsync files and directories at commit
 
-    def __init__(self, name: str, staging: str, store_url: str) -> None:
+    def __init__(self, name: str, staging: str, store_url: str, key: Key | None = None) -> None:
         self._name = name
         self._staging = staging
         self._url = store_url
         self._state = "open"
+        self._key = key  # with a key, _seal encrypts every file (runtime.crypt)
+        self._sealer: Sealer | None = None
+        # An imported encrypted checkpoint: its files are stored as they came
+        # and its authenticated manifest is kept verbatim (see import_tar).
+        self._preserve: Manifest | None = None
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
         """Map a write failure; a full disk also throws the partial checkpoint away."""
@@ -793,7 +993,7 @@ class _StagingWriter(_LocalFiles):
                 _ref(self._url, self._name),
                 manifest.created,
                 manifest.size,
-                _stasis_json(self._staging, manifest),
+                _stasis_json(self._staging, manifest, self._sealer),
             )
             self._publish(manifest)
         except OSError as e:
@@ -816,6 +1016,19 @@ class _StagingWriter(_LocalFiles):
             raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
         paths = {rel: os.path.join(self._staging, rel) for rel in tree.files}
         files: dict[str, FileEntry] = {}
+        encryption: Encryption | None = None
+        if self._key is not None and self._preserve is None:
+            # Encrypted in place before digesting: the manifest describes the
+            # stored bytes (verify needs no key); the plaintext digests of
+            # ``known`` describe nothing stored and are ignored.
+            from runtime import crypt
+
+            salt = crypt.new_salt()
+            self._sealer = self._key.derive(salt)
+            encryption = Encryption(crypt.ALG, crypt.CHUNK, self._key.id, salt.hex())
+            for rel, staged in paths.items():
+                files[rel] = _encrypt_in_place(self._sealer, staged, rel, where, self._durable)
+            paths = {}
         for rel, k in known.items():
             path = paths.get(rel)
             if path is not None and _seal_known(path, k, durable=self._durable):
@@ -828,6 +1041,16 @@ class _StagingWriter(_LocalFiles):
                 raise got
             files[rel] = got
         manifest = Manifest(self._name, datetime.now(UTC), files, metadata)
+        if self._preserve is not None:
+            if files != self._preserve.files:
+                raise DataLoss(f"{where}: files differ from the imported {MANIFEST}")
+            manifest = self._preserve
+        elif encryption is not None and self._sealer is not None:
+            manifest = dataclasses.replace(manifest, encryption=encryption)
+            mac = self._sealer.mac(manifest.to_json())  # MAC "" while computed
+            manifest = dataclasses.replace(
+                manifest, encryption=dataclasses.replace(encryption, mac=mac)
+            )
         # The manifest goes in LAST: with it present the checkpoint is complete.
         with _open_new(os.path.join(self._staging, MANIFEST)) as f:
             f.write(manifest.to_json())
@@ -880,11 +1103,24 @@ class LocalStore:
     ``create=False`` for a directory a user named: Stasis never changes the
     mode of a directory it does not own (think ``/tmp``). Checkpoint
     directories are 0700 and their files 0600 either way.
+
+    With ``key`` (``runtime.crypt``), new checkpoints are encrypted and
+    encrypted ones can be opened (decrypted copies go under ``cache_dir``);
+    without, encrypted checkpoints are listed but not opened.
     """
 
-    def __init__(self, root: str, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        create: bool = True,
+        key: Key | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root
+        self.key = key
+        self.cache_dir = cache_dir
         if create:
             self._prepare()
 
@@ -950,9 +1186,12 @@ class LocalStore:
         return _LocalWriter(self, name, staging, lock)
 
     def open(self, name: str) -> _DirReader:
-        """Open complete checkpoint ``name`` in place."""
+        """Open complete checkpoint ``name`` in place (an encrypted one: authenticated)."""
         manifest = self._load(name)
-        return _DirReader(name, self._dir(name), manifest, self.url)
+        sealer = manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
+        return _DirReader(
+            name, self._dir(name), manifest, self.url, sealer=sealer, cache_dir=self.cache_dir
+        )
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """The complete checkpoints (valid manifest), oldest first; partials are never listed."""
@@ -1065,7 +1304,7 @@ class _LocalWriter(_StagingWriter):
     """Writes ``<root>/.partial-<name>-<random>/`` and renames it to ``<root>/<name>``."""
 
     def __init__(self, store: LocalStore, name: str, staging: str, lock: int) -> None:
-        super().__init__(name, staging, store.url)
+        super().__init__(name, staging, store.url, store.key)
         self._store = store
         self._lock: int | None = lock  # flock held while writing; gc skips locked partials
 
@@ -1110,11 +1349,12 @@ class MemoryStore:
 
     Writers stage files in a private temporary directory (CRIU needs real
     paths); ``commit`` reads them into memory and deletes the directory.
-    Readers get a private local copy, deleted by ``close``.
+    Readers get a private local copy, deleted by ``close``. ``key`` as for LocalStore.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: Key | None = None) -> None:
         self.url = f"memory://{id(self):x}"
+        self.key = key
         self._lock = threading.Lock()
         self._checkpoints: dict[str, _Stored] = {}  # guarded by _lock
 
@@ -1141,6 +1381,7 @@ class MemoryStore:
         import tempfile
 
         stored = self._get(name)
+        sealer = stored.manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
         copy = tempfile.mkdtemp(prefix=f"stasis-{name}-")
         try:
             for rel, data in [*stored.files.items(), (MANIFEST, stored.manifest.to_json())]:
@@ -1151,7 +1392,9 @@ class MemoryStore:
         except BaseException:
             _rmtree(copy)
             raise
-        return _DirReader(name, copy, stored.manifest, self.url, lambda: _rmtree(copy))
+        return _DirReader(
+            name, copy, stored.manifest, self.url, lambda: _rmtree(copy), sealer=sealer
+        )
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """The checkpoints, oldest first."""
@@ -1160,7 +1403,7 @@ class MemoryStore:
         infos = []
         for name, stored in items:
             metadata = dict(stored.manifest.metadata)
-            raw = stored.files.get(METADATA_FILE)
+            raw = stored.files.get(METADATA_FILE) if stored.manifest.encryption is None else None
             try:
                 doc = json.loads(raw) if raw is not None else None
             except ValueError:
@@ -1202,7 +1445,7 @@ class _MemoryWriter(_StagingWriter):
     _durable = False  # the staging directory is thrown away anyway
 
     def __init__(self, store: MemoryStore, name: str, staging: str) -> None:
-        super().__init__(name, staging, store.url)
+        super().__init__(name, staging, store.url, store.key)
         self._store = store
 
     def _publish(self, manifest: Manifest) -> None:
@@ -1228,13 +1471,22 @@ def open_store(url: str, config: Config | None = None) -> Store:
             from runtime.config import load
 
             config = load()
-        return S3Store(url, config.storage.s3)
+        return S3Store(url, config.storage.s3, key_file=config.encryption.key_file)
     path = _file_url_path(url) if url.startswith("file://") else url
     if path is not None and path.startswith("/"):
-        return LocalStore(path)
+        return LocalStore(path, key=_key(config))
     raise InvalidArgument(
         f"{url!r} is not a store: give file:///absolute/path, /absolute/path or s3://bucket/prefix"
     )
+
+
+def _key(config: Config | None) -> Key | None:
+    """The configured encryption key (read and checked now), or None."""
+    if config is None or config.encryption.key_file is None:
+        return None
+    from runtime.crypt import load_key
+
+    return load_key(config.encryption.key_file)
 
 
 def default_store(config: Config) -> Store:
@@ -1263,14 +1515,14 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
         from runtime.s3store import S3Store, split_ref  # boto3 only for S3 stores
 
         url, name = split_ref(ref)
-        return S3Store(url, config.storage.s3), name
+        return S3Store(url, config.storage.s3, key_file=config.encryption.key_file), name
     if ref.startswith("file://"):
         path = _file_url_path(ref)
         if path is None:
             raise InvalidArgument(f"{ref!r}: a file URL needs an absolute path (file:///dir/name)")
-        return _by_path(path, ref)
+        return _by_path(path, ref, config)
     if ref.startswith("/"):
-        return _by_path(ref, ref)
+        return _by_path(ref, ref, config)
     if _NAME.fullmatch(ref):
         return open_store(config.storage.url, config), ref
     raise InvalidArgument(
@@ -1305,11 +1557,11 @@ def check_source(ref: str, config: Config) -> None:
     )
 
 
-def _by_path(path: str, ref: str) -> tuple[Store, str]:
+def _by_path(path: str, ref: str, config: Config) -> tuple[Store, str]:
     parent, name = os.path.split(os.path.normpath(path))
     if not _NAME.fullmatch(name):
         raise InvalidArgument(f"{ref!r}: {name!r} is not a valid checkpoint name")
-    return LocalStore(parent, create=False), name
+    return LocalStore(parent, create=False, key=_key(config)), name
 
 
 def _unquote(s: str) -> str:
@@ -1383,6 +1635,8 @@ def _export_extras(reader: CheckpointReader) -> dict[str, bytes]:
     Empty when the checkpoint has no config.dump (nothing to derive them from).
     """
     files = reader.manifest.files
+    if reader.manifest.encryption is not None:
+        return {}  # CRI cannot restore an encrypted archive; leak nothing in clear
     missing = [rel for rel in sorted(_EXPORT_EXTRAS) if rel not in files]
     config = _json_object(reader, "config.dump") if missing else None
     if config is None:
@@ -1438,6 +1692,9 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
     archive's path as a new container's image) and what checkpointctl shows:
     for them the archive also gets ``status.dump`` and ``status`` when the
     checkpoint has none (outside the manifest; see ``_EXPORT_EXTRAS``).
+
+    An encrypted checkpoint is exported as stored, encrypted (no extras): only
+    Stasis with its key can restore it; CRI restore needs an unencrypted one.
     """
     import tarfile
 
@@ -1476,7 +1733,7 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
             for d in dirs:
                 tar.addfile(member(d, tarfile.DIRTYPE))
             for rel, entry in sorted(manifest.files.items()):
-                path = reader.file(rel)
+                path = _stored_path(reader, rel)
                 try:
                     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
                 except FileNotFoundError:
@@ -1503,6 +1760,16 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
         if isinstance(e, OSError):
             raise _storage_error(e, f"exporting {where}", "file://" + tar_path) from e
         raise
+
+
+def _stored_path(reader: CheckpointReader, rel: str) -> str:
+    """``rel`` as the store holds it: encrypted, for an encrypted checkpoint."""
+    if reader.manifest.encryption is None:
+        return reader.file(rel)
+    stored: Callable[[str], str] | None = getattr(reader, "stored_file", None)
+    if stored is None:
+        raise FailedPrecondition(f"checkpoint {reader.name}: cannot export it encrypted")
+    return stored(rel)
 
 
 class _BytesReader:
@@ -1608,6 +1875,14 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
             imported = imported or Manifest.parse(manifest_data, tar_path)
             _check_imported(imported, seen, tar_path)
             metadata = imported.metadata
+            if imported.encryption is not None:
+                # Stored as it came, manifest and MAC included: re-sealing is
+                # impossible without the key, and needless with it.
+                if not isinstance(writer, _StagingWriter):
+                    raise FailedPrecondition(
+                        f"{tar_path} holds an encrypted checkpoint: {store.url} cannot store it"
+                    )
+                writer._preserve = imported
         return writer.commit(metadata)
 
 

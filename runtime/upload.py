@@ -8,7 +8,8 @@ runtime.upload``, through the caller's Spawner (the shim's reaper), and the
 shim itself only writes the local spool:
 
 1. shim -> worker, one JSON line on stdin: the store's URL, S3 config and
-   options, and the checkpoint's name. The secret travels on this pipe,
+   options (an encryption key by its file's path: the worker reads the
+   key itself), and the checkpoint's name. The secret travels on this pipe,
    never in argv or the environment.
 2. The worker creates and locks the spool (``runtime.s3store.new_spool``),
    writes its PID into the spool's ``.stasis-upload.pid``, checks that the
@@ -17,9 +18,10 @@ shim itself only writes the local spool:
 3. The shim freezes the container, has CRIU dump into the spool, thaws it;
    ``commit`` records the commit in the spool (``.stasis-pending.json``)
    and says ``go``.
-4. The worker hashes, compresses and uploads (``S3Store.push_locked``:
-   multipart, manifest last), deletes the spool and answers ``done`` with
-   the checkpoint's info, or ``error`` with a StasisError's code and line.
+4. The worker hashes, compresses (with a key: then encrypts) and uploads
+   (``S3Store.push_locked``: multipart, manifest last), deletes the spool
+   and answers ``done`` with the checkpoint's info, or ``error`` with a
+   StasisError's code and line.
 
 The worker writes one JSON object a line to stdout: ``ready``, ``done``,
 ``error``, and ``log`` records that the shim logs as its own; anything else

@@ -298,8 +298,10 @@ def prepare_restore(
                 )
         # Local images are hashed while CRIU restores them (RestoreGate); a
         # remote store verifies as it downloads, before CRIU can read anything.
-        pending = defer_images and isinstance(store, LocalStore)
+        pending = defer_images and isinstance(store, LocalStore) and not reader.manifest.encryption
         reader.verify(only=_not_images if pending else None)
+        if reader.manifest.encryption:  # decrypt the images here, off the shim's event loop
+            reader.file("checkpoint")
         if upperdir is not None and "rootfs-diff.tar" in reader.manifest.files:
             rootfs.apply(reader.file("rootfs-diff.tar"), reader.file("deleted.files"), upperdir)
     except StasisError as e:

@@ -219,3 +219,36 @@ def test_restore_sources_from_file_and_environment(tmp_path: Path) -> None:
     path.write_text('[storage]\nrestore_sources = ["relative"]\n')
     with pytest.raises(InvalidArgument, match=r"restore_sources\[0\]"):
         load({"STASIS_CONFIG": str(path)})
+
+
+def test_encryption_key_file_from_file_and_environment(tmp_path: Path) -> None:
+    env = write(tmp_path, '[encryption]\nkey_file = "/etc/stasis/checkpoint.key"\n')
+    cfg = load(env)
+    assert cfg.encryption.key_file == "/etc/stasis/checkpoint.key"
+    assert cfg.storage == StorageConfig()  # the other tables keep their defaults
+    assert load({**env, "STASIS_ENCRYPTION_KEY_FILE": "/k"}).encryption.key_file == "/k"
+    assert load({**env, "STASIS_ENCRYPTION_KEY_FILE": ""}).encryption.key_file == (
+        "/etc/stasis/checkpoint.key"
+    )
+    assert load(write(tmp_path, "")).encryption.key_file is None
+    env = write(tmp_path, '[encryption]\nkey_file = ""\n')
+    assert load(env).encryption.key_file is None
+    # The environment keeps the file's encryption when it overrides storage.
+    env = write(tmp_path, '[encryption]\nkey_file = "/k"\n')
+    assert load({**env, "STASIS_STORAGE_URL": "/s"}).encryption.key_file == "/k"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('[encryption]\nkey_file = "relative.key"\n', "encryption.key_file: 'relative.key'"),
+        ("[encryption]\nkey_file = 3\n", "encryption.key_file must be a string"),
+        ('[encryption]\nkey = "/k"\n', "unknown key encryption.key"),
+        ('encryption = "/k"\n', "encryption must be a table"),
+    ],
+)
+def test_bad_encryption_config(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        load(write(tmp_path, text))
+    with pytest.raises(InvalidArgument, match="STASIS_ENCRYPTION_KEY_FILE"):
+        load({"STASIS_CONFIG": "", "STASIS_ENCRYPTION_KEY_FILE": "k"})

@@ -1200,3 +1200,279 @@ def test_restore_references_outside_the_configured_stores_are_refused(tmp_path: 
     ):
         with pytest.raises(PermissionDenied, match="restore_sources"):
             check_source(bad, cfg)
+
+
+# --------------------------------------------------------------------------- encryption at rest
+
+
+def _keyed(tmp_path: Path, name: str = "k1") -> Any:
+    from runtime import crypt
+
+    return crypt.Key(hashlib.sha256(name.encode()).digest(), str(tmp_path / f"{name}.key"))
+
+
+def _stored_bytes(directory: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+def test_encrypted_local_checkpoint_round_trip(tmp_path: Path, root: Path) -> None:
+    from runtime.digest import KnownDigest
+
+    key = _keyed(tmp_path)
+    cache = tmp_path / "cache"
+    store = LocalStore(str(root), key=key, cache_dir=str(cache))
+    with store.begin("c1") as w:
+        fill(w, tmp_path)
+        pages = Path(w.path("checkpoint/pages-1.img"))
+        st_ = pages.stat()
+        plain = hashlib.sha256(PAGES).hexdigest()
+        known = {
+            "checkpoint/pages-1.img": KnownDigest(plain, len(PAGES), st_.st_mtime_ns, st_.st_ino)
+        }
+        info = w.commit({"by": "test"}, known)
+    assert info.metadata == {"by": "test", "container_id": "c1", "image": "busybox"}
+    stored = _stored_bytes(root / "c1")
+    assert PAGES[:4096] not in stored and b"rootfs diff" not in stored and b"busybox" not in stored
+    doc = json.loads((root / "c1" / MANIFEST).read_text())
+    enc = doc["encryption"]
+    assert enc["alg"] == "AES-256-GCM" and enc["key_id"] == key.id and len(enc["mac"]) == 64
+    # The manifest describes the stored (encrypted) bytes: the known plaintext digest is ignored.
+    entry = doc["files"]["checkpoint/pages-1.img"]
+    assert entry["sha256"] != plain
+    assert (
+        entry["sha256"]
+        == hashlib.sha256((root / "c1/checkpoint/pages-1.img").read_bytes()).hexdigest()
+    )
+    assert all(mode(p) == 0o600 for p in (root / "c1").rglob("*") if p.is_file())
+    assert not list((root / "c1").rglob("*.stasis-encrypting"))
+    with store.open("c1") as r:
+        r.verify()
+        assert r.metadata["image"] == "busybox"
+        images = r.file("checkpoint")
+        assert images.startswith(str(cache)) and mode(Path(images).parent) == 0o700
+        assert Path(images, "pages-1.img").read_bytes() == PAGES
+        assert Path(r.file("rootfs-diff.tar")).read_bytes() == b"rootfs diff" * 1000
+        assert Path(r.file("deleted.files")).read_bytes() == b"/etc/motd\n"
+    assert not os.path.exists(images) and list(cache.iterdir()) == []
+    # list needs no key: the manifest's metadata (authenticated, not secret) is shown,
+    # not stasis.json (encrypted).
+    infos = LocalStore(str(root)).list()
+    assert [i.name for i in infos] == ["c1"] and infos[0].metadata == {"by": "test"}
+
+
+def test_encrypted_checkpoint_needs_its_key(tmp_path: Path, root: Path) -> None:
+    from runtime.errors import PermissionDenied
+
+    key = _keyed(tmp_path)
+    make(LocalStore(str(root), key=key), "c1", tmp_path)
+    with pytest.raises(
+        FailedPrecondition,
+        match=f"checkpoint c1 .* is encrypted \\(key id {key.id}\\): configure encryption.key_file",
+    ):
+        LocalStore(str(root)).open("c1")
+    other = _keyed(tmp_path, "k2")
+    with pytest.raises(PermissionDenied, match=f"key id {key.id}.*has key id {other.id}"):
+        LocalStore(str(root), key=other).open("c1")
+    # A key does not stop unencrypted checkpoints from being read.
+    make(LocalStore(str(root)), "plain", tmp_path)
+    with LocalStore(str(root), key=key).open("plain") as r:
+        assert Path(r.file("checkpoint/pages-1.img")).read_bytes() == PAGES
+
+
+def test_encrypted_manifest_is_authenticated(tmp_path: Path, root: Path) -> None:
+    key = _keyed(tmp_path)
+    store = LocalStore(str(root), key=key, cache_dir=str(tmp_path / "cache"))
+    make(store, "c1", tmp_path)
+    path = root / "c1" / MANIFEST
+    good = path.read_text()
+    for old, new in (('"by": "test"', '"by": "evil"'), ('"c1"', '"c2"')):
+        path.write_text(good.replace(old, new, 1))
+        with pytest.raises(DataLoss, match=r"manifest\.json authentication failed"):
+            store.open("c1")
+    path.write_text(good)
+    with store.open("c1") as r:
+        r.verify()
+
+
+def test_tampered_encrypted_file_is_data_loss(tmp_path: Path, root: Path) -> None:
+    key = _keyed(tmp_path)
+    store = LocalStore(str(root), key=key, cache_dir=str(tmp_path / "cache"))
+    make(store, "c1", tmp_path)
+    target = root / "c1" / "checkpoint" / "pages-1.img"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 1
+    target.write_bytes(bytes(data))
+    with store.open("c1") as r:
+        with pytest.raises(DataLoss, match=r"checkpoint/pages-1\.img: sha256 mismatch"):
+            r.verify()
+        with pytest.raises(DataLoss, match=r"checkpoint/pages-1\.img"):
+            r.file("checkpoint")
+    # Swapping two files of the checkpoint (sizes and digests swapped in a forged manifest
+    # would fail its MAC); swapping the bytes alone fails the digest and the decryption.
+    spec, cfg = root / "c1" / "spec.dump", root / "c1" / "config.dump"
+    a, b = spec.read_bytes(), cfg.read_bytes()
+    spec.write_bytes(b)
+    cfg.write_bytes(a)
+    with store.open("c1") as r, pytest.raises(DataLoss, match=r"spec\.dump"):
+        r.file("spec.dump")
+
+
+def test_encrypted_memory_store(tmp_path: Path) -> None:
+    key = _keyed(tmp_path)
+    store = MemoryStore(key=key)
+    make(store, "c1", tmp_path)
+    assert store.list()[0].metadata == {"by": "test"}
+    with store.open("c1") as r:
+        r.verify()
+        assert Path(r.file("checkpoint/pages-1.img")).read_bytes() == PAGES
+        assert r.metadata["image"] == "busybox"
+    store.key = None
+    with pytest.raises(FailedPrecondition, match="is encrypted"):
+        store.open("c1")
+
+
+def test_encrypted_export_and_import_stay_encrypted(tmp_path: Path, root: Path) -> None:
+    key = _keyed(tmp_path)
+    store = LocalStore(str(root), key=key, cache_dir=str(tmp_path / "cache"))
+    make(store, "c1", tmp_path)
+    tar_path = str(tmp_path / "c1.tar")
+    with store.open("c1") as r:
+        export_tar(r, tar_path)
+    with tarfile.open(tar_path) as tar:
+        names = tar.getnames()
+        member = tar.extractfile("checkpoint/pages-1.img")
+        assert member is not None and PAGES[:4096] not in member.read()
+    assert "status.dump" not in names  # nothing derived in clear
+    other = LocalStore(str(tmp_path / "other"))  # no key needed to store it
+    import_tar(other, tar_path, "copy")
+    assert (
+        json.loads((tmp_path / "other/copy" / MANIFEST).read_text())["encryption"]["key_id"]
+        == key.id
+    )
+    with pytest.raises(FailedPrecondition, match="is encrypted"):
+        other.open("copy")
+    with LocalStore(str(tmp_path / "other"), key=key, cache_dir=str(tmp_path / "cache")).open(
+        "copy"
+    ) as r:
+        r.verify()
+        assert Path(r.file("checkpoint/pages-1.img")).read_bytes() == PAGES
+
+
+def test_stores_take_the_key_from_the_config(tmp_path: Path, root: Path) -> None:
+    from runtime.config import EncryptionConfig
+    from runtime.errors import PermissionDenied
+
+    key_file = tmp_path / "checkpoint.key"
+    key_file.write_text(os.urandom(32).hex() + "\n")
+    key_file.chmod(0o600)
+    cfg = Config(StorageConfig(url=f"file://{root}"), EncryptionConfig(str(key_file)))
+    store = open_store(f"file://{root}", cfg)
+    assert isinstance(store, LocalStore) and store.key is not None
+    make(store, "c1", tmp_path)
+    by_path, name = resolve(str(root / "c1"), cfg)
+    with by_path.open(name) as r:
+        r.verify()
+    s3_store = open_store("s3://bucket/p", cfg)
+    assert getattr(s3_store, "key", None) == store.key
+    assert getattr(resolve("s3://bucket/p/c1", cfg)[0], "key", None) == store.key
+    key_file.chmod(0o644)
+    with pytest.raises(PermissionDenied, match=f"encryption key file {key_file} has mode 0644"):
+        st.default_store(cfg)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def test_encrypted_s3_checkpoint(tmp_path: Path, moto_endpoint: str) -> None:
+    """Encrypted on the way up (zstd inside), verified then decrypted on the way down."""
+    import boto3
+
+    from runtime import crypt
+    from runtime.config import S3Config
+    from runtime.errors import PermissionDenied
+    from runtime.s3store import S3Store
+
+    client = boto3.client(
+        "s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+        aws_access_key_id="k", aws_secret_access_key="s",
+    )  # fmt: skip
+    bucket = f"enc-{os.urandom(4).hex()}"
+    client.create_bucket(Bucket=bucket)
+    cfg = S3Config("k", "s", "us-east-1", moto_endpoint)
+    key_a, key_b = str(tmp_path / "a.key"), str(tmp_path / "b.key")
+    a, b = crypt.write_key_file(key_a), crypt.write_key_file(key_b)
+
+    def store(key_file: str | None) -> S3Store:
+        return S3Store(
+            f"s3://{bucket}/p", cfg, spool_dir=str(tmp_path / "spool"),
+            cache_dir=str(tmp_path / "cache"), key_file=key_file, retry_delay=0.01,
+        )  # fmt: skip
+
+    marker = b"stasis-s3-marker-" + os.urandom(8).hex().encode()
+    big = marker + os.urandom(6 << 20) + bytes(8 << 20)  # parts of a multipart upload
+    try:
+        enc = store(key_a)
+        with enc.begin("c1") as w:
+            Path(w.path("checkpoint/pages-1.img")).write_bytes(big)
+            w.write_bytes("checkpoint/empty.img", b"")
+            w.write_bytes("stasis.json", json.dumps({"secret": marker.decode()}).encode())
+            info = w.commit({"by": "test"})
+        assert info.metadata == {"by": "test"}
+        objects = client.list_objects_v2(Bucket=bucket)["Contents"]
+        bodies = [client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in objects]
+        assert all(marker not in body for body in bodies)
+        doc = json.loads(client.get_object(Bucket=bucket, Key="p/c1/manifest.json")["Body"].read())
+        assert doc["encryption"]["key_id"] == a.id and "stasis_json" not in doc
+        pages = doc["files"]["checkpoint/pages-1.img"]
+        assert pages["compression"] == "none" and pages["size"] < len(big) // 2  # zstd inside
+        with enc.open("c1") as r:
+            r.verify()
+            images = Path(r.file("checkpoint"))
+            assert (images / "pages-1.img").read_bytes() == big
+            assert (images / "empty.img").read_bytes() == b""
+            assert json.loads(Path(r.file("stasis.json")).read_text())["secret"] == marker.decode()
+        assert not images.exists() and list((tmp_path / "cache").iterdir()) == []
+        with pytest.raises(FailedPrecondition, match=f"is encrypted \\(key id {a.id}\\)"):
+            store(None).open("c1")
+        with pytest.raises(PermissionDenied, match=f"key id {a.id}.*key id {b.id}"):
+            store(key_b).open("c1")
+        doc["metadata"]["by"] = "evil"
+        client.put_object(Bucket=bucket, Key="p/c1/manifest.json", Body=json.dumps(doc).encode())
+        with pytest.raises(DataLoss, match="authentication failed"):
+            enc.open("c1")
+        # A spool committed for encryption is never pushed in clear or under another key.
+        w2 = enc.begin("c2")
+        w2.write_bytes("spec.dump", marker)
+        w2.prepare({})
+        w2.finish(False)  # as after a failed upload: the spool is kept
+        for other in (store(None), store(key_b)):
+            with pytest.raises(FailedPrecondition, match=f"encrypted with key id {a.id}"):
+                other.push(w2.spool)
+        enc.push(w2.spool)
+        with enc.open("c2") as r:
+            assert Path(r.file("spec.dump")).read_bytes() == marker
+        # Exported as stored, and imported into a local store, it opens with the key.
+        tar_path = str(tmp_path / "c2.tar")
+        with enc.open("c2") as r:
+            export_tar(r, tar_path)
+        local = LocalStore(str(tmp_path / "local"), key=a, cache_dir=str(tmp_path / "lc"))
+        import_tar(local, tar_path, "c2")
+        with local.open("c2") as r:
+            r.verify()
+            assert Path(r.file("spec.dump")).read_bytes() == marker
+    finally:
+        for o in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=o["Key"])
+        for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        client.delete_bucket(Bucket=bucket)
