@@ -19,6 +19,12 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
     # this key: 32 bytes, raw, hex or base64; mode 0600/0400 (`stasis keygen`).
     key_file = "/etc/stasis/checkpoint.key"
 
+    [restore]
+    # What a restored rootfs diff may contain (an image's own setuid binaries
+    # and device nodes are normal, hence allowed by default).
+    allow_setuid = true    # setuid/setgid files and file capabilities
+    allow_devices = true   # device nodes
+
 Every key is optional. Environment variables override the file:
 ``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
@@ -95,11 +101,20 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class RestorePolicy:
+    """What a restore lets a checkpoint's rootfs diff put into a container."""
+
+    allow_setuid: bool = True
+    allow_devices: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole Stasis configuration."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    restore: RestorePolicy = field(default_factory=RestorePolicy)
 
 
 # TOML key -> S3Config field, and the environment variable that overrides it.
@@ -143,7 +158,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], path: str) -> Config:
-    _only(data, {"storage", "encryption"}, path, "")
+    _only(data, {"storage", "encryption", "restore"}, path, "")
     storage = _table(data, "storage", path, "")
     _only(storage, {"url", "s3", "restore_sources"}, path, "storage.")
     s3 = _table(storage, "s3", path, "storage.")
@@ -174,9 +189,21 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
     if "key_file" in encryption:
         where = f"config file {path}: encryption.key_file"
         key_file = _key_file(_string(encryption["key_file"], where), where)
+    restore = _table(data, "restore", path, "")
+    _only(restore, {"allow_setuid", "allow_devices"}, path, "restore.")
+    policy: dict[str, bool] = {}
+    for key in ("allow_setuid", "allow_devices"):
+        if key in restore:
+            if not isinstance(restore[key], bool):
+                raise InvalidArgument(
+                    f"config file {path}: restore.{key} must be true or false, "
+                    f"not {type(restore[key]).__name__}"
+                )
+            policy[key] = restore[key]
     return Config(
         StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields)), restore_sources=sources),
         EncryptionConfig(key_file=key_file),
+        RestorePolicy(**policy),
     )
 
 
@@ -196,7 +223,9 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     encryption = config.encryption
     if value := env.get(_KEY_FILE_ENV):
         encryption = EncryptionConfig(_key_file(value, f"environment variable {_KEY_FILE_ENV}"))
-    return Config(StorageConfig(url=url, s3=s3, restore_sources=sources), encryption)
+    return Config(
+        StorageConfig(url=url, s3=s3, restore_sources=sources), encryption, config.restore
+    )
 
 
 def _key_file(path: str, where: str) -> str | None:

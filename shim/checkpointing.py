@@ -303,7 +303,13 @@ def prepare_restore(
         if reader.manifest.encryption:  # decrypt the images here, off the shim's event loop
             reader.file("checkpoint")
         if upperdir is not None and "rootfs-diff.tar" in reader.manifest.files:
-            rootfs.apply(reader.file("rootfs-diff.tar"), reader.file("deleted.files"), upperdir)
+            rootfs.apply(
+                reader.file("rootfs-diff.tar"),
+                reader.file("deleted.files"),
+                upperdir,
+                allow_devices=config.restore.allow_devices,
+                allow_setuid=config.restore.allow_setuid,
+            )
     except StasisError as e:
         if reader is not None:
             reader.close()

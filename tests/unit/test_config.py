@@ -252,3 +252,16 @@ def test_bad_encryption_config(tmp_path: Path, text: str, match: str) -> None:
         load(write(tmp_path, text))
     with pytest.raises(InvalidArgument, match="STASIS_ENCRYPTION_KEY_FILE"):
         load({"STASIS_CONFIG": "", "STASIS_ENCRYPTION_KEY_FILE": "k"})
+
+
+def test_restore_policy(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[restore]\nallow_setuid = false\n")
+    cfg = load({"STASIS_CONFIG": str(path)})
+    assert (cfg.restore.allow_setuid, cfg.restore.allow_devices) == (False, True)
+    path.write_text('[restore]\nallow_devices = "no"\n')
+    with pytest.raises(InvalidArgument, match="restore.allow_devices must be true or false"):
+        load({"STASIS_CONFIG": str(path)})
+    path.write_text("[restore]\nallow_everything = true\n")
+    with pytest.raises(InvalidArgument, match="unknown key restore.allow_everything"):
+        load({"STASIS_CONFIG": str(path)})
