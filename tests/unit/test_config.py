@@ -260,8 +260,8 @@ def test_restore_policy(tmp_path: Path) -> None:
     cfg = load({"STASIS_CONFIG": str(path)})
     assert (cfg.restore.allow_setuid, cfg.restore.allow_devices) == (False, True)
     path.write_text('[restore]\nallow_devices = "no"\n')
-    with pytest.raises(InvalidArgument, match="restore.allow_devices must be true or false"):
+    with pytest.raises(InvalidArgument, match=r"restore\.allow_devices must be true or false"):
         load({"STASIS_CONFIG": str(path)})
     path.write_text("[restore]\nallow_everything = true\n")
-    with pytest.raises(InvalidArgument, match="unknown key restore.allow_everything"):
+    with pytest.raises(InvalidArgument, match=r"unknown key restore\.allow_everything"):
         load({"STASIS_CONFIG": str(path)})
