@@ -134,36 +134,50 @@ async def _checkpoint(
         was_running = init.status == Status.RUNNING
         # Exec'd processes join the init's tree, which is what CRIU dumps.
         execs = await container.detach_execs()
-        if was_running:
-            await init.pause()
-        frozen_at = time.monotonic()
-        diff: rootfs.DiffStats | None = None
+        from runtime import gpu  # loads libcuda only now, and only if present
+
+        # CUDA processes: the driver moves their GPU state into host memory (lock,
+        # then checkpoint) for CRIU to dump; it needs them running, so before the freeze.
+        cuda = await gpu.suspend_container(
+            container.id, lambda: container.runc.ps(container.id), not was_running
+        )
         try:
-            if upper is not None:
-                diff = await asyncio.to_thread(
-                    rootfs.capture,
-                    upper,
-                    writer.path("rootfs-diff.tar"),
-                    writer.path("deleted.files"),
-                )
-            images = writer.path("checkpoint", directory=True)
-            # Hash the images as CRIU writes them: the commit then neither
-            # re-reads them nor waits for all of their writeback.
-            digester = TailDigester(images).start()
+            if was_running:
+                await init.pause()
+            frozen_at = time.monotonic()
+            diff: rootfs.DiffStats | None = None
             try:
-                await container.checkpoint(
-                    CheckpointOpts(
-                        image_path=images,
-                        leave_running=not spec.exit,
-                        tcp_established=spec.tcp_established,
-                        shell_job=init.terminal,
+                if upper is not None:
+                    diff = await asyncio.to_thread(
+                        rootfs.capture,
+                        upper,
+                        writer.path("rootfs-diff.tar"),
+                        writer.path("deleted.files"),
                     )
-                )
+                images = writer.path("checkpoint", directory=True)
+                # Hash the images as CRIU writes them: the commit then neither
+                # re-reads them nor waits for all of their writeback.
+                digester = TailDigester(images).start()
+                try:
+                    await container.checkpoint(
+                        CheckpointOpts(
+                            image_path=images,
+                            leave_running=not spec.exit,
+                            tcp_established=spec.tcp_established,
+                            shell_job=init.terminal,
+                        )
+                    )
+                finally:
+                    tail = await asyncio.to_thread(digester.finish)
             finally:
-                tail = await asyncio.to_thread(digester.finish)
-        finally:
-            if was_running and init.status == Status.PAUSED:
-                await init.resume()
+                if was_running and init.status == Status.PAUSED:
+                    await init.resume()
+        except BaseException:
+            if cuda is not None:  # the container runs on: give its GPU state back
+                await gpu.undo_suspend(container.id, cuda)
+            raise
+        if cuda is not None and not spec.exit:  # after a leave-running dump
+            await gpu.resume_container(container.id, cuda)
         frozen = time.monotonic() - frozen_at
         known = {f"checkpoint/{name}": digest for name, digest in tail.items()}
         writer.write_bytes("spec.dump", json.dumps(oci, indent=1).encode())
@@ -195,6 +209,7 @@ async def _checkpoint(
             "tcp_established": spec.tcp_established,
             "labels": spec.labels,
             "execs": execs,
+            **({"gpu": cuda.record} if cuda is not None else {}),
             "sizes": {
                 "criu_images": criu_size,
                 "rootfs_diff_files": diff.files if diff else 0,
@@ -296,6 +311,10 @@ def prepare_restore(
                 raise InvalidArgument(
                     f"container {container_name!r}: {member!r} is a pod checkpoint"
                 )
+        if reader.metadata.get("gpu"):  # GPU state restores only onto the same GPUs
+            from runtime import gpu
+
+            gpu.check_restore(reader.metadata)
         # Local images are hashed while CRIU restores them (RestoreGate); a
         # remote store verifies as it downloads, before CRIU can read anything.
         pending = defer_images and isinstance(store, LocalStore) and not reader.manifest.encryption

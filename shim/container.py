@@ -217,6 +217,20 @@ class Container:
         self._watch(init)
         metadata = getattr(self.restore_source, "metadata", None) or {}
         self.adopt_restored(metadata.get("execs") or [])
+        if metadata.get("gpu"):
+            # CRIU restored the CUDA processes with their GPU state in host memory:
+            # the driver moves it back and unlocks them (blocking: on this thread).
+            from signal import SIGKILL
+
+            from runtime import gpu
+
+            try:
+                gpu.resume_restored(self.id, metadata["gpu"], _ns_pids(init.pid))
+            except StasisError:
+                # Stuck without their GPU state: end them; Start fails with the reason.
+                with contextlib.suppress(OSError):
+                    os.kill(init.pid, SIGKILL)
+                raise
 
     def adopt_restored(self, records: list[dict[str, Any]]) -> None:
         """Track the exec processes a checkpoint recorded, now restored as children

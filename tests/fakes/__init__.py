@@ -1,0 +1,1 @@
+"""Test fakes that stand in for foreign libraries; only tests load them."""
