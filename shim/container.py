@@ -207,6 +207,7 @@ class Container:
         container = cls(cfg, runc, init, rootfs, reaper, on_exit)
         if cfg.checkpoint:
             init.on_pid = container._restored
+            init.after_restore = container._after_restore
         else:
             io.started(asyncio.get_running_loop())
             container._watch(init)
@@ -217,20 +218,27 @@ class Container:
         self._watch(init)
         metadata = getattr(self.restore_source, "metadata", None) or {}
         self.adopt_restored(metadata.get("execs") or [])
-        if metadata.get("gpu"):
-            # CRIU restored the CUDA processes with their GPU state in host memory:
-            # the driver moves it back and unlocks them (blocking: on this thread).
-            from signal import SIGKILL
 
-            from runtime import gpu
+    async def _after_restore(self, init: InitProcess) -> None:
+        """Once runc restore returned: give restored CUDA processes their GPU state."""
+        metadata = getattr(self.restore_source, "metadata", None) or {}
+        if not metadata.get("gpu"):
+            return
+        # CRIU restored the CUDA processes with their GPU state in host memory: the
+        # driver moves it back and unlocks them (in a thread: it can take a while).
+        from signal import SIGKILL
 
-            try:
-                gpu.resume_restored(self.id, metadata["gpu"], _ns_pids(init.pid))
-            except StasisError:
-                # Stuck without their GPU state: end them; Start fails with the reason.
-                with contextlib.suppress(OSError):
-                    os.kill(init.pid, SIGKILL)
-                raise
+        from runtime import gpu
+
+        try:
+            await asyncio.to_thread(
+                gpu.resume_restored, self.id, metadata["gpu"], _ns_pids(init.pid)
+            )
+        except StasisError:
+            # Stuck without their GPU state: end them; Start fails with the reason.
+            with contextlib.suppress(OSError):
+                os.kill(init.pid, SIGKILL)
+            raise
 
     def adopt_restored(self, records: list[dict[str, Any]]) -> None:
         """Track the exec processes a checkpoint recorded, now restored as children

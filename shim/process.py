@@ -343,6 +343,8 @@ class InitProcess(Process):
         super().__init__(container_id, "", bundle, runc, io, paths, terminal)
         self._restore: RestoreOpts | None = None
         self.on_pid: Any = None  # set by the container: called with the PID once known
+        # set by the container: awaited once a restore has returned (GPU state)
+        self.after_restore: Any = None
 
     def prepare_restore(self, opts: RestoreOpts) -> None:
         """Make Start restore from a checkpoint instead of starting a created container."""
@@ -373,6 +375,8 @@ class InitProcess(Process):
             self.pid = int(f.read().strip())
         if self.on_pid is not None:
             self.on_pid(self)
+        if self.after_restore is not None:
+            await self.after_restore(self)
         if netns.owns_netns(self.bundle):
             await netns.ensure_loopback(self.runc.spawner, self.pid)
 
