@@ -182,7 +182,7 @@ def _wait_ready(kube: KubeCluster, namespace: str, selector: str, timeout: float
         time.sleep(2)
 
 
-def test_daemonset_installs_stasis_and_a_stasis_pod_runs(node: Node) -> None:
+def test_daemonset_installs_stasis_then_a_pod_runs_checkpoints_and_restores(node: Node) -> None:
     kube = node.cluster
     containerd = kube.containerd
     docs = manifest_docs()
@@ -208,6 +208,8 @@ def test_daemonset_installs_stasis_and_a_stasis_pod_runs(node: Node) -> None:
         assert containerd.config_path.read_bytes() == config_before
 
         pod = f"on-stasis-{uuid.uuid4().hex[:6]}"
+        restored = f"{pod}-restored"
+        store = node.prefix.parent / "store"
         kube.kubectl(
             "apply",
             "--validate=false",
@@ -225,7 +227,7 @@ def test_daemonset_installs_stasis_and_a_stasis_pod_runs(node: Node) -> None:
                                 "name": "main",
                                 "image": "docker.io/stasis/busybox:test",
                                 "imagePullPolicy": "Never",
-                                "command": ["sh", "-c", "echo up; sleep 3600"],
+                                "command": ["sh", "-c", COUNTER],
                             }
                         ],
                     },
@@ -238,10 +240,44 @@ def test_daemonset_installs_stasis_and_a_stasis_pod_runs(node: Node) -> None:
             shims = [c for c in cmdlines if b"containerd-shim-stasis-v2" in c]
             ours = [c for c in shims if str(node.prefix).encode() in c]
             assert ours, f"no shim from {node.prefix} runs the pod: {shims}"
+
+            # The installed Stasis checkpoints the pod and restores it as a new one,
+            # which goes on counting (its own CLI, from the installed venv).
+            before = _count_past(kube, pod, 20)
+            stasis = [str(node.prefix / "venv" / "bin" / "stasis"),
+                      "--address", str(containerd.address)]  # fmt: skip
+            kubeconfig = f"--kubeconfig={kube.kubeconfig}"
+            ref = subprocess.run(
+                [*stasis, "kube", "checkpoint", f"default/{pod}", "--to", str(store), kubeconfig],
+                capture_output=True, text=True, check=True, timeout=240,
+            ).stdout.strip().splitlines()[-1]  # fmt: skip
+            subprocess.run(
+                [*stasis, "kube", "restore", ref, "--name", restored, kubeconfig],
+                capture_output=True, text=True, check=True, timeout=240,
+            )  # fmt: skip
+            assert _count_past(kube, restored, 0) >= before, "the restored pod counts on"
         finally:
-            kube.kubectl("delete", "pod", pod, "--wait=true", "--timeout=60s", check=False)
+            kube.kubectl(
+                "delete", "pod", pod, restored, "--ignore-not-found", "--wait=true",
+                "--timeout=60s", check=False,
+            )  # fmt: skip
     finally:
         kube.kubectl("delete", "--wait=true", "--timeout=120s", "-f", "-", input=text, check=False)
+
+
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+
+
+def _count_past(kube: KubeCluster, pod: str, above: int, timeout: float = 60) -> int:
+    """The pod's counter once it is past ``above``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = kube.kubectl("exec", pod, "--", "cat", "/tmp/count", check=False)
+        n = int(r.stdout.strip()) if r.stdout.strip().isdigit() else 0
+        if n > above:
+            return n
+        time.sleep(0.3)
+    raise AssertionError(f"pod {pod} never counted past {above}")
 
 
 def _read(path: Path) -> bytes:
