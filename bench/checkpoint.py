@@ -40,19 +40,17 @@ import functools
 import io
 import json
 import os
-import platform
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +71,23 @@ from bed.containerd import (  # noqa: E402
 )
 from bed.images import DEFAULT_BUSYBOX, Entry, base_entries, image_tar  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    BenchError,
+    Scope,
+    containerd_version,
+    descendants,
+    loadavg,
+    machine_info,
+    shim_path,
+    signals_as_interrupt,
+    signals_ignored,
+    stasis_cmd,
+    status_kib,
+    summary,
+    timed,
+    write_json,
+)
+from bench.common import cmd_out as _cmd_out  # noqa: E402
 from runtime import rootfs  # noqa: E402
 
 OURS = "io.containerd.stasis.v2"
@@ -91,38 +106,7 @@ SLEEP_FOREVER = "1000000"
 _MNT_DETACH = 2
 
 
-class BenchError(RuntimeError):
-    """A measurement could not be made (the message says why)."""
-
-
-# -- small helpers (as bench/shim.py) --------------------------------------------------
-
-
-def shim_path() -> list[Path]:
-    """Directories holding containerd-shim-stasis-v2: the repo's venv and this interpreter's."""
-    dirs = [REPO / ".venv" / "bin", Path(sys.prefix) / "bin"]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
-
-
-def stasis_cmd() -> list[str]:
-    """The stasis CLI: the venv's entry point, else this interpreter's `-m runtime.cli`."""
-    for d in shim_path():
-        if (d / "stasis").is_file():
-            return [str(d / "stasis")]
-    return [sys.executable, "-m", "runtime.cli"]
-
-
-def summary(xs: Sequence[float]) -> dict[str, float]:
-    if not xs:
-        return {}
-    return {
-        "n": len(xs),
-        "median": statistics.median(xs),
-        "mean": statistics.fmean(xs),
-        "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "min": min(xs),
-        "max": max(xs),
-    }
+# -- verdicts (bench/common.py has the rest) ----------------------------------------
 
 
 def verdict(ratio: float, target: float, higher_is_better: bool = False) -> dict[str, Any]:
@@ -136,162 +120,7 @@ def verdict_text(v: dict[str, Any]) -> str:
     return f"{v['ratio']:6.2f}   target {op} {v['target']:.2f}  {'PASS' if v['pass'] else 'MISS'}"
 
 
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
-def _cmd_out(cmd: Sequence[str], cwd: Path | None = None) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return r.stdout.strip() if r.returncode == 0 else ""
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kib = 0
-    with suppress(OSError, ValueError, IndexError):
-        mem_kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-    status = _cmd_out(["git", "status", "--porcelain"], cwd=REPO)
-    return {
-        "nproc": os.cpu_count(),
-        "nproc_usable": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "mem_total_kib": mem_kib,
-        "python": sys.version.split()[0],
-        "cgroup": "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1",
-        "repo_commit": _cmd_out(["git", "rev-parse", "HEAD"], cwd=REPO),
-        "repo_dirty": bool(status),
-        "stasis_cli": stasis_cmd(),
-    }
-
-
-def containerd_version(c: Containerd) -> str:
-    out = c.ctr("version", check=False).stdout
-    m = re.search(r"Version:\s*(\S+)", out.split("Server:", 1)[-1])
-    return m.group(1) if m else "?"
-
-
-@contextmanager
-def signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt like ^C, so finally blocks run."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def signals_ignored() -> Iterator[None]:
-    """While cleaning up: a second ^C must not leave the cleanup half done."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-class Scope:
-    """Cleanup callbacks run last-in first-out when the block ends, however it ends,
-    with ^C/SIGTERM ignored meanwhile; their failures are collected in `errors`."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self._callbacks: list[tuple[str, Callable[[], object]]] = []
-        self.errors = errors
-
-    def push(self, what: str, fn: Callable[[], object]) -> None:
-        self._callbacks.append((what, fn))
-
-    def close(self) -> None:
-        with signals_ignored():
-            while self._callbacks:
-                what, fn = self._callbacks.pop()
-                try:
-                    fn()
-                except Exception as e:  # keep cleaning up, report it
-                    self.errors.append(f"cleanup {what}: {type(e).__name__}: {e}")
-
-    def __enter__(self) -> Scope:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def timed(
-    cmd: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 600, what: str = ""
-) -> tuple[float, subprocess.CompletedProcess[str]]:
-    """(wall seconds, result) of a command whose output is not kept by anything else."""
-    t0 = time.perf_counter()
-    r = subprocess.run(
-        list(cmd),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    elapsed = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise BenchError(f"{what or cmd[0]} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    return elapsed, r
-
-
 # -- processes and memory -----------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> tuple[str, int]:
-    """(comm, ppid) of a process."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-    return comm, int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def descendants(root: int) -> dict[int, str]:
-    """pid -> comm of every process below `root` (not root itself)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with suppress(OSError, ValueError, IndexError):
-            comm, ppid = _stat_fields(int(entry))
-            children.setdefault(ppid, []).append((int(entry), comm))
-    out: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        for pid, comm in children.get(todo.pop(), []):
-            out[pid] = comm
-            todo.append(pid)
-    return out
-
-
-def status_kib(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
-            out[key] = int(value.split()[0])
-    return out
 
 
 def cgroup_memory_bytes(pid: int) -> int | None:
@@ -384,6 +213,88 @@ def rm_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_DUMP_STATS = {
+    1: "freezing_us",
+    2: "frozen_us",
+    3: "memdump_us",
+    4: "memwrite_us",
+    5: "pages_scanned",
+    7: "pages_written",
+}
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def criu_dump_stats(path: Path) -> dict[str, int]:
+    """CRIU's own timing of a dump, from the `stats-dump` image it leaves in its work
+    directory (`--work-path`; 8 bytes of magic, a u32 size, a StatsEntry whose field 1 is the
+    DumpStatsEntry): how long it took to freeze, how long the tasks stayed frozen, and
+    how long it spent collecting and writing memory pages (microseconds). {} if absent."""
+    try:
+        raw = path.read_bytes()
+        size = int.from_bytes(raw[8:12], "little")
+        msg = raw[12 : 12 + size]
+        i, out = 0, {}
+        while i < len(msg):
+            key, i = _varint(msg, i)
+            if key & 7 == 2:
+                length, i = _varint(msg, i)
+                if key >> 3 == 1:  # dump
+                    body, j = msg[i : i + length], 0
+                    while j < len(body):
+                        k, j = _varint(body, j)
+                        if k & 7 != 0:
+                            return out
+                        v, j = _varint(body, j)
+                        if (k >> 3) in _DUMP_STATS:
+                            out[_DUMP_STATS[k >> 3]] = v
+                i += length
+            elif key & 7 == 0:
+                _, i = _varint(msg, i)
+            else:
+                break
+        return out
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
+class StatsCatcher:
+    """Reads CRIU's stats-dump in the shim's CRIU work directory in the moment between
+    CRIU writing it and the shim removing the directory (polls every 5 ms); {} if missed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stats: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.stats:
+            if self.path.exists():
+                self.stats = criu_dump_stats(self.path)
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> StatsCatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def result(self) -> dict[str, int]:
+        return self.stats
+
+
 # -- our runtime through containerd ----------------------------------------------------
 
 
@@ -404,6 +315,11 @@ def remove(c: Containerd, cid: str) -> None:
             break
         time.sleep(0.05)
     c.ctr("containers", "delete", cid, check=False)
+
+
+def bundle_dir(c: Containerd, cid: str) -> Path:
+    """Our container's bundle (where the shim's CRIU works)."""
+    return c.state / "io.containerd.runtime.v2.task" / NAMESPACE / cid
 
 
 def bundle_spec(c: Containerd, cid: str) -> dict[str, Any]:
@@ -452,7 +368,9 @@ def ours_once(
         name,
         "--json",
     ]
-    elapsed, r = timed(cmd, what="stasis checkpoint")
+    stats_catcher = StatsCatcher(bundle_dir(c, cid) / "criu-work" / "stats-dump")
+    with stats_catcher:
+        elapsed, r = timed(cmd, what="stasis checkpoint")
     reported = json.loads(r.stdout)
     sample["checkpoint_s"] = elapsed
     sample["reported"] = reported
@@ -461,6 +379,7 @@ def ours_once(
         raise BenchError(f"{cid} is {t[1]} after `stasis checkpoint --exit`")
     remove(c, cid)
     sample["images_bytes"] = dir_size(store / name / "checkpoint")
+    sample["criu_stats"] = stats_catcher.result()
     sample["checkpoint_bytes"] = dir_size(store / name)
 
     rid = unique_id("rs-stasis")
@@ -638,6 +557,7 @@ class RawRunc:
         fsync_tree(images)
         sample["fsync_s"] = time.perf_counter() - t0
         sample["images_bytes"] = dir_size(images)
+        sample["criu_stats"] = criu_dump_stats(b / "criu-work" / "stats-dump")
         if (self.root / rid).exists():
             raise BenchError(f"runc container {rid} still exists after runc checkpoint")
         new = unique_id("rs-raw")
@@ -1088,13 +1008,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.files < args.changed or args.changed < 1:
         p.error("need 1 <= --changed <= --files")
     return args
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

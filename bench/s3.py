@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -55,20 +54,14 @@ BENCH = REPO / "bench"
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 
-def _load_checkpoint_bench() -> Any:
-    """bench/checkpoint.py as a module (bench/ stays off sys.path)."""
-    spec = importlib.util.spec_from_file_location("bench_checkpoint", BENCH / "checkpoint.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ck = _load_checkpoint_bench()  # also puts the repo and tests/ on sys.path
+for _p in (REPO, REPO / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from bed.containerd import Containerd, bed_missing, images_dir, unique_id  # noqa: E402
 from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
+
+from bench import checkpoint as ck  # noqa: E402
 
 NAMESPACE = "stasis-bench-s3"  # not the other benches' nor the tests': no shared runc root
 BUCKET = "stasis-bench"

@@ -24,25 +24,40 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO / "tests") not in sys.path:
-    sys.path.insert(0, str(REPO / "tests"))
+BENCH = REPO / "bench"
+# This file's name would shadow the `shim` package: bench/ off sys.path, the repo on it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+for _p in (REPO, REPO / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from bed.containerd import Containerd, bed_missing, images_dir, unique_id  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    BenchError,
+    containerd_version,
+    loadavg,
+    machine_info,
+    memory_of,
+    shim_path,
+    signals_as_interrupt,
+    signals_ignored,
+    summary,
+    write_json,
+)
+from bench.common import read_bytes as _read  # noqa: E402
 
 OURS = "io.containerd.stasis.v2"
 RUNC = "io.containerd.runc.v2"
@@ -59,33 +74,7 @@ MEMORY_TARGET, MEMORY_GOAL = 1.5, 1.0
 DEFAULT_JSON = REPO / "bench" / "results-shim.json"
 
 
-class BenchError(RuntimeError):
-    """A measurement could not be made (the message says why)."""
-
-
 # -- small helpers -------------------------------------------------------------------
-
-
-def shim_path() -> list[Path]:
-    """Directories holding containerd-shim-stasis-v2: the repo's venv and this interpreter's."""
-    dirs = [REPO / ".venv" / "bin", Path(sys.prefix) / "bin"]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d not in dirs[:i]]
-
-
-def summary(xs: Sequence[float]) -> dict[str, float]:
-    """median, p90 (linear interpolation, inclusive), mean, stdev, min, max."""
-    if not xs:
-        return {}
-    p90 = statistics.quantiles(xs, n=10, method="inclusive")[-1] if len(xs) > 1 else xs[0]
-    return {
-        "n": len(xs),
-        "median": statistics.median(xs),
-        "p90": p90,
-        "mean": statistics.fmean(xs),
-        "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-        "min": min(xs),
-        "max": max(xs),
-    }
 
 
 def verdict(ratio: float, target: float, goal: float) -> dict[str, Any]:
@@ -102,81 +91,6 @@ def verdict_text(v: dict[str, Any]) -> str:
     t = "PASS" if v["pass_target"] else "MISS"
     g = "PASS" if v["pass_goal"] else "MISS"
     return f"{v['ratio']:.2f}   target <= {v['target']:.2f} {t}   goal <= {v['goal']:.2f} {g}"
-
-
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
-def _cmd_out(cmd: Sequence[str], cwd: Path | None = None) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return r.stdout.strip() if r.returncode == 0 else ""
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = ""
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kib = 0
-    with suppress(OSError, ValueError, IndexError):
-        mem_kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-    status = _cmd_out(["git", "status", "--porcelain"], cwd=REPO)
-    return {
-        "nproc": os.cpu_count(),
-        "nproc_usable": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "mem_total_kib": mem_kib,
-        "python": sys.version.split()[0],
-        "runc": _cmd_out(["runc", "--version"]).splitlines()[:1],
-        "repo_commit": _cmd_out(["git", "rev-parse", "HEAD"], cwd=REPO),
-        "repo_dirty": bool(status),
-        "shim_binary": shutil.which(SHIM_BINARY[OURS], path=os.pathsep.join(map(str, shim_path()))),
-    }
-
-
-def containerd_version(c: Containerd) -> str:
-    out = c.ctr("version", check=False).stdout
-    server = out.split("Server:", 1)[-1]
-    m = re.search(r"Version:\s*(\S+)", server)
-    return m.group(1) if m else "?"
-
-
-@contextmanager
-def signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt like ^C, so finally blocks run."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextmanager
-def signals_ignored() -> Iterator[None]:
-    """While cleaning up: a second ^C must not leave the cleanup half done."""
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # -- latency -------------------------------------------------------------------------
@@ -230,11 +144,6 @@ def bench_latency(
 
 
 # -- memory --------------------------------------------------------------------------
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _ppid(pid: int) -> int:
@@ -292,25 +201,6 @@ def shim_of(c: Containerd, runtime: str, cid: str) -> int:
         f"{cid}: the init process {init} has parent {parent}, not one of the {binary} "
         f"processes serving {c.address}: {candidates}"
     )
-
-
-def memory_of(pid: int) -> dict[str, int]:
-    """VmRSS/VmHWM/threads from status, and the smaps_rollup totals (all in KiB)."""
-    out: dict[str, int] = {}
-    for line in _read(f"/proc/{pid}/status").decode().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
-            out[key] = int(value.split()[0])
-    rollup: dict[str, int] = {}
-    for line in _read(f"/proc/{pid}/smaps_rollup").decode().splitlines()[1:]:
-        key, _, value = line.partition(":")
-        with suppress(ValueError, IndexError):
-            rollup[key.strip()] = int(value.split()[0])
-    for key in ("Rss", "Pss", "Pss_Anon", "Pss_File", "Private_Clean", "Private_Dirty"):
-        if key in rollup:
-            out[key] = rollup[key]
-    out["USS"] = rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
-    return out
 
 
 def key_file(pid: int) -> str:
@@ -768,13 +658,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.runs < 1 or args.warmup < 0 or args.mem_runs < 0 or args.profile_runs < 1:
         p.error("--runs and --profile-runs must be >= 1, --warmup and --mem-runs >= 0")
     return args
-
-
-def write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
