@@ -281,8 +281,8 @@ def explain_concurrent(cc: dict[str, Any], memory: bool, cli: float | None = Non
     return (
         f"Our shims grew from {_mib(o['shims_before_kib'])} PSS before the checkpoints to "
         f"{_mib(bc.get('shim', 0))} at the peak (the checkpoint code is imported on first "
-        f"use, and each hashes its images as CRIU writes them), and the {o['containers']} Python CLIs "
-        f"held {_mib(bc.get('stasis-cli', 0))}; runc and CRIU are about the same on both "
+        f"use, and each hashes its images as CRIU writes them), and the "
+        f"{o['containers']} Python CLIs held {_mib(bc.get('stasis-cli', 0))}; runc and CRIU are about the same on both "
         "sides. "
         f"Ours counts the {o['containers']} shims, which are there before and after (their PSS "
         f"before the checkpoints: {_mib(o['shims_before_kib'])}), the CLIs and every runc and "
