@@ -43,7 +43,8 @@ def unseal(
 def test_round_trip_around_chunk_boundaries(size: int) -> None:
     data = os.urandom(size)
     blob = seal(data)
-    assert data[:64] not in blob or size == 0
+    # (A short plaintext may turn up in random bytes by chance: check longer ones.)
+    assert size < 16 or data[:64] not in blob
     assert unseal(blob) == data
 
 
