@@ -565,12 +565,12 @@ def test_runtimes_report_the_same(kube_cluster: KubeCluster, pods: Pods) -> None
         for kind in ("exit", "oom"):
             pod = finished(kube_cluster, pods[kind, rc], "Failed")
             t = status_of(pod)["state"]["terminated"]
-            out[kind] = (
-                pod["status"]["phase"],
-                t["exitCode"],
-                t["reason"],
-                sorted(kube_cluster.kubectl("logs", pods[kind, rc]).stdout.splitlines()),
-            )
+            lines = kube_cluster.kubectl("logs", pods[kind, rc]).stdout.splitlines()
+            if kind == "oom":
+                # Whether sh lives to print "Killed" depends on which process the
+                # kernel's OOM killer picks, with either runtime: not compared.
+                lines = [line for line in lines if line != "Killed"]
+            out[kind] = (pod["status"]["phase"], t["exitCode"], t["reason"], sorted(lines))
         st = status_of(kube_cluster.pod(pods["probe", rc]))
         last = st["lastState"].get("terminated", {})
         out["probe"] = (st["restartCount"], last.get("exitCode"), last.get("reason"))
