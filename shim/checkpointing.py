@@ -141,6 +141,7 @@ async def _checkpoint(
         cuda = await gpu.suspend_container(
             container.id, lambda: container.runc.ps(container.id), not was_running
         )
+        digester: TailDigester | None = None
         try:
             if was_running:
                 await init.pause()
@@ -158,27 +159,27 @@ async def _checkpoint(
                 # Hash the images as CRIU writes them: the commit then neither
                 # re-reads them nor waits for all of their writeback.
                 digester = TailDigester(images).start()
-                try:
-                    await container.checkpoint(
-                        CheckpointOpts(
-                            image_path=images,
-                            leave_running=not spec.exit,
-                            tcp_established=spec.tcp_established,
-                            shell_job=init.terminal,
-                        )
+                await container.checkpoint(
+                    CheckpointOpts(
+                        image_path=images,
+                        leave_running=not spec.exit,
+                        tcp_established=spec.tcp_established,
+                        shell_job=init.terminal,
                     )
-                finally:
-                    tail = await asyncio.to_thread(digester.finish)
+                )
             finally:
+                # Thaw first: hashing what CRIU wrote last needs no frozen container.
                 if was_running and init.status == Status.PAUSED:
                     await init.resume()
+                frozen = time.monotonic() - frozen_at
+                if digester is not None:
+                    tail = await asyncio.to_thread(digester.finish)
         except BaseException:
             if cuda is not None:  # the container runs on: give its GPU state back
                 await gpu.undo_suspend(container.id, cuda)
             raise
         if cuda is not None and not spec.exit:  # after a leave-running dump
             await gpu.resume_container(container.id, cuda)
-        frozen = time.monotonic() - frozen_at
         known = {f"checkpoint/{name}": digest for name, digest in tail.items()}
         writer.write_bytes("spec.dump", json.dumps(oci, indent=1).encode())
         checkpointed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -200,7 +201,7 @@ async def _checkpoint(
             "namespace": namespace,
             "image": image,
             "runtime": RUNTIME,
-            "runc": await container.runc.version(),
+            "runc": await _runc_version(container),
             "criu": await _criu_version(container),
             "host": socket.gethostname(),
             "kernel": platform.release(),
@@ -230,13 +231,27 @@ async def _checkpoint(
     )
 
 
+# Versions, asked once per shim (they do not change under a running shim).
+_VERSIONS: dict[str, Any] = {}
+
+
+async def _runc_version(container: Container) -> Any:
+    key = f"runc:{container.runc.binary}"
+    if key not in _VERSIONS:
+        _VERSIONS[key] = await container.runc.version()
+    return _VERSIONS[key]
+
+
 async def _criu_version(container: Container) -> str:
+    if "criu" in _VERSIONS:
+        return str(_VERSIONS["criu"])
     try:
         done = await container.runc.spawner.run(["criu", "--version"], capture=True)
     except OSError:
         return ""
     lines = done.stdout.decode(errors="replace").splitlines()
-    return str(lines[0].strip()) if lines else ""
+    _VERSIONS["criu"] = str(lines[0].strip()) if lines else ""
+    return str(_VERSIONS["criu"])
 
 
 @dataclass(frozen=True)
