@@ -194,7 +194,9 @@ def explain_checkpoint(doc: dict[str, Any], s: dict[str, Any], restore: bool) ->
         if cpu.get("sha256_mib_s"):
             parts.append(
                 f"Every file is verified (sha256, {cpu['sha256_mib_s']:.0f} MiB/s here: "
-                f"{mib / cpu['sha256_mib_s']:.2f} s for {mib} MiB) before `runc restore` reads it."
+                f"{mib / cpu['sha256_mib_s']:.2f} s for {mib} MiB); the CRIU images while "
+                "CRIU restores them, on the other core (the restore gate holds the restored "
+                "processes until they match), the rest before."
             )
     return " ".join(parts)
 
