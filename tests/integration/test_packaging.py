@@ -164,8 +164,9 @@ def test_manifests_pass_server_side_dry_run(node: Node) -> None:
             kube.kubectl("apply", "--dry-run=server", "--validate=false", "-f", str(path))
     finally:
         kube.kubectl(
-            "delete", "namespace", "stasis-system", "--wait=true", "--timeout=120s", check=False
-        )
+            "delete", "namespace", "stasis-system", "--wait=true", "--timeout=120s",
+            check=False, timeout=150,
+        )  # fmt: skip
 
 
 def _wait_ready(kube: KubeCluster, namespace: str, selector: str, timeout: float) -> str:
@@ -259,10 +260,13 @@ def test_daemonset_installs_stasis_then_a_pod_runs_checkpoints_and_restores(node
         finally:
             kube.kubectl(
                 "delete", "pod", pod, restored, "--ignore-not-found", "--wait=true",
-                "--timeout=60s", check=False,
+                "--timeout=120s", check=False, timeout=150,
             )  # fmt: skip
     finally:
-        kube.kubectl("delete", "--wait=true", "--timeout=120s", "-f", "-", input=text, check=False)
+        kube.kubectl(
+            "delete", "--wait=true", "--timeout=120s", "-f", "-", input=text,
+            check=False, timeout=150,
+        )  # fmt: skip
 
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
