@@ -252,6 +252,24 @@ def _remove_dead_socket(bundle: str) -> None:
             pass
 
 
+def remove_criu_root(runc_root: str, id: str) -> None:
+    """Unmount and remove what a `runc restore` killed half-way left: the bind mount
+    of the rootfs it prepares for CRIU (<runc root>/<id>/criu-root), and the
+    container's directory when nothing else is in it."""
+    directory = os.path.join(runc_root, id)
+    criu_root = os.path.join(directory, "criu-root")
+    if _mounted(criu_root):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.umount2(criu_root.encode(), 2)  # MNT_DETACH
+    for path in (criu_root, directory):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
 def delete(f: Flags) -> int:
     """Clean up after a shim that is gone: force-delete the container and unmount its rootfs.
 
@@ -293,6 +311,8 @@ def delete(f: Flags) -> int:
             unmount_all(rootfs)
         except OSError:
             pass
+    if f.id:
+        remove_criu_root(os.path.join(root, namespace), f.id)
     _remove_dead_socket(bundle)
     sys.stdout.buffer.write(_encode_delete_response(128 + 9, time.time_ns()))
     sys.stdout.flush()

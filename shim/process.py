@@ -30,6 +30,7 @@ from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from runtime.proc import Stdio
 from runtime.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.console import with_console
+from shim.main import remove_criu_root
 
 if TYPE_CHECKING:
     from shim.stdio import ProcessIO
@@ -368,6 +369,8 @@ class InitProcess(Process):
             else:
                 await self.runc.restore(self.container_id, self.bundle, opts, self.io.child)
         except RuncError as e:
+            # runc leaves its CRIU root mount behind when CRIU fails hard.
+            remove_criu_root(self.runc.root, self.container_id)
             raise criu_failure(
                 f"restore of {self.container_id}", e, opts.criu.work_path, "restore.log"
             ) from e

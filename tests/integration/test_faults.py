@@ -288,6 +288,9 @@ def test_shim_killed_during_restore_leaves_nothing_running(
     assert cgroup_procs(containerd, new) == []
     remove(containerd, new)
     assert not mounts_under(bundle(containerd, new))
+    # nor the rootfs bind mount runc prepares for CRIU (criu-root), which a runc
+    # killed in the middle cannot remove itself: the shim's delete does
+    assert not mounts_under(Path("/run/containerd/runc", containerd.namespace, new))
     # The checkpoint is untouched: a second restore goes on counting.
     again = unique_id("rst")
     containerd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bed.containerd import Containerd, unique_id
+from bed.containerd import Containerd, mounts_under, unique_id
 from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
 
 pytestmark = pytest.mark.integration
@@ -198,6 +198,7 @@ def test_corrupt_checkpoint_is_refused_and_nothing_starts(
     # processes at post-restore until the check passes, so these never ran.
     assert "never ran" in r.stderr, r.stderr
     assert task(containerd, new) is None
+    assert not mounts_under(Path("/run/containerd/runc", containerd.namespace, new))
 
     fresh = unique_id("fresh")
     containerd.ctr("run", "-d", "--runtime", RUNTIME,
