@@ -72,7 +72,9 @@ def exported(
     """A counter in a pod on the stasis handler, checkpointed (it exits) and exported."""
     sandbox, config = pods.run("orig")
     image = registry.ref(BASE)
-    cid = pods.container(sandbox, config, image, ["sh", "-c", COUNTER])
+    # A PID namespace of its own, as the kubelet asks: in the pod's shared one, the
+    # restored PIDs can collide with the new pod's (CRIU: "Can't fork ... File exists").
+    cid = pods.container(sandbox, config, image, ["sh", "-c", COUNTER], own_pid_ns=True)
     count = wait_count(containerd, cid, 30)
     store = tmp_path_factory.mktemp("store")
     args = ["checkpoint", cid, "--exit", "--to", str(store), "--name", "cnt", "--json"]
@@ -109,7 +111,7 @@ def test_cri_restores_exported_archive(
 ) -> None:
     sandbox, config = pods.run("restored")
     # The archive's path as the image: containerd 2.1 restores instead of creating.
-    cid = pods.container(sandbox, config, str(exported.archive), [])
+    cid = pods.container(sandbox, config, str(exported.archive), [], own_pid_ns=True)
     # A fresh start would count from 1; the restored counter goes on.
     assert wait_count(containerd, cid, 0, timeout=60) >= exported.count
     pid = task(containerd, cid)[0]  # type: ignore[index]
