@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from runtime import netns
 from runtime.criu import criu_failure
-from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, StasisError
 from runtime.proc import Stdio
 from runtime.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.console import with_console
@@ -415,7 +415,20 @@ class InitProcess(Process):
         await self.runc.kill(self.container_id, sig, all=all)
 
     async def _do_pause(self) -> None:
-        await self.runc.pause(self.container_id)
+        # The cgroup v1 freezer can give up on a busy machine (processes stuck in
+        # uninterruptible sleep): runc then says "unable to freeze" and leaves the
+        # container thawed. Try again a few times before failing.
+        for attempt in range(_FREEZE_ATTEMPTS):
+            try:
+                await self.runc.pause(self.container_id)
+                return
+            except RuncError as e:
+                if "unable to freeze" not in e.detail or attempt + 1 == _FREEZE_ATTEMPTS:
+                    raise
+                log.warning("freezing %s: %s; trying again", self.container_id, e.detail)
+                with contextlib.suppress(StasisError):
+                    await self.runc.resume(self.container_id)
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def _do_resume(self) -> None:
         await self.runc.resume(self.container_id)
@@ -599,6 +612,7 @@ class ExecProcess(Process):
 
 
 _SHEPHERD_TIMEOUT = 30.0
+_FREEZE_ATTEMPTS = 4
 
 
 async def _read_line(sock: socket.socket, timeout: float) -> str:

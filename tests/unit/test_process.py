@@ -376,3 +376,33 @@ def test_exit_after_delete_of_created_process(tmp_path: Path) -> None:
         assert (await p.wait()).status == 137
 
     run(body())
+
+
+def test_pause_tries_again_when_the_freezer_gives_up(tmp_path: Path) -> None:
+    from runtime.runc import RuncError
+
+    async def body() -> None:
+        p, runc, _ = make(tmp_path)
+        await p.create(CreateOpts(pid_file=str(tmp_path / "pid")))
+        await p.start()
+        failures = [RuncError("pause", 1, "unable to freeze")] * 2
+
+        def flaky() -> None:
+            if failures:
+                raise failures.pop()
+
+        runc.hooks["pause"] = flaky
+        await p.pause()
+        assert p.status == Status.PAUSED
+        assert names(runc)[-5:] == ["pause", "resume", "pause", "resume", "pause"]
+
+        # Other errors, and a freezer that never gives in, fail the pause.
+        await p.resume()
+        runc.hooks["pause"] = lambda: (_ for _ in ()).throw(
+            RuncError("pause", 1, "unable to freeze")
+        )
+        with pytest.raises(RuncError, match="unable to freeze"):
+            await p.pause()
+        assert p.status == Status.RUNNING
+
+    run(body())
