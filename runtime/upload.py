@@ -125,11 +125,10 @@ async def begin(store: Store, name: str, spawner: Spawner) -> AsyncIterator[Writ
         await worker.close()
 
 
-class _InProcess:
-    """A local store's writer; ``commit`` runs on a thread."""
+class _Files:
+    """What both writers below pass straight to the store's writer."""
 
-    def __init__(self, writer: CheckpointWriter) -> None:
-        self._writer = writer
+    _writer: CheckpointWriter | S3Writer
 
     @property
     def name(self) -> str:
@@ -147,6 +146,15 @@ class _InProcess:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """See ``CheckpointWriter.write_bytes``."""
         self._writer.write_bytes(rel, data)
+
+
+class _InProcess(_Files):
+    """A local store's writer; ``commit`` runs on a thread."""
+
+    _writer: CheckpointWriter
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self._writer = writer
 
     async def commit(
         self,
@@ -157,17 +165,14 @@ class _InProcess:
         return await asyncio.to_thread(self._writer.commit, metadata, known)
 
 
-class _Delegated:
+class _Delegated(_Files):
     """An S3 checkpoint: the caller writes the spool, the worker uploads it."""
+
+    _writer: S3Writer
 
     def __init__(self, writer: S3Writer, worker: _Worker) -> None:
         self._writer = writer
         self._worker = worker
-
-    @property
-    def name(self) -> str:
-        """The checkpoint's name."""
-        return self._writer.name
 
     @property
     def spool(self) -> str:
@@ -178,18 +183,6 @@ class _Delegated:
     def worker_pid(self) -> int:
         """The upload worker's PID (also in the spool's ``.stasis-upload.pid``)."""
         return self._worker.pid
-
-    def path(self, rel: str, *, directory: bool = False) -> str:
-        """See ``CheckpointWriter.path``."""
-        return self._writer.path(rel, directory=directory)
-
-    def add_file(self, rel: str, src_path: str) -> None:
-        """See ``CheckpointWriter.add_file``."""
-        self._writer.add_file(rel, src_path)
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """See ``CheckpointWriter.write_bytes``."""
-        self._writer.write_bytes(rel, data)
 
     async def commit(
         self,
