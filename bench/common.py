@@ -316,3 +316,29 @@ def pss_rss_kib(pid: int) -> tuple[int, int]:
             elif line.startswith("Rss:"):
                 rss = int(line.split()[1])
     return pss, rss
+
+
+def zygote_of(pid: int) -> int | None:
+    """The shim zygote (shim/zygote.py) that forked shim `pid`, if one did."""
+    with suppress(OSError, ValueError, IndexError):
+        ppid = int(read_bytes(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[1])
+        if read_bytes(f"/proc/{ppid}/cmdline").split(b"\0")[1:2] == [b"zygote"]:
+            return ppid
+    return None
+
+
+MEMORY_SUMS = ("VmRSS", "Pss", "USS", "RssAnon")
+
+
+def with_zygote(pid: int, mem: dict[str, int]) -> dict[str, Any]:
+    """`mem` of shim `pid` plus its zygote's: a shim forked by the zygote shares pages
+    with it (lowering the shim's own PSS), and the zygote lives only for such shims,
+    so its memory is charged to them (to one shim here, once per node in sums)."""
+    z = zygote_of(pid)
+    if z is None:
+        return {**mem, "zygote": None}
+    zm = memory_of(z)
+    out: dict[str, Any] = {**mem, "zygote": {"pid": z, **zm}, "shim_alone": dict(mem)}
+    for k in MEMORY_SUMS:
+        out[k] = mem.get(k, 0) + zm.get(k, 0)
+    return out

@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
     signals_as_interrupt,
     signals_ignored,
     summary,
+    with_zygote,
     write_json,
 )
 from bench.common import read_bytes as _read  # noqa: E402
@@ -247,7 +248,8 @@ def measure_idle_shim(c: Containerd, runtime: str, settle: float) -> dict[str, A
     try:
         time.sleep(settle)
         pid = shim_of(c, runtime, cid)
-        sample: dict[str, Any] = {"container": cid, "shim_pid": pid, **memory_of(pid)}
+        mem = with_zygote(pid, memory_of(pid))
+        sample: dict[str, Any] = {"container": cid, "shim_pid": pid, **mem}
         shared = key_file(pid)
         sample["key_file"] = shared
         sample["key_file_mappers"] = mappers(shared, pid)  # incl. this bench for libpython

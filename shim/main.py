@@ -155,20 +155,37 @@ def start(f: Flags) -> int:
         pass
     path = socket_path(f.address, namespace, group_id(bundle, f.id))
     sock = _listen(path)
+    launch_zygote = None
     if sock is not None:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _daemon(sock, f, namespace, bundle, path)
-            finally:
-                os._exit(code)
+        from shim import zygote
+
+        request = {
+            "env": dict(os.environ),
+            "bundle": bundle,
+            "namespace": namespace,
+            "path": path,
+            "address": f.address,
+            "debug": f.debug,
+        }
+        pid, launch_zygote = zygote.spawn(sock, request)
+        if pid is None:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    code = _daemon(sock, f, namespace, bundle, path)
+                finally:
+                    os._exit(code)
         sock.close()
         _write_atomic(os.path.join(bundle, "shim.pid"), str(pid))
     address = f"unix://{path}"
     _write_atomic(os.path.join(bundle, "address"), address)
     sys.stdout.write(address)
     sys.stdout.flush()
+    if launch_zygote is not None:  # for the next start, now that this one has answered
+        from shim import zygote
+
+        zygote.launch(launch_zygote)
     return 0
 
 

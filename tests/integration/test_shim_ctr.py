@@ -11,6 +11,7 @@ import stat
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, unique_id
@@ -207,3 +208,48 @@ def test_unknown_task_is_not_found(containerd: Containerd) -> None:
     r = containerd.ctr("task", "kill", unique_id("nope"), check=False)
     assert r.returncode != 0
     assert "not found" in r.stderr
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return fh.read().rsplit(b")", 1)[1].split()
+
+
+def _is_zygote(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().split(b"\0")[1:2] == [b"zygote"]
+    except OSError:
+        return False
+
+
+def test_shims_come_from_the_zygote_looking_as_start_made_them(containerd: Containerd) -> None:
+    """The second shim on a node is forked by the zygote the first start launched; /proc
+    shows it as containerd's `start` would have left it (cmdline, environment, cgroup)."""
+    ids = [unique_id("zyg"), unique_id("zyg")]
+    try:
+        for id in ids:
+            containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000")
+        bundle = containerd.state / "io.containerd.runtime.v2.task" / containerd.namespace / ids[1]
+        pid = int((bundle / "shim.pid").read_text())
+        parent = int(_stat_fields(pid)[1])
+        assert _is_zygote(parent), f"shim {pid}'s parent {parent} is not the zygote"
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"start" in argv and ids[1].encode() in argv
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"TTRPC_ADDRESS={containerd.address}.ttrpc".encode() in environ
+        containerd_pid = containerd.pid
+        assert containerd_pid is not None
+        cgroup = Path(f"/proc/{containerd_pid}/cgroup").read_text()
+        assert Path(f"/proc/{pid}/cgroup").read_text() == cgroup
+        assert int(_stat_fields(pid)[3]) == pid  # session leader, as after start's setsid
+        assert ids[1] in containerd.ctr("task", "ls").stdout
+        assert (
+            containerd.ctr("task", "exec", "--exec-id", "e1", ids[1], "echo", "hi").stdout == "hi\n"
+        )
+    finally:
+        for id in ids:
+            containerd.ctr("task", "kill", "-s", "KILL", id, check=False)
+            wait_for(lambda id=id: task_status(containerd, id) in ("STOPPED", None), what="stopped")
+            containerd.ctr("task", "rm", "-f", id, check=False)
+            containerd.ctr("containers", "rm", id, check=False)
