@@ -331,14 +331,15 @@ MEMORY_SUMS = ("VmRSS", "Pss", "USS", "RssAnon")
 
 
 def with_zygote(pid: int, mem: dict[str, int]) -> dict[str, Any]:
-    """`mem` of shim `pid` plus its zygote's: a shim forked by the zygote shares pages
-    with it (lowering the shim's own PSS), and the zygote lives only for such shims,
-    so its memory is charged to them (to one shim here, once per node in sums)."""
+    """`mem` of shim `pid`, its PSS and USS plus its zygote's: a shim forked by the
+    zygote shares pages with it (lowering the shim's own PSS), and the zygote lives
+    only for such shims, so its memory is charged to them (all of it to one shim here,
+    once per node in sums). RSS stays the shim's own: it counts shared pages whole."""
     z = zygote_of(pid)
     if z is None:
         return {**mem, "zygote": None}
     zm = memory_of(z)
     out: dict[str, Any] = {**mem, "zygote": {"pid": z, **zm}, "shim_alone": dict(mem)}
-    for k in MEMORY_SUMS:
+    for k in ("Pss", "USS"):
         out[k] = mem.get(k, 0) + zm.get(k, 0)
     return out
