@@ -34,19 +34,16 @@ Errors are one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import shutil
-import subprocess
 import sys
+import threading
 import time
-import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from runtime.errors import Code, FailedPrecondition, StasisError, Unavailable
+from runtime.errors import FailedPrecondition, StasisError, Unavailable
 
 VERSION = "0.1.0"
 RUNTIME = "io.containerd.stasis.v2"
@@ -74,6 +71,10 @@ def _progress(msg: str) -> None:
 
 
 def _ctr(ns: argparse.Namespace, *args: str, check: bool = True) -> str:
+    # Imported here: `stasis checkpoint` never runs ctr, and waits for every import.
+    import shutil
+    import subprocess
+
     ctr = shutil.which("ctr")
     if ctr is None:
         raise Unavailable("ctr (containerd's client) is not installed")
@@ -93,41 +94,60 @@ class ShimGone(Unavailable):
     """The shim's connection closed before it answered: it exited or was killed."""
 
 
-def _shim_call(socket: str, namespace: str, method: str, payload: bytes) -> bytes:
-    from shim import ttrpc
+CHECKPOINTER = "stasis.v1.Checkpointer"
+NAMESPACE_KEY = "containerd-namespace-ttrpc"  # shim.ttrpc.NAMESPACE_KEY
+# SetImage answers at once, unless it came before its Checkpoint: then the shim
+# waits up to shim.service.IMAGE_CLAIM_S (5 s) for it.
+SET_IMAGE_TIMEOUT = 10.0
 
-    async def call() -> bytes:
-        client = await ttrpc.Client.connect(socket)
-        try:
-            return await client.call(
-                "stasis.v1.Checkpointer",
-                method,
-                payload,
-                metadata={"containerd-namespace-ttrpc": namespace},
-            )
-        finally:
-            await client.close()
+if TYPE_CHECKING:
+    from runtime.containerd import ContainerInfo
+    from shim.ttrpc_client import Client
+
+
+def _shim_call(
+    socket: str,
+    namespace: str,
+    method: str,
+    payload: bytes,
+    *,
+    client: Client | None = None,
+    timeout: float | None = None,
+    on_sent: Callable[[], object] | None = None,
+) -> bytes:
+    """One stasis.v1.Checkpointer call, on ``client`` (closed afterwards) or a new
+    connection to ``socket``; blocking, without asyncio."""
+    from shim import ttrpc_client
 
     try:
-        return asyncio.run(call())
-    except ttrpc.RPCError as e:
-        if e.code == Code.UNAVAILABLE and e.message == ttrpc._CLOSED_MESSAGE:
+        if client is None:
+            client = ttrpc_client.Client.connect(socket)
+        with client:
+            return client.call(
+                CHECKPOINTER,
+                method,
+                payload,
+                timeout=timeout,
+                metadata={NAMESPACE_KEY: namespace},
+                on_sent=on_sent,
+            )
+    except ttrpc_client.RPCError as e:
+        if e.closed:
             raise ShimGone(f"the shim ({socket}) closed the connection before answering") from e
         raise StasisError(e.message) from e
 
 
 def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
-    """Checkpoint a running Stasis container; returns what the shim reported."""
-    from protos.stasis.v1 import checkpoint_pb2 as pb
-    from runtime.containerd import get_container
-    from shim.main import GROUP_ANNOTATIONS, socket_path
+    """Checkpoint a running Stasis container; returns what the shim reported.
 
-    info = get_container(ns.address, ns.namespace, ns.container)
-    if info.runtime != RUNTIME:
-        runtime = info.runtime or "an unknown runtime"
-        raise FailedPrecondition(f"container {ns.container} runs on {runtime}, not {RUNTIME}")
-    group = next((info.annotations[k] for k in GROUP_ANNOTATIONS if info.annotations.get(k)), "")
-    sock = socket_path(ns.address, ns.namespace, group or ns.container)
+    A container with a shim of its own (not a pod's member) is found without
+    asking containerd: a Stasis shim listens on its socket (shim.main.socket_path
+    of the container id). The Checkpoint goes there at once, and containerd is
+    asked for the container's image while it runs (the shim waits for it only to
+    record it). Otherwise containerd is asked first which shim serves it.
+    """
+    from protos.stasis.v1 import checkpoint_pb2 as pb
+
     store = ns.to or ""
     if store and "://" not in store:
         store = os.path.abspath(store)
@@ -137,23 +157,9 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
         name=ns.name or "",
         exit=ns.exit,
         tcp_established=ns.tcp_established,
-        image=info.image,
     )
-    _progress(f"checkpointing {ns.container} ...")
-    try:
-        raw = _shim_call(sock, ns.namespace, "Checkpoint", req.SerializeToString())
-    except ShimGone as e:
-        leftovers = "stasis gc removes what it had written"
-        if store.startswith("s3://") or (not store and _default_is_s3()):
-            # The upload runs in a worker process that outlives the shim.
-            leftovers = (
-                f"its upload worker may still publish it; a spool kept under {SPOOL_DIR} "
-                "uploads with stasis push, and stasis gc removes what was written"
-            )
-        raise ShimGone(
-            f"checkpoint of {ns.container}: {e} (it exited or was killed); unless stasis "
-            f"list shows the checkpoint, it was not published: {leftovers}"
-        ) from e
+    own = _own_shim(ns.address, ns.namespace, ns.container)
+    raw = _checkpoint_looked_up(ns, req) if own is None else _checkpoint_fast(ns, req, *own)
     resp = pb.CheckpointResponse.FromString(raw)
     return {
         "ref": resp.ref,
@@ -163,6 +169,185 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(resp.seconds, 3),
         "frozen_seconds": round(resp.frozen_seconds, 3),
     }
+
+
+def _own_shim(address: str, namespace: str, id: str) -> tuple[str, Client] | None:
+    """The socket of the shim that serves ``id`` alone, and a connection to it; None
+    when nothing listens there (a pod's member, no such container, a shim gone).
+
+    The socket's name is a hash that only a Stasis shim started for a group
+    named ``id`` listens on: ``id`` itself, or a pod's sandbox.
+    """
+    from shim import ttrpc_client
+    from shim.main import socket_path
+
+    sock = socket_path(address, namespace, id)
+    try:
+        return sock, ttrpc_client.Client.connect(sock)
+    except ttrpc_client.RPCError:
+        return None
+
+
+def _runtime_error(id: str, info: ContainerInfo) -> FailedPrecondition | None:
+    if info.runtime == RUNTIME:
+        return None
+    runtime = info.runtime or "an unknown runtime"
+    return FailedPrecondition(f"container {id} runs on {runtime}, not {RUNTIME}")
+
+
+def _group_socket(ns: argparse.Namespace, info: ContainerInfo) -> str:
+    """The socket of the shim that serves the container: its group's."""
+    from shim.main import GROUP_ANNOTATIONS, socket_path
+
+    group = next((info.annotations[k] for k in GROUP_ANNOTATIONS if info.annotations.get(k)), "")
+    return socket_path(ns.address, ns.namespace, group or ns.container)
+
+
+def _checkpoint_looked_up(
+    ns: argparse.Namespace, req: Any, info: ContainerInfo | None = None
+) -> bytes:
+    """Ask containerd for the container (unless ``info`` says already), then its
+    group's shim for the checkpoint."""
+    from runtime.containerd import get_container
+
+    if info is None:
+        info = get_container(ns.address, ns.namespace, ns.container)
+    wrong = _runtime_error(ns.container, info)
+    if wrong is not None:
+        raise wrong
+    req.image = info.image
+    req.image_pending = False
+    _progress(f"checkpointing {ns.container} ...")
+    return _send_checkpoint(ns, req, _group_socket(ns, info))
+
+
+def _send_checkpoint(
+    ns: argparse.Namespace,
+    req: Any,
+    sock: str,
+    client: Client | None = None,
+    on_sent: Callable[[], object] | None = None,
+) -> bytes:
+    try:
+        payload = req.SerializeToString()
+        return _shim_call(sock, ns.namespace, "Checkpoint", payload, client=client, on_sent=on_sent)
+    except ShimGone as e:
+        leftovers = "stasis gc removes what it had written"
+        if req.store.startswith("s3://") or (not req.store and _default_is_s3()):
+            # The upload runs in a worker process that outlives the shim.
+            leftovers = (
+                f"its upload worker may still publish it; a spool kept under {SPOOL_DIR} "
+                "uploads with stasis push, and stasis gc removes what was written"
+            )
+        raise ShimGone(
+            f"checkpoint of {ns.container}: {e} (it exited or was killed); unless stasis "
+            f"list shows the checkpoint, it was not published: {leftovers}"
+        ) from e
+
+
+def _checkpoint_fast(ns: argparse.Namespace, req: Any, sock: str, client: Client) -> bytes:
+    """The Checkpoint to the container's own shim at once, with image_pending; the
+    lookup in containerd runs meanwhile (_ImageLookup), and decides afterwards
+    whether a failure is what it seems."""
+    req.image_pending = True
+    lookup = _ImageLookup(ns, sock)
+    _progress(f"checkpointing {ns.container} ...")
+    try:
+        # The lookup starts once the request is out: nothing delays it.
+        raw = _send_checkpoint(ns, req, sock, client, on_sent=lookup.start)
+    except StasisError as e:
+        lookup.answered.set()  # no SetImage is needed any more
+        if lookup.ident is None:
+            raise  # not even sent: the shim went away at once
+        lookup.ready.wait()
+        if lookup.mismatch is not None:
+            # containerd does not know it, or runs it on another runtime: as
+            # without the fast path (and the shim published nothing).
+            raise lookup.mismatch from e
+        if lookup.info is not None and lookup.socket != sock:
+            # Another shim serves it (its group's), unlike its socket suggested.
+            return _checkpoint_looked_up(ns, req, lookup.info)
+        raise
+    lookup.answered.set()
+    if lookup.ready.is_set() and lookup.failure:
+        print(
+            f"stasis: warning: the image of {ns.container} could not be looked up "
+            f"({lookup.failure}); the checkpoint records the one its annotations name, if any",
+            file=sys.stderr,
+        )
+    elif lookup.ready.is_set() and lookup.mismatch is not None:
+        # The shim keeps a checkpoint whose dump stopped the container (--exit).
+        print(
+            f"stasis: warning: {lookup.mismatch}; its shim checkpointed it all the same, "
+            "as the dump had already stopped it",
+            file=sys.stderr,
+        )
+    return raw
+
+
+class _ImageLookup(threading.Thread):
+    """Asks containerd for the container while its fast-path checkpoint runs, then
+    hands the shim the image (stasis.v1.Checkpointer/SetImage on a connection of
+    its own), why it could not be looked up, or, when the container is not what the
+    fast path assumed, that the checkpoint must fail.
+
+    Its findings are read only after ``ready`` is set.
+    """
+
+    def __init__(self, ns: argparse.Namespace, sock: str) -> None:
+        super().__init__(name="stasis image lookup", daemon=True)
+        self.ns = ns
+        self.sock = sock
+        self.ready = threading.Event()  # the lookup is done: the fields below are final
+        self.answered = threading.Event()  # the Checkpoint came back: no SetImage now
+        self.info: ContainerInfo | None = None
+        self.socket = ""  # the socket of the shim that serves it, per containerd
+        self.mismatch: StasisError | None = None
+        self.failure = ""  # why the lookup failed: the shim falls back on annotations
+
+    def run(self) -> None:
+        """Look up, then deliver."""
+        try:
+            self._look_up()
+        except Exception as e:  # the lookup's own failure (grpc missing, say)
+            self.failure = str(e) or type(e).__name__
+        finally:
+            self.ready.set()
+        if not self.answered.is_set():
+            self._deliver()
+
+    def _look_up(self) -> None:
+        from runtime.containerd import get_container
+        from runtime.errors import NotFound
+
+        try:
+            info = get_container(self.ns.address, self.ns.namespace, self.ns.container)
+        except NotFound as e:
+            self.mismatch = e
+            return
+        except StasisError as e:
+            self.failure = str(e)
+            return
+        self.mismatch = _runtime_error(self.ns.container, info)
+        if self.mismatch is None:
+            self.info = info
+            self.socket = _group_socket(self.ns, info)
+
+    def _deliver(self) -> None:
+        from protos.stasis.v1 import checkpoint_pb2 as pb
+
+        req = pb.SetImageRequest(id=self.ns.container)
+        if self.mismatch is not None:
+            req.error, req.abort = str(self.mismatch), True
+        elif self.info is not None:
+            req.image = self.info.image
+        else:
+            req.error = self.failure
+        # Failures are the Checkpoint's to report (or the shim's to log: without
+        # an image it falls back on the annotations after a while).
+        with contextlib.suppress(StasisError):
+            payload = req.SerializeToString()
+            _shim_call(self.sock, self.ns.namespace, "SetImage", payload, timeout=SET_IMAGE_TIMEOUT)
 
 
 def _default_is_s3() -> bool:
@@ -216,6 +401,8 @@ def restore(ns: argparse.Namespace) -> str:
 
 def demo(ns: argparse.Namespace) -> int:
     """A counting container checkpointed (and stopped), then restored: it counts on."""
+    import uuid
+
     images = _ctr(ns, "images", "ls", "-q")
     if ns.image not in images.split():
         raise FailedPrecondition(f"image {ns.image} is not in namespace {ns.namespace}")
@@ -536,12 +723,29 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `stasis`."""
     ns = _parser().parse_args(argv)
     try:
-        return _run(ns)
+        code = _run(ns)
     except StasisError as e:
         print(f"stasis: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
         return 130
+    if argv is None and ns.command == "checkpoint":
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown, which takes some 30 ms
+    once grpc and asyncio are loaded (containerd's lookup loads them) and which the
+    caller of `stasis checkpoint` would wait for. Nothing here needs it: the output
+    is flushed now, and the lookup thread (a daemon) has nothing left to do that
+    matters (a SetImage cut short is forgotten by the shim)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # stdout closed early, say: as Python's own exit would report
+        code = code or 120
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,9 @@ class CheckpointSpec:
     tcp_established: bool = False
     image: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    #: When set, the image is not known yet: awaited once the dump is done, just
+    #: before it is recorded ("" from it: the annotations' image, as for ``image``).
+    image_later: Callable[[], Awaitable[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ async def _checkpoint(
     name = spec.name or f"{container.id}-{_utc_stamp()}"
     oci = _spec(container)
     annotations = oci.get("annotations") or {}
-    image = spec.image or next((annotations[k] for k in IMAGE_ANNOTATIONS if k in annotations), "")
+    annotated = next((annotations[k] for k in IMAGE_ANNOTATIONS if k in annotations), "")
     started = time.monotonic()
     async with upload.begin(store, name, container.runc.spawner) as writer:
         upper = _upperdir(container)
@@ -181,6 +185,7 @@ async def _checkpoint(
         if cuda is not None and not spec.exit:  # after a leave-running dump
             await gpu.resume_container(container.id, cuda)
         known = {f"checkpoint/{name}": digest for name, digest in tail.items()}
+        image = (await _later_image(container.id, spec)) or annotated
         writer.write_bytes("spec.dump", json.dumps(oci, indent=1).encode())
         checkpointed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config_dump = {
@@ -229,6 +234,25 @@ async def _checkpoint(
         seconds=time.monotonic() - started,
         frozen_seconds=frozen,
     )
+
+
+async def _later_image(id: str, spec: CheckpointSpec) -> str:
+    """The image to record: ``spec.image``, or what ``spec.image_later`` gives.
+
+    It is asked this late so that the caller's lookup runs alongside the dump. A
+    caller that finds the container is not the one it meant (FailedPrecondition)
+    fails the checkpoint, unless the dump already stopped the container (``exit``):
+    then failing would lose its state, and the checkpoint is kept.
+    """
+    if spec.image_later is None:
+        return spec.image
+    try:
+        return await spec.image_later()
+    except FailedPrecondition as e:
+        if not spec.exit:
+            raise
+        log.warning("checkpoint of %s: %s; kept, as the dump already stopped it", id, e)
+        return ""
 
 
 # Versions, asked once per shim (they do not change under a running shim).
@@ -452,6 +476,7 @@ class RestoreGate:
 
     def _check(self) -> StasisError | None:
         error: StasisError | None = None
+        began = time.monotonic()
         try:
             self.plan.reader.verify(only=_images)
         except StasisError as e:
@@ -459,7 +484,17 @@ class RestoreGate:
         except OSError as e:
             error = FailedPrecondition(f"restore from checkpoint {self.plan.ref!r}: {e}")
         _write_atomic(self.verdict, "ok\n" if error is None else "bad\n", 0o600)
+        log.debug(
+            "restore gate: images of %s checked in %.3fs", self.plan.ref, time.monotonic() - began
+        )
         return error
+
+    def held_seconds(self) -> float | None:
+        """How long CRIU waited at post-restore for the verdict (None: it did not)."""
+        try:
+            return max(0.0, os.stat(self.verdict).st_mtime - os.stat(self.held).st_mtime)
+        except OSError:
+            return None
 
     async def outcome(self) -> StasisError | None:
         """The images' check, once done: None when they match the manifest."""

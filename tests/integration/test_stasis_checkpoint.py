@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, mounts_under, unique_id
-from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
+from bed.workload import IMAGE, RUNTIME, remove, stasis, stasis_argv, task, wait_count
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +171,9 @@ def test_checkpoint_leave_running_and_cli_store_commands(
 
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
+        config_dump = tar.extractfile("config.dump")
+        assert config_dump is not None
+        assert json.load(config_dump)["rootfsImageName"] == IMAGE
     assert {"spec.dump", "config.dump", "rootfs-diff.tar", "manifest.json"} <= names
     assert any(n.startswith("checkpoint/") for n in names)
     stasis(containerd, "rm", str(store / "keep"))
@@ -252,3 +257,135 @@ def test_checkpoint_of_stopped_or_unknown_container_is_a_clear_error(
         time.sleep(0.05)
     r = stasis(containerd, "checkpoint", id, "--to", str(tmp_path), check=False)
     assert r.returncode != 0 and "stopped" in r.stderr, r.stderr
+
+
+# -- the CLI's fast path: the Checkpoint goes to the container's own shim at once -------
+
+REPO = Path(__file__).resolve().parents[2]
+
+# `stasis ARGS` with a spy on the ttrpc client: what each call carried, and whether
+# asyncio and grpc were imported when it was made (written as JSON to argv[1]).
+SPY = """
+import json, sys
+from protos.stasis.v1 import checkpoint_pb2 as pb
+from runtime import cli
+from shim import ttrpc_client
+
+seen = []
+call = ttrpc_client.Client.call
+
+def spy(self, service, method, payload, **kw):
+    entry = {"method": method, "asyncio": "asyncio" in sys.modules, "grpc": "grpc" in sys.modules}
+    if method == "Checkpoint":
+        entry["image_pending"] = pb.CheckpointRequest.FromString(payload).image_pending
+    else:
+        entry["image"] = pb.SetImageRequest.FromString(payload).image
+    seen.append(entry)
+    return call(self, service, method, payload, **kw)
+
+ttrpc_client.Client.call = spy
+code = cli.main(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
+def spied_stasis(
+    c: Containerd, calls: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, object]]]:
+    argv = stasis_argv(c)
+    assert argv[1:3] == ["-m", "runtime.cli"]
+    done = subprocess.run(
+        [argv[0], "-c", SPY, str(calls), *argv[3:], *args],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=REPO,
+    )  # fmt: skip
+    return done, json.loads(calls.read_text())
+
+
+def test_checkpoint_goes_out_before_containerd_is_asked_and_records_the_image(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = start_counter(containerd, ids)
+    wait_count(containerd, id, 5)
+    store = tmp_path / "store"
+    done, calls = spied_stasis(
+        containerd, tmp_path / "calls.json", "checkpoint", id, "--to", str(store), "--name", "f"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    # Sent before asyncio and grpc were imported (containerd's lookup runs in a
+    # thread meanwhile), then the image it found, on a connection of its own.
+    assert calls == [
+        {"method": "Checkpoint", "asyncio": False, "grpc": False, "image_pending": True},
+        {"method": "SetImage", "asyncio": True, "grpc": True, "image": IMAGE},
+    ], calls
+    assert json.loads((store / "f" / "config.dump").read_text())["rootfsImageName"] == IMAGE
+    assert json.loads(stasis(containerd, "inspect", str(store / "f")).stdout)["image"] == IMAGE
+    wait_count(containerd, id, wait_count(containerd, id, 0))  # still counting
+
+
+def test_image_set_before_the_checkpoint_arrives(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    from protos.stasis.v1 import checkpoint_pb2 as pb
+    from shim.main import socket_path
+    from shim.ttrpc_client import Client
+
+    id = start_counter(containerd, ids)
+    wait_count(containerd, id, 5)
+    sock = socket_path(str(containerd.address), containerd.namespace, id)
+    meta = {"containerd-namespace-ttrpc": containerd.namespace}
+    early = "registry.test/early:1"
+    answers: list[bytes] = []
+
+    def set_image() -> None:
+        with Client.connect(sock) as client:
+            req = pb.SetImageRequest(id=id, image=early)
+            payload = req.SerializeToString()
+            answers.append(client.call("stasis.v1.Checkpointer", "SetImage", payload,
+                                       timeout=10, metadata=meta))  # fmt: skip
+
+    setter = threading.Thread(target=set_image)
+    setter.start()
+    try:
+        time.sleep(0.5)  # it waits in the shim for the checkpoint
+        assert setter.is_alive()
+        req = pb.CheckpointRequest(id=id, store=str(tmp_path), name="e", image_pending=True)
+        with Client.connect(sock) as client:
+            client.call("stasis.v1.Checkpointer", "Checkpoint", req.SerializeToString(),
+                        timeout=120, metadata=meta)  # fmt: skip
+    finally:
+        setter.join(15)
+    assert answers == [b""]
+    assert json.loads((tmp_path / "e" / "config.dump").read_text())["rootfsImageName"] == early
+    assert json.loads((tmp_path / "e" / "stasis.json").read_text())["image"] == early
+
+
+def test_fast_path_to_a_container_of_another_runtime_name(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    # Run by the shim's path: a Stasis shim serves it (the fast path reaches it),
+    # but containerd names another runtime, which `stasis checkpoint` refuses.
+    binary = shutil.which("containerd-shim-stasis-v2", path=containerd.env()["PATH"])
+    assert binary is not None
+    id = unique_id("path")
+    containerd.ctr("run", "-d", "--runtime", binary, IMAGE, id, "sh", "-c", COUNTER)
+    ids.append(id)
+    wait_count(containerd, id, 5)
+    store = tmp_path / "store"
+    why = f"container {id} runs on {binary}, not {RUNTIME}"
+    done, calls = spied_stasis(containerd, tmp_path / "calls.json", "checkpoint", id,
+                               "--to", str(store), "--name", "a")  # fmt: skip
+    assert (done.returncode, done.stderr) == (1, f"stasis: {why}\n")
+    assert [c["method"] for c in calls] == ["Checkpoint", "SetImage"], calls
+    # The shim published nothing, and the container runs on.
+    assert json.loads(stasis(containerd, "list", "--store", str(store), "--json").stdout) == []
+    wait_count(containerd, id, wait_count(containerd, id, 0))
+    # With --exit, the dump stops it before the lookup's verdict can stop the
+    # checkpoint: the checkpoint is kept, with a warning.
+    done, _ = spied_stasis(containerd, tmp_path / "calls.json", "checkpoint", id,
+                           "--to", str(store), "--name", "b", "--exit")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"stasis: warning: {why}; "), done.stderr
+    assert done.stdout.strip() == f"file://{store}/b"

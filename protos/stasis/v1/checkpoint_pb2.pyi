@@ -1,3 +1,4 @@
+from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("id", "store", "name", "exit", "tcp_established", "image", "labels")
+    __slots__ = ("id", "store", "name", "exit", "tcp_established", "image", "labels", "image_pending")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +23,7 @@ class CheckpointRequest(_message.Message):
     TCP_ESTABLISHED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PENDING_FIELD_NUMBER: _ClassVar[int]
     id: str
     store: str
     name: str
@@ -29,7 +31,20 @@ class CheckpointRequest(_message.Message):
     tcp_established: bool
     image: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., store: _Optional[str] = ..., name: _Optional[str] = ..., exit: bool = ..., tcp_established: bool = ..., image: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    image_pending: bool
+    def __init__(self, id: _Optional[str] = ..., store: _Optional[str] = ..., name: _Optional[str] = ..., exit: bool = ..., tcp_established: bool = ..., image: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., image_pending: bool = ...) -> None: ...
+
+class SetImageRequest(_message.Message):
+    __slots__ = ("id", "image", "error", "abort")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    image: str
+    error: str
+    abort: bool
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., error: _Optional[str] = ..., abort: bool = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
     __slots__ = ("ref", "name", "size", "criu_size", "seconds", "frozen_seconds")
