@@ -78,6 +78,7 @@ from bench.common import (  # noqa: E402
     descendants,
     loadavg,
     machine_info,
+    precompile,
     shim_path,
     signals_as_interrupt,
     signals_ignored,
@@ -1012,6 +1013,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    precompile()
     if os.geteuid() != 0:
         print("bench/checkpoint.py needs root (private containerd, runc, CRIU)", file=sys.stderr)
         return 2

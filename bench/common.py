@@ -39,6 +39,14 @@ class BenchError(RuntimeError):
 # -- where things are -----------------------------------------------------------------
 
 
+def precompile() -> None:
+    """Bytecode for the code under test, so no run pays for compiling it (the stasis
+    CLI writes none itself where PYTHONDONTWRITEBYTECODE is set)."""
+    from shim.launcher import precompile as compile_packages
+
+    compile_packages()
+
+
 def shim_path() -> list[Path]:
     """Directories holding containerd-shim-stasis-v2: the repo's venv and this interpreter's."""
     dirs = [REPO / ".venv" / "bin", Path(sys.prefix) / "bin"]

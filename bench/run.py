@@ -597,6 +597,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    common.precompile()
     if args.render_only:
         import json
 

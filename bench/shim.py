@@ -51,6 +51,7 @@ from bench.common import (  # noqa: E402
     loadavg,
     machine_info,
     memory_of,
+    precompile,
     shim_path,
     signals_as_interrupt,
     signals_ignored,
@@ -664,6 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    precompile()
     if os.geteuid() != 0:
         print("bench/shim.py needs root (it runs a private containerd)", file=sys.stderr)
         return 2
