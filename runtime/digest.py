@@ -2,8 +2,9 @@
 
 CRIU writes its image files front to back. A ``TailDigester`` follows a
 directory from a thread, hashing what has been appended since its last look
-(from the page cache, while it is hot) and asking the kernel to start writing
-it back, so that the commit after the dump neither re-reads the images nor
+(from the page cache, while it is hot), while a second thread asks the kernel
+to start writing back what was written (sync_file_range, which can block on a
+busy device: the hashing never waits for it), so that the commit after the dump neither re-reads the images nor
 waits for all of their writeback. Only files that only ever grew are trusted:
 the commit re-digests any file whose size, mtime or inode changed after the
 digester's final look, and small files are always digested at commit.
@@ -16,6 +17,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("stasis.digest")
@@ -46,9 +48,10 @@ class _Follow:
         self.hash = hashlib.sha256()
         self.offset = 0
         self.broken = False
+        self.synced = 0  # writeback started up to here
 
 
-def _sync_range() -> object | None:
+def _sync_range() -> Callable[[int, int, int, int], int] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.sync_file_range
@@ -68,12 +71,39 @@ class TailDigester:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stasis-digest", daemon=True)
         self._sync = _sync_range()
+        # Writeback is started from a thread of its own: sync_file_range blocks while
+        # the device's queue is full, and hashing must not wait for that.
+        self._syncer = threading.Thread(target=self._sync_run, name="stasis-sync", daemon=True)
+        self._lock = threading.Lock()  # guards _files between the two threads
         self._error: BaseException | None = None
 
     def start(self) -> TailDigester:
         """Begin following (call before the writer starts)."""
         self._thread.start()
+        if self._sync is not None:
+            self._syncer.start()
         return self
+
+    def _sync_run(self) -> None:
+        sync = self._sync
+        assert sync is not None
+        try:
+            while True:
+                done = self._done.is_set()
+                with self._lock:
+                    files = list(self._files.values())
+                for f in files:
+                    size = os.fstat(f.fd).st_size
+                    if size > f.synced:
+                        # Start writeback now: the commit's fsync then mostly waits
+                        # for I/O that is already under way.
+                        sync(f.fd, f.synced, size - f.synced, _SYNC_FILE_RANGE_WRITE)
+                        f.synced = size
+                if done:
+                    return
+                self._done.wait(self.poll)
+        except OSError as e:  # only an optimisation: the commit's fsync does it all
+            log.debug("early writeback stopped: %s", e)
 
     def _run(self) -> None:
         try:
@@ -96,7 +126,9 @@ class TailDigester:
             f = self._files.get(entry.name)
             if f is None:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                f = self._files[entry.name] = _Follow(entry.path, fd)
+                f = _Follow(entry.path, fd)
+                with self._lock:
+                    self._files[entry.name] = f
             if not f.broken and self._advance(f):
                 progressed = True
         return progressed
@@ -113,10 +145,6 @@ class TailDigester:
                 break
             f.hash.update(data)
             f.offset += len(data)
-        if f.offset > start and self._sync is not None:
-            # Start writeback now: the commit's fsync then mostly waits for
-            # I/O that is already under way.
-            self._sync(f.fd, start, f.offset - start, _SYNC_FILE_RANGE_WRITE)  # type: ignore[operator]
         return f.offset > start
 
     def finish(self) -> dict[str, KnownDigest]:
@@ -127,6 +155,8 @@ class TailDigester:
         """
         self._done.set()
         self._thread.join()
+        if self._syncer.is_alive():
+            self._syncer.join()
         out: dict[str, KnownDigest] = {}
         try:
             if self._error is None:

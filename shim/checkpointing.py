@@ -178,6 +178,7 @@ async def _checkpoint(
                 frozen = time.monotonic() - frozen_at
                 if digester is not None:
                     tail = await asyncio.to_thread(digester.finish)
+                    hashed_at = time.monotonic()
         except BaseException:
             if cuda is not None:  # the container runs on: give its GPU state back
                 await gpu.undo_suspend(container.id, cuda)
@@ -226,6 +227,14 @@ async def _checkpoint(
         }
         writer.write_bytes("stasis.json", json.dumps(metadata, indent=1).encode())
         info = await writer.commit(metadata, known)
+        log.debug(
+            "checkpoint %s of %s: frozen %.3fs, images hashed +%.3fs, committed +%.3fs",
+            info.name,
+            container.id,
+            frozen,
+            hashed_at - frozen_at - frozen,
+            time.monotonic() - hashed_at,
+        )
     return CheckpointResult(
         ref=info.ref,
         name=info.name,
