@@ -222,3 +222,18 @@ def test_key_follows_the_code(tmp_path: Path) -> None:
     finally:
         probe.unlink()
     assert zygote.context_key() == first
+
+
+def test_request_round_trip() -> None:
+    request = {
+        "bundle": "/run/containerd/io.containerd.runtime.v2.task/ns/id",
+        "namespace": "k8s.io",
+        "path": "/run/containerd/s/abc",
+        "address": "/run/containerd/containerd.sock",
+        "debug": True,
+        "env": {"A": "1=2", "EMPTY": "", "BYTES": b"\xff\xfe".decode("utf-8", "surrogateescape")},
+    }
+    assert zygote._decode(zygote._encode(request)) == request
+    assert zygote._decode(zygote._encode({**request, "debug": False, "env": {}}))["debug"] is False
+    with pytest.raises(ValueError, match="malformed"):
+        zygote._decode(b"only\0three\0fields")
