@@ -1,4 +1,4 @@
-"""Write a fast launcher for containerd-shim-stasis-v2.
+"""Write fast launchers for containerd-shim-stasis-v2 and the stasis CLI.
 
 containerd runs the shim binary at least twice per container (``start`` and
 ``delete``), so interpreter start-up is on every container's critical path.
@@ -13,8 +13,9 @@ shim looks for it (``SHEPHERD``). Without a C compiler the shim still works;
 its execs are then left out of checkpoints.
 
 And it compiles the packages' bytecode (``precompile``): a Python started with
-``PYTHONDONTWRITEBYTECODE`` (the ``stasis`` CLI honours it; the isolated shim
-does not) would otherwise compile every module it imports, on every run.
+``PYTHONDONTWRITEBYTECODE`` (``python -m runtime.cli``, pip's console scripts;
+the isolated launchers ignore it) would otherwise compile every module it
+imports, on every run.
 
 Usage: ``python -m shim.launcher BINDIR`` (installers and the test bed run it).
 """
@@ -31,30 +32,42 @@ NAME = "containerd-shim-stasis-v2"
 SHEPHERD = "stasis-exec-shepherd"
 
 
-def launcher_text(python: str, paths: list[str]) -> str:
-    """The launcher script for ``python`` with ``paths`` prepended to sys.path."""
+CLI = "stasis"
+# What each launcher runs: (module, function).
+_ENTRY = {NAME: ("shim.main", "main"), CLI: ("runtime.cli", "main")}
+
+
+def launcher_text(python: str, paths: list[str], name: str = NAME) -> str:
+    """The launcher script of ``name`` for ``python`` with ``paths`` prepended to sys.path."""
+    module, func = _ENTRY[name]
     return (
         f"#!{python} -IS\n"
-        "# containerd-shim-stasis-v2 launcher (written by python -m shim.launcher)\n"
+        f"# {name} launcher (written by python -m shim.launcher)\n"
         "import sys\n"
         f"sys.path[0:0] = {paths!r}\n"
-        "from shim.main import main\n"
-        "sys.exit(main())\n"
+        f"from {module} import {func}\n"
+        f"sys.exit({func}())\n"
     )
 
 
 def write(bindir: str) -> str:
-    """Write the launcher into ``bindir`` (atomically) and return its path."""
+    """Write the launchers into ``bindir`` (atomically); returns the shim's path.
+
+    The `stasis` CLI gets one too: ``site`` (the editable install's finder, .pth
+    files) costs it ~40 ms a command, which `stasis checkpoint` adds to every
+    checkpoint it takes.
+    """
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     purelib = sysconfig.get_paths()["purelib"]
     paths = list(dict.fromkeys([package_root, purelib]))
-    dest = os.path.join(bindir, NAME)
-    tmp = f"{dest}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(launcher_text(sys.executable, paths))
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, dest)
-    return dest
+    for name in (CLI, NAME):
+        dest = os.path.join(bindir, name)
+        tmp = f"{dest}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(launcher_text(sys.executable, paths, name))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    return os.path.join(bindir, NAME)
 
 
 def build_shepherd(bindir: str) -> str | None:

@@ -584,3 +584,19 @@ def test_delete_removes_a_dead_shim_socket_and_keeps_a_live_one(
         assert live.exists()
     finally:
         listener.close()
+
+
+def test_launchers_run_isolated_without_site(tmp_path: Path) -> None:
+    """Both launchers start Python with -IS and find every package they need."""
+    from shim import launcher
+
+    launcher.write(str(tmp_path))
+    for name, args, want in (
+        ("containerd-shim-stasis-v2", ["-v"], "containerd-shim-stasis-v2 version"),
+        ("stasis", ["--version"], "stasis"),
+    ):
+        path = tmp_path / name
+        assert path.read_text().splitlines()[0].endswith(" -IS")
+        done = subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert want in done.stdout
