@@ -73,15 +73,27 @@ def explain_latency(doc: dict[str, Any], ours: float, runc: float) -> str:
         )
     cli = p.get("cli_startup_s")
     if cli:
+        daemon = (
+            "the shim zygote (shim/zygote.py) forks the daemon with that code already "
+            "imported, so Create is answered within milliseconds"
+            if _zygote_used(doc)
+            else "the daemon forked by `shim start` then imports its serving code (above) "
+            "before it answers Create"
+        )
         parts.append(
             "A Python process start-up alone (`stasis --help`) takes "
             f"{cli['median'] * 1000:.0f} ms; "
             "every container pays one for `shim start` (and one more for `shim delete` at "
-            "the end), and the daemon forked by `shim start` then imports its serving code "
-            "(above) before it answers Create; the runc shim is a Go binary that starts in a "
-            "few ms."
+            f"the end); {daemon}; the runc shim is a Go binary that starts in a few ms."
         )
     return " ".join(parts)
+
+
+def _zygote_used(doc: dict[str, Any]) -> bool:
+    """Whether our shims in this run were forked by the shim zygote."""
+    mem = doc["sections"].get("shim", {}).get("memory", {})
+    samples = mem.get("runtimes", {}).get(OURS, {}).get("samples", [])
+    return any(s.get("zygote") for s in samples)
 
 
 def explain_memory(doc: dict[str, Any]) -> str:
@@ -108,6 +120,12 @@ def explain_memory(doc: dict[str, Any]) -> str:
                 if abs(o["USS"] - daemon["USS"]) < MiB
                 else f"{_mib(o['USS'] - daemon['USS'])} above that floor; "
             )
+            + (
+                f"its PSS and USS include the shim zygote's ({_mib(o['Pss'])} PSS in all), "
+                "which lives only to fork our shims; "
+                if _zygote_used(doc)
+                else ""
+            )
             + f"the runc shim: {_mib(r['VmRSS'])} RSS. A lone runc shim's RSS and PSS include "
             "its whole Go binary, which no other process maps, while ours shares libpython "
             f"with other Python processes ({o.get('sharers', 0):.0f} here, the bench among "
@@ -120,9 +138,16 @@ def explain_memory(doc: dict[str, Any]) -> str:
             f" With {n} shims the runc shims share their binary's pages {n} ways and cost "
             f"{_mib(pr['total_kib']['Pss'] / n)} PSS each ({_mib(pr['total_kib']['USS'] / n)} "
             f"private), while each of ours keeps {_mib(po['total_kib']['USS'] / n)} private of "
-            f"{_mib(po['total_kib']['Pss'] / n)} PSS: every shim is its own interpreter, "
-            "and the interpreter's heap and the imported modules' code objects are private "
-            "to each process."
+            f"{_mib(po['total_kib']['Pss'] / n)} PSS"
+            + (
+                " (the zygote's own memory included, once): the shims share the zygote's "
+                "imported code copy-on-write, and what stays private is each shim's own "
+                "heap and the shared objects' pages that Python's reference counting writes "
+                "to, which copy-on-write then duplicates."
+                if _zygote_used(doc)
+                else ": every shim is its own interpreter, and the interpreter's heap and "
+                "the imported modules' code objects are private to each process."
+            )
         )
     return text
 
