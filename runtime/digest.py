@@ -5,9 +5,10 @@ directory from a thread, hashing what has been appended since its last look
 (from the page cache, while it is hot), while a second thread asks the kernel
 to start writing back what was written (sync_file_range, which can block on a
 busy device: the hashing never waits for it), so that the commit after the dump
-neither re-reads the images nor waits for all of their writeback. Only files that only ever grew are trusted:
-the commit re-digests any file whose size, mtime or inode changed after the
-digester's final look, and small files are always digested at commit.
+neither re-reads the images nor waits for all of their writeback. Only files
+that only ever grew are trusted: the commit re-digests any file whose size,
+mtime or inode changed after the digester's final look, and small files are
+always digested at commit.
 """
 
 from __future__ import annotations
