@@ -310,11 +310,12 @@ class _Zygote:
                 break
             if not self.children and time.monotonic() - last >= self.idle:
                 break
-        try:
+        with contextlib.suppress(OSError):
             if self._ours():
                 os.unlink(self.sock_path)
-        except OSError:
-            pass
+                # A zygote starting now may hold the old lock file: it then binds
+                # anew, and whichever socket is not in place makes its zygote exit.
+                os.unlink(f"{self.sock_path.removesuffix('.sock')}.lock")
         return 0
 
     def _reap(self, pidfd: int) -> None:

@@ -80,6 +80,7 @@ def key() -> Iterator[str]:
     finally:
         try:
             _wait(lambda: not _alive(pid), timeout=30, what="the idle zygote to exit")
+            assert not os.path.exists(sock_path) and not os.path.exists(lock_path)
         finally:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
