@@ -162,7 +162,7 @@ if [ "$UNINSTALL" = 1 ]; then
         log "packages installed by install.sh stay: $(grep '^package ' "$MANIFEST" | cut -d' ' -f2 | tr '\n' ' ')"
     fi
     rm -f "$MANIFEST" "$STATE/source.sha256"
-    # Shim zygotes (shim/zygote.py) exit within 30 s once their socket is gone;
+    # Shim zygotes (shim/zygote.py) exit within 5 s once their socket is gone;
     # running shims are not theirs to stop and keep running.
     rm -rf /run/stasis/zygote
     rmdir /run/stasis 2>/dev/null || true

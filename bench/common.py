@@ -338,16 +338,20 @@ def zygote_of(pid: int) -> int | None:
 MEMORY_SUMS = ("VmRSS", "Pss", "USS", "RssAnon")
 
 
-def with_zygote(pid: int, mem: dict[str, int]) -> dict[str, Any]:
-    """`mem` of shim `pid`, its PSS and USS plus its zygote's: a shim forked by the
-    zygote shares pages with it (lowering the shim's own PSS), and the zygote lives
-    only for such shims, so its memory is charged to them (all of it to one shim here,
-    once per node in sums). RSS stays the shim's own: it counts shared pages whole."""
+def end_zygote(pid: int) -> dict[str, Any] | None:
+    """End the shim zygote that forked shim `pid`, if one did, and return its memory
+    just before. A zygote leaves by itself 60 s after its last start (shim/zygote.py):
+    ending it now measures that steady state, in which the shims it forked keep
+    sharing its pages among themselves, without waiting a minute per reading."""
     z = zygote_of(pid)
     if z is None:
-        return {**mem, "zygote": None}
-    zm = memory_of(z)
-    out: dict[str, Any] = {**mem, "zygote": {"pid": z, **zm}, "shim_alone": dict(mem)}
-    for k in ("Pss", "USS"):
-        out[k] = mem.get(k, 0) + zm.get(k, 0)
-    return out
+        return None
+    mem: dict[str, Any] = {"pid": z, **memory_of(z)}
+    with suppress(ProcessLookupError):
+        os.kill(z, signal.SIGTERM)  # this one process, found as the shim's parent
+    deadline = time.monotonic() + 10
+    while zygote_of(pid) == z and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if zygote_of(pid) == z:
+        raise BenchError(f"shim zygote {z} still alive 10 s after SIGTERM")
+    return mem

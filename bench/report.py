@@ -121,8 +121,8 @@ def explain_memory(doc: dict[str, Any]) -> str:
                 else f"{_mib(o['USS'] - daemon['USS'])} above that floor; "
             )
             + (
-                f"its PSS and USS include the shim zygote's ({_mib(o['Pss'])} PSS in all), "
-                "which lives only to fork our shims; "
+                "read once the shim zygote that forked it had gone (it leaves 60 s after "
+                "the last start; the bench ends it sooner), which is the steady state; "
                 if _zygote_used(doc)
                 else ""
             )
@@ -140,10 +140,10 @@ def explain_memory(doc: dict[str, Any]) -> str:
             f"private), while each of ours keeps {_mib(po['total_kib']['USS'] / n)} private of "
             f"{_mib(po['total_kib']['Pss'] / n)} PSS"
             + (
-                " (the zygote's own memory included, once): the shims share the zygote's "
-                "imported code copy-on-write, and what stays private is each shim's own "
-                "heap and the shared objects' pages that Python's reference counting writes "
-                "to, which copy-on-write then duplicates."
+                " (read after their zygote had gone): they keep sharing the pages the "
+                "zygote had when it forked them, copy-on-write, and what is private is each "
+                "shim's own heap and the shared objects' pages that Python's reference "
+                "counting wrote to, which copy-on-write then duplicated."
                 if _zygote_used(doc)
                 else ": every shim is its own interpreter, and the interpreter's heap and "
                 "the imported modules' code objects are private to each process."

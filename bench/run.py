@@ -128,8 +128,9 @@ def measure_pod_shim(c: Containerd, runtime: str, size: int, settle: float) -> d
                 f"{runtime}: the {size} containers of {group} have shims {shims}"
             )
         pid = shims.pop()
-        mem = common.with_zygote(pid, common.memory_of(pid))
-        return {"group": group, "containers": size, "shim_pid": pid, **mem}
+        zygote = common.end_zygote(pid)
+        mem = common.memory_of(pid)
+        return {"group": group, "containers": size, "shim_pid": pid, **mem, "zygote": zygote}
     finally:
         remove_and_wait(c, cids, [pid] if pid else [])
 
@@ -150,19 +151,15 @@ def measure_many_pods(c: Containerd, runtime: str, n: int, settle: float) -> dic
         pids = sorted({sb.shim_of(c, runtime, cid) for cid in cids})
         if len(pids) != n:
             raise common.BenchError(f"{runtime}: {n} pods but {len(pids)} shims")
+        zygotes = [z for p in pids if (z := common.end_zygote(p)) is not None]
         mems = [common.memory_of(p) for p in pids]
         total = {k: sum(m.get(k, 0) for m in mems) for k in common.MEMORY_SUMS}
-        # The zygote that forked them (if any) is charged once.
-        zygotes = {z for p in pids if (z := common.zygote_of(p)) is not None}
-        zmems = [common.memory_of(z) for z in zygotes]
-        for k in common.MEMORY_SUMS:
-            total[k] += sum(m.get(k, 0) for m in zmems)
         return {
             "pods": n,
             "start_all_s": start_s,
             "total_kib": total,
             "per_shim": mems,
-            "zygotes": zmems,
+            "zygotes": zygotes,
         }
     finally:
         remove_and_wait(c, cids, pids)

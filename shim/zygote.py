@@ -17,16 +17,19 @@ shows the caller's command line and environment in /proc
 would.
 
 Protocol, on ``/run/stasis/zygote/<key>.sock`` (mode 0700 directory, peer uid
-checked): the caller sends one length-prefixed JSON request with the shim's
+checked): the caller sends one length-prefixed request with the shim's
 listening socket attached (SCM_RIGHTS); the forked daemon answers ``ready
 PID``, or the zygote or daemon ``err REASON``; the caller answers ``go`` and
 only then does the daemon serve. Whatever goes wrong (no zygote, a refusal, a
 timeout) the caller starts its daemon itself: the zygote only ever saves time.
 
 The first ``start`` that finds no zygote launches one for the next. A zygote
-exits when it has had no daemon alive and no request for ``IDLE_SECONDS``, or
-when its socket is gone. ``STASIS_SHIM_ZYGOTE=0`` in containerd's environment
-turns it off.
+exits when no request came for ``IDLE_SECONDS``, or when its socket is gone:
+it serves bursts of starts, and costs nothing between them. The daemons it
+forked run on (re-parented, as daemons ``start`` forks are) and keep sharing
+among themselves what it had imported. It preloads exactly what a daemon
+imports before it serves, so a daemon holds the same code either way.
+``STASIS_SHIM_ZYGOTE=0`` in containerd's environment turns it off.
 
 This module is imported by ``start``: standard library only at the top.
 """
@@ -46,12 +49,13 @@ if TYPE_CHECKING:
 ZYGOTE_DIR = "/run/stasis/zygote"
 ENABLE_ENV = "STASIS_SHIM_ZYGOTE"
 IDLE_ENV = "STASIS_SHIM_ZYGOTE_IDLE"
-IDLE_SECONDS = 120.0
+IDLE_SECONDS = 60.0
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 _CODE_DIRS = ("shim", "runtime", "protos")
 _TIMEOUT = 5.0
-# What a daemon runs; imported by the zygote before it forks any.
-PRELOAD = ("shim.serve", "shim.checkpointing", "runtime.config")
+# What a daemon imports before it serves (shim.main._daemon), and nothing more: a
+# lone shim would keep every preloaded page to itself once the zygote is gone.
+PRELOAD = ("shim.serve",)
 
 
 def enabled() -> bool:
@@ -293,7 +297,7 @@ class _Zygote:
 
         last = time.monotonic()
         while True:
-            wait = min(self.idle, 30.0)
+            wait = min(self.idle, 5.0)
             listen_fd = self.listener.fileno()
             ready, _, _ = select.select([listen_fd, *self.children], [], [], wait)
             for fd in ready:
@@ -308,7 +312,7 @@ class _Zygote:
                 self._serve(conn)
             if not self._ours():
                 break
-            if not self.children and time.monotonic() - last >= self.idle:
+            if time.monotonic() - last >= self.idle:
                 break
         with contextlib.suppress(OSError):
             if self._ours():

@@ -238,3 +238,23 @@ def test_request_round_trip() -> None:
     assert zygote._decode(zygote._encode({**request, "debug": False, "env": {}}))["debug"] is False
     with pytest.raises(ValueError, match="malformed"):
         zygote._decode(b"only\0three\0fields")
+
+
+def test_idle_zygote_exits_and_its_daemon_runs_on(
+    key: str, listener: tuple[socket.socket, str]
+) -> None:
+    """The zygote leaves after its idle time even while a daemon it forked runs; the
+    daemon is re-parented and keeps serving."""
+    sock, path = listener
+    zygote_pid = _zygote_pid(key)
+    pid, _ = zygote.spawn(sock, _request(path, os.path.dirname(path)), key=key)
+    assert pid is not None and zygote_pid is not None
+    try:
+        _wait(lambda: not _alive(zygote_pid), timeout=30, what="the idle zygote to exit")
+        assert _alive(pid) and _ppid(pid) != zygote_pid
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(5)
+        c.connect(path)
+        c.close()
+    finally:
+        _stop(pid)
