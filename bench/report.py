@@ -604,9 +604,10 @@ def render(doc: dict[str, Any], page: Path = PAGE) -> None:
         f"{name} {s.get('loadavg_start')} -> {s.get('loadavg_end')}" for name, s in S.items()
     )
     w(
-        "**Noise.** Other engineers' test suites ran on this machine during the run, so "
-        "absolute times are noisy and only the ratios (both sides measured in the same "
-        f"minutes) mean much. Load average (1, 5, 15 min) per section: {loads}.\n"
+        "**Noise.** Absolute times on this machine vary from run to run (it is a small "
+        "virtual machine whose neighbours and load change), so only the ratios (both "
+        "sides measured in the same minutes) mean much. Load average (1, 5, 15 min) per "
+        f"section: {loads}.\n"
     )
     w("## Summary\n")
     w("| figure | stasis | reference | ratio | goal | status |")
