@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import socket
@@ -210,7 +209,7 @@ async def _checkpoint(
             "runc": await _runc_version(container),
             "criu": await _criu_version(container),
             "host": socket.gethostname(),
-            "kernel": platform.release(),
+            "kernel": os.uname().release,
             "cgroup_mode": "v2" if cgroups.unified() else "v1",
             "exit": spec.exit,
             "tcp_established": spec.tcp_established,
