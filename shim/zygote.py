@@ -7,8 +7,9 @@ forks a ready daemon for each ``start``; the daemons also share the imported
 code's memory pages with it (copy-on-write), which lowers each shim's PSS.
 
 A forked daemon must be indistinguishable from one that ``start`` forked itself,
-so the zygote only serves callers in its own context: the same user, cgroups
-and namespaces, all part of its key (``context_key``) together with the exact
+so the zygote only serves callers in its own context: the same credentials,
+capabilities, seccomp and no_new_privs, CPU and memory placement, nice value,
+cgroups and namespaces, all part of its key (``context_key``) together with the exact
 code it runs (every module file's size and mtime, the interpreter, sys.path),
 and checked again against the caller's /proc entry. The daemon then takes the
 caller's environment, umask, resource limits and OOM score adjustment, and
@@ -77,9 +78,41 @@ def _code_stats(root: str, out: list[str]) -> None:
                 out.append(f"{e.path}:{st.st_size}:{st.st_mtime_ns}")
 
 
+# What a forked daemon inherits from its forker and no request can set: credentials,
+# capabilities, no_new_privs, seccomp, CPU and memory placement (and the nice value).
+_STATUS_FIELDS = (
+    "Uid",
+    "Gid",
+    "Groups",
+    "CapInh",
+    "CapPrm",
+    "CapEff",
+    "CapBnd",
+    "CapAmb",
+    "NoNewPrivs",
+    "Seccomp",
+    "Cpus_allowed_list",
+    "Mems_allowed_list",
+)
+
+
+def _privileges(pid: str) -> dict[str, str]:
+    """The inherited attributes of process ``pid`` ("self" or a number)."""
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name in _STATUS_FIELDS:
+                out[name] = value.strip()
+    who = 0 if pid == "self" else int(pid)
+    out["nice"] = str(os.getpriority(os.PRIO_PROCESS, who))
+    return out
+
+
 def _context() -> list[str]:
-    """This process's user, cgroups and namespaces."""
+    """This process's user, privileges, cgroups and namespaces."""
     parts = [f"uid={os.geteuid()}:{os.getegid()}"]
+    parts.extend(f"{k}={v}" for k, v in sorted(_privileges("self").items()))
     with open("/proc/self/cgroup", encoding="utf-8") as fh:
         parts.append(fh.read())
     parts.extend(os.readlink(f"/proc/self/ns/{ns}") for ns in _NAMESPACES)
@@ -488,4 +521,8 @@ def _caller_facts(pid: int) -> _Facts:
     for ns in _NAMESPACES:
         if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"):
             raise PermissionError(f"the caller is in another {ns} namespace")
+    mine, theirs_ = _privileges("self"), _privileges(str(pid))
+    for name, value in mine.items():
+        if theirs_.get(name) != value:
+            raise PermissionError(f"the caller's {name} differs ({theirs_.get(name)!r})")
     return _Facts(pid)

@@ -258,3 +258,19 @@ def test_idle_zygote_exits_and_its_daemon_runs_on(
         c.close()
     finally:
         _stop(pid)
+
+
+def test_refusal_names_a_privilege_that_differs() -> None:
+    child = subprocess.Popen(["setpriv", "--no-new-privs", "sleep", "30"])
+    try:
+        _wait(
+            lambda: (
+                "1" in Path(f"/proc/{child.pid}/status").read_text().split("NoNewPrivs:")[1][:4]
+            ),
+            what="setpriv",
+        )
+        with pytest.raises(PermissionError, match="NoNewPrivs differs"):
+            zygote._caller_facts(child.pid)
+    finally:
+        child.kill()
+        child.wait()
