@@ -22,13 +22,29 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from protos.ttrpc import request_pb2, status_pb2
 from runtime.errors import Code, StasisError
+from shim.ttrpc_wire import (
+    CANCELED_MESSAGE,
+    CLOSED_MESSAGE,
+    DEADLINE_MESSAGE,
+    DISCARD_CHUNK,
+    GRPC_NAMESPACE_KEY,
+    HEADER,
+    MAX_MESSAGE_SIZE,
+    MAX_STREAM_ID,
+    NAMESPACE_KEY,
+    TYPE_DATA,
+    TYPE_REQUEST,
+    TYPE_RESPONSE,
+    RPCError,
+    encode_request,
+    oversized_message,
+)
 
 __all__ = [
     "GRPC_NAMESPACE_KEY",
@@ -43,27 +59,6 @@ __all__ = [
 
 log = logging.getLogger("stasis.ttrpc")
 
-#: ttrpc's default limit on one frame's payload (channel.go messageLengthMax).
-MAX_MESSAGE_SIZE = 4 << 20
-
-#: Metadata key containerd uses for the namespace when calling a shim over ttrpc
-#: (containerd pkg/namespaces/ttrpc.go, TTRPCHeader).
-NAMESPACE_KEY = "containerd-namespace-ttrpc"
-
-#: The gRPC spelling of the namespace key; accepted as a fallback.
-GRPC_NAMESPACE_KEY = "containerd-namespace"
-
-_HEADER = struct.Struct(">IIBB")
-
-_TYPE_REQUEST = 0x1
-_TYPE_RESPONSE = 0x2
-_TYPE_DATA = 0x3
-
-_MAX_STREAM_ID = 0xFFFFFFFF
-
-# Oversized frames are skipped in pieces of this size so that a peer declaring
-# 4 GiB never makes us allocate it.
-_DISCARD_CHUNK = 64 << 10
 
 # StreamReader pauses the socket once it buffers twice this much; a bit more
 # than the 64 KiB default keeps big (MiB-sized) payloads from ping-ponging
@@ -74,38 +69,6 @@ _READ_LIMIT = 256 << 10
 # before the socket is dropped; a peer that stopped reading must not hang
 # close() forever.
 _CLOSE_GRACE_S = 1.0
-
-# The texts a Go ttrpc peer produces for the same conditions (context errors,
-# ErrClosed), so containerd's logs read the same with this shim.
-_DEADLINE_MESSAGE = "context deadline exceeded"
-_CANCELED_MESSAGE = "context canceled"
-_CLOSED_MESSAGE = "ttrpc: closed"
-
-
-class RPCError(Exception):
-    """A non-OK ttrpc status.
-
-    Handlers raise it to answer with a specific code; :meth:`Client.call`
-    raises it for every non-OK response and for transport failures
-    (``UNAVAILABLE`` when the connection is gone).
-    """
-
-    code: Code
-    message: str
-
-    def __init__(self, code: Code | int, message: str) -> None:
-        try:
-            resolved = Code(code)
-        except ValueError:
-            # A peer sent a code outside google.rpc.Code; keep the text and
-            # treat it the way gRPC does with codes it does not know.
-            resolved = Code.UNKNOWN
-        super().__init__(resolved, message)
-        self.code = resolved
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
 
 
 @dataclass
@@ -140,11 +103,6 @@ class _ProtocolError(Exception):
     """The peer broke the framing rules; the connection cannot be trusted."""
 
 
-def _oversized_message(length: int, limit: int) -> str:
-    # Same text as ttrpc's OversizedMessageError / channel.recv.
-    return f"message length {length} exceed maximum message size of {limit}"
-
-
 def _status_response(code: Code, message: str) -> bytes:
     status = status_pb2.Status(code=int(code), message=message)
     return bytes(request_pb2.Response(status=status).SerializeToString())
@@ -153,7 +111,7 @@ def _status_response(code: Code, message: str) -> bytes:
 async def _discard(reader: asyncio.StreamReader, count: int) -> None:
     """Drop exactly ``count`` bytes from ``reader`` without holding them all."""
     while count > 0:
-        chunk = await reader.read(min(count, _DISCARD_CHUNK))
+        chunk = await reader.read(min(count, DISCARD_CHUNK))
         if not chunk:
             raise asyncio.IncompleteReadError(b"", count)
         count -= len(chunk)
@@ -190,7 +148,7 @@ async def _invoke(handler: Handler, payload: bytes, ctx: RequestContext) -> tupl
         return exc.code, str(exc), b""
     except TimeoutError as exc:
         if scope is not None and scope.expired():
-            return Code.DEADLINE_EXCEEDED, _DEADLINE_MESSAGE, b""
+            return Code.DEADLINE_EXCEEDED, DEADLINE_MESSAGE, b""
         # The handler's own timeout (e.g. waiting on runc), not the caller's.
         log.exception("ttrpc: /%s/%s failed", ctx.service, ctx.method)
         return Code.UNKNOWN, str(exc) or type(exc).__name__, b""
@@ -200,7 +158,7 @@ async def _invoke(handler: Handler, payload: bytes, ctx: RequestContext) -> tupl
             raise  # We are being cancelled: the connection or server is closing.
         # Something inside the handler was cancelled and leaked the error; the
         # caller still deserves an answer instead of waiting forever.
-        return Code.CANCELLED, _CANCELED_MESSAGE, b""
+        return Code.CANCELLED, CANCELED_MESSAGE, b""
     except Exception as exc:
         log.exception("ttrpc: /%s/%s failed", ctx.service, ctx.method)
         return Code.UNKNOWN, str(exc) or type(exc).__name__, b""
@@ -253,9 +211,9 @@ class _ServerConnection:
         reader = self._reader
         limit = self._server.max_message_size
         while True:
-            header = await reader.readexactly(_HEADER.size)
-            length, stream_id, mtype, _flags = _HEADER.unpack(header)
-            if mtype not in (_TYPE_REQUEST, _TYPE_DATA):
+            header = await reader.readexactly(HEADER.size)
+            length, stream_id, mtype, _flags = HEADER.unpack(header)
+            if mtype not in (TYPE_REQUEST, TYPE_DATA):
                 raise _ProtocolError(f"unexpected message type {mtype} on stream {stream_id}")
             if stream_id % 2 != 1:
                 raise _ProtocolError(f"stream id {stream_id} is not odd (client initiated)")
@@ -263,12 +221,12 @@ class _ServerConnection:
                 # Skip the payload so the next frame is read from its start,
                 # then answer this stream only: the connection stays usable.
                 await _discard(reader, length)
-                if mtype == _TYPE_REQUEST:
-                    message = _oversized_message(length, limit)
+                if mtype == TYPE_REQUEST:
+                    message = oversized_message(length, limit)
                     await self._send_status(stream_id, Code.RESOURCE_EXHAUSTED, message)
                 continue
             payload = await reader.readexactly(length) if length else b""
-            if mtype == _TYPE_DATA:
+            if mtype == TYPE_DATA:
                 # No streaming methods exist here, so no stream can take data;
                 # the request that opened it was already answered.
                 log.debug("ttrpc: ignoring data frame for stream %d", stream_id)
@@ -339,7 +297,7 @@ class _ServerConnection:
                 limit,
             )
             response = _status_response(
-                Code.RESOURCE_EXHAUSTED, _oversized_message(len(response), limit)
+                Code.RESOURCE_EXHAUSTED, oversized_message(len(response), limit)
             )
         await self._send(stream_id, response)
 
@@ -347,7 +305,7 @@ class _ServerConnection:
         await self._send(stream_id, _status_response(code, message))
 
     async def _send(self, stream_id: int, response: bytes) -> None:
-        header = _HEADER.pack(len(response), stream_id, _TYPE_RESPONSE, 0)
+        header = HEADER.pack(len(response), stream_id, TYPE_RESPONSE, 0)
         try:
             async with self._write_lock:
                 # Two writes with no await between them reach the transport
@@ -539,21 +497,10 @@ class Client:
         messages either way.
         """
         if self._closed:
-            raise RPCError(Code.UNAVAILABLE, _CLOSED_MESSAGE)
-        request = request_pb2.Request(service=service, method=method, payload=payload)
-        if timeout is not None:
-            request.timeout_nano = max(1, int(timeout * 1e9))
-        if metadata:
-            request.metadata.extend(
-                request_pb2.KeyValue(key=key, value=value) for key, value in metadata.items()
-            )
-        data = bytes(request.SerializeToString())
-        if len(data) > self._max_message_size:
-            raise RPCError(
-                Code.RESOURCE_EXHAUSTED, _oversized_message(len(data), self._max_message_size)
-            )
+            raise RPCError(Code.UNAVAILABLE, CLOSED_MESSAGE)
+        data = encode_request(service, method, payload, timeout, metadata, self._max_message_size)
         stream_id = self._next_stream_id
-        if stream_id > _MAX_STREAM_ID:
+        if stream_id > MAX_STREAM_ID:
             raise RPCError(Code.UNAVAILABLE, "ttrpc: stream ids exhausted, reconnect")
         self._next_stream_id += 2
         future: asyncio.Future[request_pb2.Response] = asyncio.get_running_loop().create_future()
@@ -565,7 +512,7 @@ class Client:
                 response = await future
         except TimeoutError:
             if scope is not None and scope.expired():
-                raise RPCError(Code.DEADLINE_EXCEEDED, _DEADLINE_MESSAGE) from None
+                raise RPCError(Code.DEADLINE_EXCEEDED, DEADLINE_MESSAGE) from None
             raise
         finally:
             # A late answer for this stream is dropped by the reader from now on.
@@ -577,31 +524,31 @@ class Client:
         return bytes(response.payload)
 
     async def _send(self, stream_id: int, data: bytes) -> None:
-        header = _HEADER.pack(len(data), stream_id, _TYPE_REQUEST, 0)
+        header = HEADER.pack(len(data), stream_id, TYPE_REQUEST, 0)
         try:
             async with self._write_lock:
                 self._writer.write(header)
                 self._writer.write(data)
                 await self._writer.drain()
         except ConnectionError as exc:
-            raise RPCError(Code.UNAVAILABLE, _CLOSED_MESSAGE) from exc
+            raise RPCError(Code.UNAVAILABLE, CLOSED_MESSAGE) from exc
 
     async def _read_loop(self) -> None:
         reader = self._reader
         limit = self._max_message_size
         try:
             while True:
-                header = await reader.readexactly(_HEADER.size)
-                length, stream_id, mtype, _flags = _HEADER.unpack(header)
+                header = await reader.readexactly(HEADER.size)
+                length, stream_id, mtype, _flags = HEADER.unpack(header)
                 if length > limit:
                     await _discard(reader, length)
                     self._fail(
                         stream_id,
-                        RPCError(Code.RESOURCE_EXHAUSTED, _oversized_message(length, limit)),
+                        RPCError(Code.RESOURCE_EXHAUSTED, oversized_message(length, limit)),
                     )
                     continue
                 payload = await reader.readexactly(length) if length else b""
-                if mtype != _TYPE_RESPONSE:
+                if mtype != TYPE_RESPONSE:
                     # Servers only answer; anything else belongs to streams,
                     # which this client never opens.
                     log.debug("ttrpc: client ignoring message type %d", mtype)
@@ -622,7 +569,7 @@ class Client:
         finally:
             self._closed = True
             for stream_id in list(self._pending):
-                self._fail(stream_id, RPCError(Code.UNAVAILABLE, _CLOSED_MESSAGE))
+                self._fail(stream_id, RPCError(Code.UNAVAILABLE, CLOSED_MESSAGE))
             # Release the socket now, even if nobody calls close().
             self._writer.close()
 

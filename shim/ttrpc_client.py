@@ -12,53 +12,25 @@ thread that needs a call of its own opens its own connection.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Callable, Mapping
 
 from protos.ttrpc import request_pb2
 from runtime.errors import Code
+from shim.ttrpc_wire import (
+    CLOSED_MESSAGE,
+    DEADLINE_MESSAGE,
+    DISCARD_CHUNK,
+    HEADER,
+    MAX_MESSAGE_SIZE,
+    MAX_STREAM_ID,
+    TYPE_REQUEST,
+    TYPE_RESPONSE,
+    RPCError,
+    encode_request,
+)
 
 __all__ = ["CLOSED_MESSAGE", "MAX_MESSAGE_SIZE", "Client", "RPCError"]
-
-# The framing and the texts of shim.ttrpc (tests/unit/test_ttrpc_client.py
-# checks that the two agree).
-MAX_MESSAGE_SIZE = 4 << 20
-_HEADER = struct.Struct(">IIBB")
-_TYPE_REQUEST = 0x1
-_TYPE_RESPONSE = 0x2
-_MAX_STREAM_ID = 0xFFFFFFFF
-_DISCARD_CHUNK = 64 << 10
-_DEADLINE_MESSAGE = "context deadline exceeded"
-#: The message of the UNAVAILABLE error raised when the server closes the
-#: connection before answering (the Go peer's ErrClosed text, as shim.ttrpc).
-CLOSED_MESSAGE = "ttrpc: closed"
-
-
-class RPCError(Exception):
-    """A non-OK ttrpc status (as :class:`shim.ttrpc.RPCError`): the server's, or
-    UNAVAILABLE for a connection that could not be made or closed before the
-    answer (message :data:`CLOSED_MESSAGE`), DEADLINE_EXCEEDED on timeout."""
-
-    code: Code
-    message: str
-
-    def __init__(self, code: Code | int, message: str) -> None:
-        try:
-            resolved = Code(code)
-        except ValueError:
-            resolved = Code.UNKNOWN  # a code outside google.rpc.Code, as gRPC does
-        super().__init__(resolved, message)
-        self.code = resolved
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.message}"
-
-    @property
-    def closed(self) -> bool:
-        """Whether the connection closed before the answer came."""
-        return self.code == Code.UNAVAILABLE and self.message == CLOSED_MESSAGE
 
 
 class _Deadline(Exception):
@@ -118,34 +90,21 @@ class Client:
         """
         if self._broken:
             raise RPCError(Code.UNAVAILABLE, CLOSED_MESSAGE)
-        request = request_pb2.Request(service=service, method=method, payload=payload)
-        if timeout is not None:
-            request.timeout_nano = max(1, int(timeout * 1e9))
-        if metadata:
-            request.metadata.extend(
-                request_pb2.KeyValue(key=key, value=value) for key, value in metadata.items()
-            )
-        data = bytes(request.SerializeToString())
-        if len(data) > self._max_message_size:
-            raise RPCError(
-                Code.RESOURCE_EXHAUSTED,
-                f"message length {len(data)} exceed maximum message size of "
-                f"{self._max_message_size}",
-            )
+        data = encode_request(service, method, payload, timeout, metadata, self._max_message_size)
         stream_id = self._next_stream_id
-        if stream_id > _MAX_STREAM_ID:
+        if stream_id > MAX_STREAM_ID:
             raise RPCError(Code.UNAVAILABLE, "ttrpc: stream ids exhausted, reconnect")
         self._next_stream_id += 2
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             self._settimeout(deadline)
-            self._sock.sendall(_HEADER.pack(len(data), stream_id, _TYPE_REQUEST, 0) + data)
+            self._sock.sendall(HEADER.pack(len(data), stream_id, TYPE_REQUEST, 0) + data)
             if on_sent is not None:
                 on_sent()
             response = self._receive(stream_id, deadline)
         except (_Deadline, TimeoutError) as exc:
             self._broken = True
-            raise RPCError(Code.DEADLINE_EXCEEDED, _DEADLINE_MESSAGE) from exc
+            raise RPCError(Code.DEADLINE_EXCEEDED, DEADLINE_MESSAGE) from exc
         except OSError as exc:  # reset, broken pipe: the server is gone
             self._broken = True
             raise RPCError(Code.UNAVAILABLE, CLOSED_MESSAGE) from exc
@@ -156,7 +115,7 @@ class Client:
     def _receive(self, stream_id: int, deadline: float | None) -> request_pb2.Response:
         """Read frames until the response to ``stream_id``."""
         while True:
-            length, got, mtype, _flags = _HEADER.unpack(self._read(_HEADER.size, deadline))
+            length, got, mtype, _flags = HEADER.unpack(self._read(HEADER.size, deadline))
             if length > self._max_message_size:
                 self._skip(length, deadline)
                 if got == stream_id:
@@ -167,7 +126,7 @@ class Client:
                     )
                 continue
             payload = self._read(length, deadline) if length else b""
-            if mtype != _TYPE_RESPONSE or got != stream_id:
+            if mtype != TYPE_RESPONSE or got != stream_id:
                 continue  # a stream's data, or a late answer to a call that gave up
             try:
                 return request_pb2.Response.FromString(payload)
@@ -197,7 +156,7 @@ class Client:
 
     def _skip(self, count: int, deadline: float | None) -> None:
         while count > 0:
-            n = min(count, _DISCARD_CHUNK)
+            n = min(count, DISCARD_CHUNK)
             self._read(n, deadline)
             count -= n
 
