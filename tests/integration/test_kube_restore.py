@@ -84,8 +84,14 @@ def read(cluster: KubeCluster, pod: str, container: str, path: str) -> str:
 
 
 def count(cluster: KubeCluster, pod: str, container: str) -> int:
-    text = read(cluster, pod, container, "/tmp/count")
-    return int(text) if text.isdigit() else 0
+    """The counter's value (0 if none). `echo $i > /tmp/count` leaves the file empty
+    for an instant while it rewrites it: an empty read is tried again."""
+    for _ in range(10):
+        text = read(cluster, pod, container, "/tmp/count")
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.1)
+    return 0
 
 
 def wait_count(cluster: KubeCluster, pod: str, container: str, above: int) -> int:

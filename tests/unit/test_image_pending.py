@@ -103,10 +103,21 @@ class Shim:
             self.run(self._server.close())
         if self._served is not None:
             self._served.result(10)
-        self.run(asyncio.sleep(0.05))  # aborted transports finish closing
+        self.run(_drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+async def _drain() -> None:
+    """End what is left on the loop (a connection accepted as the server closed)
+    and let aborted transports finish closing, so none outlives the loop."""
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    for t in others:
+        t.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -143,6 +154,9 @@ def shim(socket_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shim]:
     try:
         yield s
     finally:
+        # The CLI's lookups connect to the shim too: they end before it stops.
+        for t in lookup_threads():
+            t.join(15)
         s.stop()
 
 
