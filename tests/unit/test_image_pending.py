@@ -20,10 +20,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
+from bed.loopserver import LoopServer
 
 from protos.stasis.v1 import checkpoint_pb2 as pb
 from runtime import cli
@@ -42,21 +42,20 @@ ADDRESS = "/run/stasis-unit/containerd.sock"
 IMAGE = "docker.io/library/busybox:1"
 
 
-class Shim:
+class Shim(LoopServer):
     """A TaskService serving stasis.v1.Checkpointer on ``path``; its containers are
     stand-ins, and each checkpoint records the image it was given."""
 
     def __init__(self, path: str, ids: tuple[str, ...] = (ID,)) -> None:
-        self.path = path
-        self.loop = asyncio.new_event_loop()
+        super().__init__(path)
         self.service = TaskService(NAMESPACE, Publisher(""), Reaper(), on_shutdown=lambda: None)
         self.service.containers.update({id: object() for id in ids})  # type: ignore[misc]
         self.images: list[str] = []
         self.dumping = threading.Event()  # a checkpoint waits on `dumped`
         self.dumped: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._server: ttrpc.Server | None = None
-        self._served: Future[None] | None = None
+
+    def services(self) -> dict[str, dict[str, ttrpc.Handler]]:
+        return {STASIS_SERVICE: self.service.stasis_handlers()}
 
     async def checkpoint(
         self, container: object, spec: checkpointing.CheckpointSpec, *_: Any
@@ -69,15 +68,6 @@ class Shim:
         self.images.append(image)
         return checkpointing.CheckpointResult(f"file:///s/{image}", "n", 1, 1, 0.5, 0.25)
 
-    def start(self) -> None:
-        self._thread.start()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
-        sock.listen()
-        self._server = ttrpc.Server()
-        self._server.register(STASIS_SERVICE, self.service.stasis_handlers())
-        self._served = asyncio.run_coroutine_threadsafe(self._server.serve(sock), self.loop)
-
     def hold_dumps(self) -> None:
         """Checkpoints wait in their 'dump' until release_dumps()."""
         self.dumped = self.run(self._event())
@@ -89,35 +79,11 @@ class Shim:
         assert self.dumped is not None
         self.loop.call_soon_threadsafe(self.dumped.set)
 
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
     def pending(self) -> set[str]:
         async def get() -> set[str]:
             return set(self.service._images)
 
-        return self.run(get())  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self.run(self._server.close())
-        if self._served is not None:
-            self._served.result(10)
-        self.run(_drain())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-async def _drain() -> None:
-    """End what is left on the loop (a connection accepted as the server closed)
-    and let aborted transports finish closing, so none outlives the loop."""
-    me = asyncio.current_task()
-    others = [t for t in asyncio.all_tasks() if t is not me]
-    for t in others:
-        t.cancel()
-    await asyncio.gather(*others, return_exceptions=True)
-    await asyncio.sleep(0.05)
+        return self.run(get())
 
 
 @pytest.fixture
@@ -487,8 +453,8 @@ def test_cli_fast_path_shim_gone(
     shim.hold_dumps()
     t, out = in_thread(lambda: cli.checkpoint(args()))
     assert shim.dumping.wait(10)
-    assert shim._server is not None
-    shim.run(shim._server.close())  # as if the shim were killed
+    assert shim.server is not None
+    shim.close_server()  # as if the shim were killed
     t.join(10)
     assert isinstance(out[0], cli.ShimGone), out
     gone = f"checkpoint of {ID}: the shim ({shim.path}) closed the connection before answering"
@@ -497,7 +463,7 @@ def test_cli_fast_path_shim_gone(
 
 def test_cli_leaks_no_fds(shim: Shim, lookups: Callable[[Any], Lookups]) -> None:
     lookups(info())
-    server = shim._server
+    server = shim.server
     assert server is not None
     cli.checkpoint(args())  # imports done
     # The server, in this process too, closes its side once it sees the CLI's closed.

@@ -14,9 +14,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 import pytest
+from bed.loopserver import LoopServer
 
 from runtime.errors import Code, NotFound
 from shim import ttrpc, ttrpc_client
@@ -26,43 +26,17 @@ from shim.ttrpc_client import Client, RPCError
 SERVICE = "test.v1.Sync"
 
 
-class Server:
+class Server(LoopServer):
     """A shim.ttrpc.Server serving SERVICE on a unix socket, from a background loop."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.loop = asyncio.new_event_loop()
+        super().__init__(path)
         self.contexts: list[RequestContext] = []
         self.blocked = threading.Event()
         self.cancelled = threading.Event()
-        self._server: ttrpc.Server | None = None
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._served: Future[None] | None = None
 
-    def start(self) -> None:
-        self._thread.start()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(self.path)
-        sock.listen()
-        self._server = ttrpc.Server()
-        self._server.register(SERVICE, self.methods())
-        self._served = asyncio.run_coroutine_threadsafe(self._server.serve(sock), self.loop)
-
-    def close_server(self) -> None:
-        """Close every connection, answering nothing that is pending."""
-        assert self._server is not None
-        asyncio.run_coroutine_threadsafe(self._server.close(), self.loop).result(5)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self.close_server()
-        if self._served is not None:
-            self._served.result(5)
-        # Aborted transports finish closing.
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
+    def services(self) -> dict[str, dict[str, ttrpc.Handler]]:
+        return {SERVICE: self.methods()}
 
     def methods(self) -> dict[str, ttrpc.Handler]:
         async def echo(payload: bytes, ctx: RequestContext) -> bytes:

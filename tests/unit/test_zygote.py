@@ -117,6 +117,13 @@ def _request(path: str, bundle: str) -> dict[str, object]:
     }
 
 
+def _serves(path: str) -> None:
+    """Something accepts connections on ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(5)
+        c.connect(path)
+
+
 def _stop(pid: int) -> None:
     os.kill(pid, signal.SIGTERM)
     _wait(lambda: not _alive(pid), what=f"daemon {pid} to exit")
@@ -153,11 +160,7 @@ def test_daemon_forked_by_the_zygote_looks_started_by_its_caller(
         mine = os.umask(0)
         os.umask(mine)
         assert int(umask, 8) == mine
-        # It serves the Task API on the socket it was handed.
-        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.settimeout(5)
-        c.connect(path)
-        c.close()
+        _serves(path)  # the Task API, on the socket it was handed
     finally:
         _stop(pid)
 
@@ -252,10 +255,7 @@ def test_idle_zygote_exits_and_its_daemon_runs_on(
     try:
         _wait(lambda: not _alive(zygote_pid), timeout=30, what="the idle zygote to exit")
         assert _alive(pid) and _ppid(pid) != zygote_pid
-        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        c.settimeout(5)
-        c.connect(path)
-        c.close()
+        _serves(path)
     finally:
         _stop(pid)
 
