@@ -28,6 +28,7 @@ from shim.ttrpc_wire import (
     TYPE_RESPONSE,
     RPCError,
     encode_request,
+    oversized_message,
 )
 
 __all__ = ["CLOSED_MESSAGE", "MAX_MESSAGE_SIZE", "Client", "RPCError"]
@@ -120,9 +121,7 @@ class Client:
                 self._skip(length, deadline)
                 if got == stream_id:
                     raise RPCError(
-                        Code.RESOURCE_EXHAUSTED,
-                        f"message length {length} exceed maximum message size of "
-                        f"{self._max_message_size}",
+                        Code.RESOURCE_EXHAUSTED, oversized_message(length, self._max_message_size)
                     )
                 continue
             payload = self._read(length, deadline) if length else b""
