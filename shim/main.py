@@ -189,8 +189,6 @@ def start(f: Flags) -> int:
     sys.stdout.write(address)
     sys.stdout.flush()
     if launch_zygote is not None:  # for the next start, now that this one has answered
-        from shim import zygote
-
         zygote.launch(launch_zygote)
     return 0
 
@@ -203,8 +201,15 @@ def _daemon(sock: _socket.socket, f: Flags, namespace: str, bundle: str, path: s
         os.dup2(null, fd)
     os.close(null)
     os.chdir("/")
-    # containerd's Create waits on these imports: no collections while they
-    # run, then freeze what they allocated so the collector never rescans it.
+    load_serving_code()
+    return serve_group(sock.detach(), path, namespace, bundle, f.address, f.debug)
+
+
+def load_serving_code() -> None:
+    """Import what a daemon serves with (asyncio, protobuf, the Task service), with
+    the collector off, and freeze what the imports allocated so it is never rescanned;
+    ``serve_group`` turns the collector back on. containerd's Create waits on these
+    imports (unless the shim zygote, which calls this too, made them already)."""
     import gc
 
     gc.disable()
@@ -215,20 +220,26 @@ def _daemon(sock: _socket.socket, f: Flags, namespace: str, bundle: str, path: s
         import asyncio  # noqa: F401
     finally:
         del sys.modules["ssl"]
+    import shim.serve  # noqa: F401
+
+    gc.freeze()
+
+
+def serve_group(fd: int, path: str, namespace: str, bundle: str, address: str, debug: bool) -> int:
+    """Serve the group's shim socket ``fd`` (bound at ``path``) until Shutdown."""
+    import gc
     import socket
 
     from shim.serve import serve
 
-    gc.freeze()
     gc.enable()
-
     return serve(
-        socket.socket(fileno=sock.detach()),
+        socket.socket(fileno=fd),
         socket_path=path,
         namespace=namespace,
         bundle=bundle,
-        ttrpc_address=os.environ.get("TTRPC_ADDRESS", f.address + ".ttrpc"),
-        debug=f.debug,
+        ttrpc_address=os.environ.get("TTRPC_ADDRESS", address + ".ttrpc"),
+        debug=debug,
     )
 
 

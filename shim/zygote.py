@@ -54,9 +54,6 @@ IDLE_SECONDS = 60.0
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 _CODE_DIRS = ("shim", "runtime", "protos")
 _TIMEOUT = 5.0
-# What a daemon imports before it serves (shim.main._daemon), and nothing more: a
-# lone shim would keep every preloaded page to itself once the zygote is gone.
-PRELOAD = ("shim.serve",)
 
 
 def enabled() -> bool:
@@ -110,9 +107,8 @@ def _privileges(pid: str) -> dict[str, str]:
 
 
 def _context() -> list[str]:
-    """This process's user, privileges, cgroups and namespaces."""
-    parts = [f"uid={os.geteuid()}:{os.getegid()}"]
-    parts.extend(f"{k}={v}" for k, v in sorted(_privileges("self").items()))
+    """This process's credentials and privileges, cgroups and namespaces."""
+    parts = [f"{k}={v}" for k, v in sorted(_privileges("self").items())]
     with open("/proc/self/cgroup", encoding="utf-8") as fh:
         parts.append(fh.read())
     parts.extend(os.readlink(f"/proc/self/ns/{ns}") for ns in _NAMESPACES)
@@ -286,18 +282,11 @@ def _zygote(key: str) -> int:
     name = os.path.basename(sys.argv[0] if sys.argv else "") or "containerd-shim-stasis-v2"
     _set_display(f"{name}\0zygote\0{key}\0".encode(), b"STASIS_SHIM_ZYGOTE=1\0")
 
-    import gc
-    import importlib
+    # Exactly what a daemon imports before it serves, and nothing more: a lone shim
+    # would keep every preloaded page to itself once the zygote is gone.
+    from shim.main import load_serving_code
 
-    gc.disable()
-    sys.modules["ssl"] = None  # type: ignore[assignment]  # as the daemon does: see shim.main
-    try:
-        import asyncio  # noqa: F401
-    finally:
-        del sys.modules["ssl"]
-    for module in PRELOAD:
-        importlib.import_module(module)
-    gc.freeze()
+    load_serving_code()
 
     import socket
 
@@ -401,20 +390,15 @@ class _Zygote:
             if _read_line(conn) != "go":
                 os._exit(0)
             conn.close()
-            import gc
+            from shim.main import serve_group
 
-            gc.enable()
-            import socket
-
-            from shim.serve import serve
-
-            code = serve(
-                socket.socket(fileno=listener_fd),
-                socket_path=request["path"],
-                namespace=request["namespace"],
-                bundle=request["bundle"],
-                ttrpc_address=os.environ.get("TTRPC_ADDRESS", request["address"] + ".ttrpc"),
-                debug=bool(request.get("debug")),
+            code = serve_group(
+                listener_fd,
+                request["path"],
+                request["namespace"],
+                request["bundle"],
+                request["address"],
+                bool(request.get("debug")),
             )
         except BaseException as e:
             with contextlib.suppress(OSError):
