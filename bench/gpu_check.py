@@ -8,18 +8,20 @@ network:
 
 1. starts a worker process (its own session, stdio in files) that puts a >= --gib GiB
    int32 tensor of seeded random values on the GPU and computes its checksum there
-   (two int64 sums: plain and position-weighted);
-2. moves the worker's GPU state into host memory through the driver API, with
-   Stasis's own backend (runtime/gpu.py over libcuda.so.1: cuCheckpointProcessLock,
-   then cuCheckpointProcessCheckpoint), timed;
-3. dumps the worker with CRIU (`criu dump`, the worker ends), timed;
-4. restores it with CRIU (`criu restore -d`, same PID), then gives the GPU state
-   back (cuCheckpointProcessRestore, cuCheckpointProcessUnlock), timed;
-5. lets the restored worker recompute the checksum on the GPU: it must match.
+   (two int64 sums: plain and position-weighted), and recomputes it on request;
+2. the driver alone, in place: Stasis's own backend (runtime/gpu.py over
+   libcuda.so.1) locks and checkpoints the worker's GPU state into host memory, then
+   restores and unlocks it; the worker's checksum must not change;
+3. Stasis's order for a checkpoint that leaves the workload running: lock +
+   checkpoint, `criu dump --leave-running`, restore + unlock; checksum again;
+4. the worker is killed, `criu restore -d` brings it back (same PID) from the images
+   of step 3, then the driver restores and unlocks its GPU state; the restored
+   worker recomputes the checksum on the GPU: it must match.
 
 It prints each step's seconds, the CRIU image size and the checkpoint and restore
-rates in GiB/s (tensor GiB over driver + CRIU time), and exits 0 only when the
-checksums match. No containerd or runc is involved: this checks the driver calls and
+rates in GiB/s (tensor GiB over driver + CRIU time: lock + checkpoint + dump, and
+CRIU restore + driver restore + unlock), and exits 0 only when every checksum
+matches. No containerd or runc is involved: this checks the driver calls and
 CRIU with GPU memory; the shim's hooks around them are exercised by
 tests/integration/test_gpu_fake.py (with a fake libcuda) on any machine.
 
@@ -47,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from runtime import gpu  # noqa: E402  (the backend under test)
+from runtime.errors import FailedPrecondition  # noqa: E402
 
 GPU_WORKER = r"""
 import torch
@@ -104,10 +107,12 @@ def say(name, text):
 
 
 say("ready", f"{os.getpid()} {NBYTES} {checksum()}")
-go = os.path.join(work, "go")
-while not os.path.exists(go):
+k = 1
+while not os.path.exists(os.path.join(work, "go")):
+    if os.path.exists(os.path.join(work, f"ask.{k}")):
+        say(f"ans.{k}", checksum())
+        k += 1
     time.sleep(0.01)
-say("after", checksum())
 """
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -156,7 +161,36 @@ def pick_dir(gib: float, explicit: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="stasis-gpu-check-", dir=base))
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
+def ask(work: Path, k: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> str:
+    """Have the worker recompute its checksum (request number ``k``) and return it."""
+    answer = work / f"ans.{k}"
+    answer.unlink(missing_ok=True)
+    (work / f"ask.{k}").touch()
+    try:
+        return wait_file(answer, timeout, proc)
+    finally:
+        (work / f"ask.{k}").unlink(missing_ok=True)
+
+
+def rate(gib: float, seconds: float) -> float:
+    return round(gib / seconds, 3) if seconds > 0 else 0.0
+
+
+def stand_in_state(args: argparse.Namespace, pid: int) -> tuple[Path, bytes] | None:
+    """--cpu-stand-in only: the fake libcuda's state file of ``pid`` and its bytes.
+
+    The real driver keeps a process's checkpoint state in the process's memory, so a
+    CRIU restore brings back "checkpointed"; the fake keeps it in a file, which the
+    script puts back as the dump left it (in a container the rootfs diff does that)."""
+    directory = os.environ.get("STASIS_FAKE_CUDA_STATE")
+    if not args.cpu_stand_in or not directory:
+        return None
+    path = Path(directory) / str(pid)
+    return (path, path.read_bytes()) if path.exists() else None
+
+
+def run(args: argparse.Namespace, out: dict[str, object]) -> None:
+    """The check; fills ``out`` as it goes, so that a failure keeps what was measured."""
     if os.geteuid() != 0:
         raise CheckError("run as root (CRIU needs it)")
     binary = args.criu or os.environ.get("STASIS_CRIU") or shutil.which("criu")
@@ -166,14 +200,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if backend is None:
         raise CheckError("libcuda.so.1 without the checkpoint API (driver >= 550 needed)")
     inventory = backend.inventory()
-    out: dict[str, object] = {
-        "inventory": inventory,
-        "criu": subprocess.run(
-            [binary, "--version"], capture_output=True, text=True
-        ).stdout.strip(),
-        "gib": args.gib,
-        "cpu_stand_in": args.cpu_stand_in,
-    }
+    gpu.check_inventory(inventory or {}, inventory)  # the gate passes on the same machine
+    out.update(
+        {
+            "inventory": inventory,
+            "criu": subprocess.run(
+                [binary, "--version"], capture_output=True, text=True
+            ).stdout.strip(),
+            "gib": args.gib,
+            "cpu_stand_in": args.cpu_stand_in,
+            "thp": thp_mode(),
+            "kernel": os.uname().release,
+        }
+    )
     print(f"GPUs: {gpu.describe(inventory)}; {out['criu']}", flush=True)
     # The restored worker is re-parented to us (criu restore -d exits): reap it.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -182,6 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     images = work / "images"
     images.mkdir()
     out["dir"] = str(work)
+    seconds: dict[str, float] = {}
+    out["seconds"] = seconds
     worker: subprocess.Popen[bytes] | None = None
     restored = 0  # the restored worker, our child (subreaper) until reaped
     try:
@@ -197,68 +238,103 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         pid = int(pid_s)
         size_gib = int(nbytes) / (1 << 30)
         out["tensor_gib"] = round(size_gib, 3)
+        out["checksum_before"] = before
         state = backend.state(pid)
         if state != gpu.RUNNING:
             raise CheckError(
                 f"the driver does not see the worker as a running CUDA process ({state})"
             )
+        if backend.processes([1, pid]) != [pid]:
+            raise CheckError("detection: the driver's answers do not single out the worker")
 
+        # 1. The driver alone, in place: GPU memory to host and back, the worker running on.
         t0 = time.monotonic()
         backend.suspend([pid], gpu.lock_timeout_ms())
-        gpu_suspend = time.monotonic() - t0
-        dump = criu(
-            binary, ["dump", "-t", str(pid), "-D", str(images), "--link-remap"], work, "dump.log"
+        seconds["inplace_lock_checkpoint"] = round(time.monotonic() - t0, 3)
+        if backend.state(pid) != gpu.CHECKPOINTED:
+            raise CheckError(f"after the checkpoint the driver says {backend.state(pid)}")
+        t0 = time.monotonic()
+        backend.resume([pid])
+        seconds["inplace_restore_unlock"] = round(time.monotonic() - t0, 3)
+        out["checksum_inplace"] = ask(work, 1, worker, 120)
+        out["gpu_only_checkpoint_gib_s"] = rate(size_gib, seconds["inplace_lock_checkpoint"])
+        out["gpu_only_restore_gib_s"] = rate(size_gib, seconds["inplace_restore_unlock"])
+        print(
+            f"driver only, in place: checkpoint {seconds['inplace_lock_checkpoint']:.2f} s,"
+            f" restore {seconds['inplace_restore_unlock']:.2f} s,"
+            f" checksum {'OK' if out['checksum_inplace'] == before else 'MISMATCH'}",
+            flush=True,
         )
-        worker.wait(timeout=30)  # CRIU ended it: its PID is free for the restore
-        image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
 
-        restore = criu(
-            binary,
-            ["restore", "-D", str(images), "-d", "--pidfile", str(work / "restored.pid")],
-            work,
-            "restore.log",
+        # 2. Stasis's order for a checkpoint that leaves the workload running:
+        #    lock + checkpoint -> CRIU dump --leave-running -> restore + unlock.
+        t0 = time.monotonic()
+        backend.suspend([pid], gpu.lock_timeout_ms())
+        seconds["gpu_lock_checkpoint"] = round(time.monotonic() - t0, 3)
+        seconds["criu_dump"] = round(
+            criu(
+                binary,
+                ["dump", "-t", str(pid), "-D", str(images), "--leave-running", "--link-remap"],
+                work,
+                "dump.log",
+            ),
+            3,
+        )
+        fake_state = stand_in_state(args, pid)  # the state as the dump saw it
+        t0 = time.monotonic()
+        backend.resume([pid])
+        seconds["gpu_resume_after_dump"] = round(time.monotonic() - t0, 3)
+        out["checksum_left_running"] = ask(work, 2, worker, 120)
+        image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
+        out["criu_image_gib"] = round(image_bytes / (1 << 30), 3)
+
+        # 3. Killed, then restored from the images: CRIU restore -> restore + unlock.
+        worker.kill()
+        worker.wait(timeout=30)  # its PID is free for the restore
+        (work / "ans.2").unlink(missing_ok=True)
+        if fake_state is not None:
+            fake_state[0].write_bytes(fake_state[1])
+        seconds["criu_restore"] = round(
+            criu(
+                binary,
+                ["restore", "-D", str(images), "-d", "--pidfile", str(work / "restored.pid")],
+                work,
+                "restore.log",
+            ),
+            3,
         )
         restored = int((work / "restored.pid").read_text().strip())
         t0 = time.monotonic()
         backend.resume([restored])
-        gpu_resume = time.monotonic() - t0
+        seconds["gpu_restore_unlock"] = round(time.monotonic() - t0, 3)
+        after = ask(work, 2, None, 120)  # the restored worker waits for request 2 again
         (work / "go").touch()
-        after = wait_file(work / "after", 120)
-        with_status = os.waitpid(restored, 0)[1]
+        out["restored_exit_status"] = os.waitpid(restored, 0)[1]
         restored = 0
 
-        ok = after == before
-        ckpt_s, rest_s = gpu_suspend + dump, restore + gpu_resume
+        ok = after == before == out["checksum_inplace"] == out["checksum_left_running"]
+        ckpt_s = seconds["gpu_lock_checkpoint"] + seconds["criu_dump"]
+        rest_s = seconds["criu_restore"] + seconds["gpu_restore_unlock"]
         out.update(
             {
-                "checksum_before": before,
                 "checksum_after": after,
                 "checksum_ok": ok,
                 "restored_pid": pid,
-                "restored_exit_status": with_status,
-                "criu_image_gib": round(image_bytes / (1 << 30), 3),
-                "seconds": {
-                    "gpu_lock_checkpoint": round(gpu_suspend, 3),
-                    "criu_dump": round(dump, 3),
-                    "criu_restore": round(restore, 3),
-                    "gpu_restore_unlock": round(gpu_resume, 3),
-                },
-                "checkpoint_gib_s": round(size_gib / ckpt_s, 3),
-                "restore_gib_s": round(size_gib / rest_s, 3),
-                "gpu_only_checkpoint_gib_s": round(size_gib / gpu_suspend, 3),
-                "gpu_only_restore_gib_s": round(size_gib / gpu_resume, 3),
+                "checkpoint_gib_s": rate(size_gib, ckpt_s),
+                "restore_gib_s": rate(size_gib, rest_s),
             }
         )
         print(
             f"tensor {size_gib:.2f} GiB, CRIU images {image_bytes / (1 << 30):.2f} GiB in {work}\n"
-            f"checkpoint: GPU lock+checkpoint {gpu_suspend:.2f} s + CRIU dump {dump:.2f} s"
-            f" = {size_gib / ckpt_s:.2f} GiB/s\n"
-            f"restore:    CRIU restore {restore:.2f} s + GPU restore+unlock {gpu_resume:.2f} s"
-            f" = {size_gib / rest_s:.2f} GiB/s\n"
+            f"checkpoint: GPU lock+checkpoint {seconds['gpu_lock_checkpoint']:.2f} s"
+            f" + CRIU dump {seconds['criu_dump']:.2f} s = {out['checkpoint_gib_s']:.2f} GiB/s"
+            f" (then GPU restore+unlock in place {seconds['gpu_resume_after_dump']:.2f} s)\n"
+            f"restore:    CRIU restore {seconds['criu_restore']:.2f} s"
+            f" + GPU restore+unlock {seconds['gpu_restore_unlock']:.2f} s"
+            f" = {out['restore_gib_s']:.2f} GiB/s\n"
             f"checksum {'OK' if ok else 'MISMATCH'}: before {before}, after {after}",
             flush=True,
         )
-        return out
     finally:
         if restored:
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
@@ -267,8 +343,69 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait()
+        if args.logs:
+            logs = Path(args.logs)
+            logs.mkdir(parents=True, exist_ok=True)
+            for name in ("worker.out", "images/dump.log", "images/restore.log"):
+                if (work / name).exists():
+                    shutil.copyfile(work / name, logs / Path(name).name)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (always, madvise or never), or ""."""
+    try:
+        text = THP.read_text()
+    except OSError:
+        return ""
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+
+
+def env_facts(text: str) -> dict[str, str]:
+    """The machine's facts from bench/gpu_device.sh's env.txt."""
+    facts: dict[str, str] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("== "):
+            facts["date"] = line[3:].strip()
+        elif line.startswith("Linux "):
+            facts["kernel"] = line.split()[2]
+        elif line.startswith("name, driver_version") and i + 1 < len(lines):
+            name, driver, memory = [f.strip() for f in lines[i + 1].split(",")[:3]]
+            facts.update(gpu=name, driver=driver, gpu_memory=memory)
+        elif line.startswith("Python "):
+            facts["python"] = line.split()[1]
+        elif line.startswith("torch "):
+            facts["torch"] = line.split()[1]
+        elif line.startswith("Version: "):
+            facts["criu"] = line.split()[1]
+        elif line.startswith("THP: "):
+            facts["thp"] = line[line.find("[") + 1 : line.find("]")]
+        elif line.startswith("Mem: "):
+            facts["memory_gib"] = line.split()[1]
+        elif line.isdigit():
+            facts["cpus"] = line
+    return facts
+
+
+def collect(dirs: list[str], page: Path) -> dict[str, object]:
+    """bench/results-gpu.json from bench/gpu_device.sh's output folders, one batch
+    (one machine, one env.txt, runN/gpu.json) each."""
+    batches = []
+    for d in map(Path, dirs):
+        runs = [
+            json.loads(f.read_text())
+            for f in sorted(d.glob("run*/gpu.json"), key=lambda f: int(f.parent.name[3:]))
+        ]
+        env = (d / "env.txt").read_text() if (d / "env.txt").exists() else ""
+        batches.append({"env": env_facts(env), "runs": runs})
+    doc: dict[str, object] = {"batches": batches}
+    page.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
 
 
 def main() -> int:
@@ -283,12 +420,23 @@ def main() -> int:
         action="store_true",
         help="no GPU: a CPU worker and the fake libcuda (checks the script only)",
     )
+    p.add_argument("--logs", help="copy the worker's output and CRIU's logs into this folder")
+    p.add_argument(
+        "--collect",
+        nargs="+",
+        metavar="DIR",
+        help="no check: gather bench/gpu_device.sh output folders into --json",
+    )
     args = p.parse_args()
+    if args.collect:
+        collect(args.collect, Path(args.json or REPO / "bench" / "results-gpu.json"))
+        return 0
+    out: dict[str, object] = {}
     try:
-        out = run(args)
-    except (CheckError, gpu.CudaError, subprocess.TimeoutExpired) as e:
+        run(args, out)
+    except (CheckError, gpu.CudaError, FailedPrecondition, subprocess.TimeoutExpired) as e:
         print(f"gpu check FAILED: {e}", file=sys.stderr)
-        out = {"error": str(e)}
+        out["error"] = str(e)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out))

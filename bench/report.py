@@ -15,6 +15,9 @@ from bench.common import goal_verdict
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "performance.md"
+GPU_RESULTS = REPO / "bench" / "results-gpu.json"  # bench/gpu_device.sh on a GPU machine
+GPU_RESTORE_GOAL = 1.1  # GiB/s: upstream CRIU with its CUDA plugin (the issue's target)
+GPU_RESTORE_STRETCH = 8.0  # GiB/s: the issue's goal
 IMG = "img"  # relative to the page
 MiB = 1024  # KiB per MiB
 
@@ -574,6 +577,79 @@ def plots(doc: dict[str, Any], img_dir: Path) -> dict[str, str]:
 # -- the page -------------------------------------------------------------------------
 
 
+def gpu_section(gdoc: dict[str, Any]) -> list[str]:
+    """The real-GPU check's runs (bench/results-gpu.json), one table row per run."""
+    out = ["## GPU state on a real GPU\n"]
+    batches = gdoc.get("batches") or []
+    envs = [b.get("env") or {} for b in batches]
+    if not envs:
+        return []
+    e = envs[0]
+    out.append(
+        "`bench/gpu_device.sh` (one command on a GPU machine; `bench/gpu_check.py` does the "
+        "work): a process holding a PyTorch tensor on the GPU is checkpointed through "
+        "Stasis's driver-API backend (`runtime/gpu.py`: cuCheckpointProcessLock + "
+        "Checkpoint) and `criu dump --leave-running`, its GPU state given back, then killed "
+        "and restored (`criu restore`, then cuCheckpointProcessRestore + Unlock); the "
+        "restored process recomputes the tensor's checksum on the GPU, which must match the "
+        "one taken before (and after an in-place driver-only round trip). Rates are tensor "
+        "GiB over the whole step: checkpoint = lock + checkpoint + CRIU dump, restore = CRIU "
+        "restore + driver restore + unlock. CRIU images go to /dev/shm. "
+        f"Machine: {e.get('gpu', '?')} ({e.get('gpu_memory', '?')}), driver "
+        f"{e.get('driver', '?')}, {e.get('cpus', '?')} CPUs, {e.get('memory_gib', '?')} GiB, "
+        f"kernel {e.get('kernel', '?')} (a virtual machine), Python {e.get('python', '?')}, "
+        f"PyTorch {e.get('torch', '?')}, CRIU {e.get('criu', '?')}.\n"
+    )
+    out.append(
+        "| machine start | THP | run | tensor | CRIU images | checkpoint | restore "
+        "| driver only: checkpoint / restore | CRIU dump / restore | checksum |"
+    )
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    by_thp: dict[str, list[float]] = {}
+    driver_restore: list[float] = []
+    for b, env in zip(batches, envs, strict=True):
+        for i, r in enumerate(b.get("runs") or [], 1):
+            if "restore_gib_s" not in r:
+                out.append(f"| {env.get('date', '?')} | | {i} | failed: {r.get('error', '?')} |")
+                continue
+            sec = r["seconds"]
+            thp = r.get("thp") or env.get("thp", "?")
+            by_thp.setdefault(thp, []).append(r["restore_gib_s"])
+            driver_restore.append(r["gpu_only_restore_gib_s"])
+            out.append(
+                f"| {env.get('date', '?')} | {thp} | {i} | {r['tensor_gib']:.1f} GiB | "
+                f"{r['criu_image_gib']:.2f} GiB | {r['checkpoint_gib_s']:.2f} GiB/s | "
+                f"{r['restore_gib_s']:.2f} GiB/s | {r['gpu_only_checkpoint_gib_s']:.2f} / "
+                f"{r['gpu_only_restore_gib_s']:.2f} GiB/s | {sec['criu_dump']:.2f} / "
+                f"{sec['criu_restore']:.2f} s | {'match' if r['checksum_ok'] else 'MISMATCH'} |"
+            )
+    out.append("")
+    verdict = []
+    for thp, rates in by_thp.items():
+        lo, hi = min(rates), max(rates)
+        meets = (
+            "meets" if lo >= GPU_RESTORE_GOAL else "misses" if hi < GPU_RESTORE_GOAL else "mixed"
+        )
+        verdict.append(
+            f"with transparent huge pages `{thp}`, restore {lo:.2f}-{hi:.2f} GiB/s over "
+            f"{len(rates)} runs ({meets} the target)"
+        )
+    out.append(
+        f"Target: restore >= {GPU_RESTORE_GOAL} GiB/s (upstream CRIU with its CUDA plugin); "
+        f"goal {GPU_RESTORE_STRETCH:.0f} GiB/s. Here, " + "; ".join(verdict) + ". "
+        "Most of a restore is CRIU writing the images back into fresh anonymous memory, one "
+        "4 KiB page fault at a time unless the kernel's THP mode is `always` (CRIU 4.2 "
+        "applies a VMA's madvise flags only after it has filled it, and the CUDA driver's "
+        "host copies are not madvised); the driver's own restore moves "
+        f"{min(driver_restore, default=0):.1f}-{max(driver_restore, default=0):.1f} GiB/s. "
+        "Stasis adds no step of its own to these: the same driver calls and CRIU run in the "
+        "shim's checkpoint and restore (docs/architecture.md, GPU state). `always` is a "
+        "node setting (`/sys/kernel/mm/transparent_hugepage/enabled`) that Stasis leaves "
+        "to the operator.\n"
+    )
+    return out
+
+
 def render(doc: dict[str, Any], page: Path = PAGE) -> None:
     """docs/performance.md and docs/img/*.png from one run's results."""
     rows = doc["verdicts"] = verdicts(doc)
@@ -667,6 +743,10 @@ def render(doc: dict[str, Any], page: Path = PAGE) -> None:
         for v in notes:
             w(f"- {v['figure'].strip()}: {v['note']}")
         w("")
+    if GPU_RESULTS.exists():
+        import json
+
+        out.extend(gpu_section(json.loads(GPU_RESULTS.read_text())))
     w("## How each figure is measured\n")
     w(
         "- **latency, idle shim memory, phases**: `bench/shim.py` (see bench/README.md); "
