@@ -325,6 +325,14 @@ class _ServerConnection:
         if self.task is not None and not self._tearing_down:
             self.task.cancel()
 
+    def ended(self, _task: asyncio.Task[None]) -> None:
+        """The connection's task is done. Its teardown closed the socket, unless
+        the task was cancelled before its first step (a close right after the
+        accept), when ``run`` never ran: drop the transport here then."""
+        if not self._writer.transport.is_closing():
+            self._writer.transport.abort()
+        self._server._connections.discard(self)
+
     async def _teardown(self) -> None:
         self._tearing_down = True
         try:
@@ -398,6 +406,7 @@ class Server:
         conn = _ServerConnection(self, reader, writer)
         self._connections.add(conn)
         conn.task = asyncio.get_running_loop().create_task(conn.run(), name="ttrpc connection")
+        conn.task.add_done_callback(conn.ended)
 
     async def close(self) -> None:
         """Stop accepting, cancel in-flight handlers and close every connection.

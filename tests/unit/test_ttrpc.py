@@ -780,6 +780,30 @@ def test_serve_after_close_returns_and_closes_socket(sock_path: str) -> None:
     run(body())
 
 
+def test_close_in_the_same_loop_turn_as_an_accept_closes_that_connection() -> None:
+    """The server's close runs in the loop turn where a connection was accepted,
+    before the connection's task took its first step: cancelled then, that task
+    never runs its own teardown; the socket is closed all the same."""
+
+    async def body() -> None:
+        server = Server()
+        ours, peer = socket.socketpair()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        closing = asyncio.create_task(server._close())  # queued first ...
+        server._on_connection(reader, writer)  # ... then the accepted connection's task
+        assert server.connection_count == 1
+        await closing
+        assert writer.transport.is_closing()
+        assert server.connection_count == 0
+        await asyncio.sleep(0)  # the transport's connection_lost closes the socket
+        assert ours.fileno() == -1
+        peer.setblocking(False)
+        assert peer.recv(1) == b""  # the peer sees the end
+        peer.close()
+
+    run(body())
+
+
 def test_client_disconnecting_mid_request_cancels_its_handler(sock_path: str) -> None:
     async def body() -> None:
         harness = Harness()
