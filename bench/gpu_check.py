@@ -18,6 +18,11 @@ network:
    of step 3, then the driver restores and unlocks its GPU state; the restored
    worker recomputes the checksum on the GPU: it must match.
 
+Steps 3 and 4 are one cycle; --cycles N repeats them on the restored process. With
+--plugin DIR (CRIU's cuda_plugin) and NVIDIA's cuda-checkpoint in PATH, each cycle
+is followed by one where the plugin, from CRIU's hooks, does the GPU part: the
+reference Stasis is compared with.
+
 It prints each step's seconds, the CRIU image size and the checkpoint and restore
 rates in GiB/s (tensor GiB over driver + CRIU time: lock + checkpoint + dump, and
 CRIU restore + driver restore + unlock), and exits 0 only when every checksum
@@ -39,11 +44,14 @@ import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -189,6 +197,100 @@ def stand_in_state(args: argparse.Namespace, pid: int) -> tuple[Path, bytes] | N
     return (path, path.read_bytes()) if path.exists() else None
 
 
+class Cycle:
+    """One checkpoint -> kill -> restore of the worker, by Stasis's order (the
+    driver API around plain CRIU) or by CRIU's cuda_plugin (``plugin``: its folder;
+    the plugin drives NVIDIA's cuda-checkpoint tool from CRIU's hooks)."""
+
+    def __init__(
+        self, args: argparse.Namespace, backend: gpu.CudaCheckpoint, binary: str, work: Path
+    ) -> None:
+        self.args, self.backend, self.binary, self.work = args, backend, binary, work
+        self.n = 0
+
+    def __call__(
+        self, pid: int, k: int, kill: Callable[[], None], plugin: str = ""
+    ) -> dict[str, Any]:
+        """Checkpoint ``pid`` (waiting for request ``k``), leaving it running; check
+        it; ``kill`` it; restore it; check it again. Returns the cycle's record."""
+        self.n += 1
+        images = self.work / f"images{self.n}"
+        images.mkdir()
+        plug = ["-L", plugin] if plugin else []
+        sec: dict[str, float] = {}
+        rec: dict[str, Any] = {"by": "criu cuda_plugin" if plugin else "stasis", "seconds": sec}
+        fake_state = None
+        dump = ["dump", "-t", str(pid), "-D", str(images), "--leave-running", "--link-remap"]
+        if not plugin:
+            t0 = time.monotonic()
+            self.backend.suspend([pid], gpu.lock_timeout_ms())
+            sec["gpu_lock_checkpoint"] = round(time.monotonic() - t0, 3)
+            sec["criu_dump"] = round(criu(self.binary, dump, self.work, f"dump{self.n}.log"), 3)
+            fake_state = stand_in_state(self.args, pid)  # the state as the dump saw it
+            t0 = time.monotonic()
+            self.backend.resume([pid])
+            sec["gpu_resume_after_dump"] = round(time.monotonic() - t0, 3)
+            ckpt = sec["gpu_lock_checkpoint"] + sec["criu_dump"]
+        else:
+            # The plugin's lock + checkpoint, the dump and its resume, in one.
+            sec["criu_dump"] = round(
+                criu(self.binary, dump + plug, self.work, f"dump{self.n}.log"), 3
+            )
+            ckpt = sec["criu_dump"]
+        rec["checksum_left_running"] = ask(self.work, k, None, 120)
+        rec["criu_image_gib"] = round(
+            sum(f.stat().st_size for f in images.iterdir() if f.is_file()) / (1 << 30), 3
+        )
+        kill()  # its PID is free for the restore
+        (self.work / f"ans.{k}").unlink(missing_ok=True)
+        if fake_state is not None:
+            fake_state[0].write_bytes(fake_state[1])
+        pidfile = self.work / f"restored{self.n}.pid"
+        restore = ["restore", "-D", str(images), "-d", "--pidfile", str(pidfile)]
+        sec["criu_restore"] = round(
+            criu(self.binary, restore + plug, self.work, f"restore{self.n}.log"), 3
+        )
+        rec["pid"] = int(pidfile.read_text().strip())
+        rest = sec["criu_restore"]
+        if not plugin:
+            t0 = time.monotonic()
+            self.backend.resume([rec["pid"]])
+            sec["gpu_restore_unlock"] = round(time.monotonic() - t0, 3)
+            rest += sec["gpu_restore_unlock"]
+        rec["checksum_after"] = ask(self.work, k, None, 120)  # it waits for request k again
+        gib = self.args.tensor_gib
+        rec["checkpoint_gib_s"], rec["restore_gib_s"] = rate(gib, ckpt), rate(gib, rest)
+        for log in images.glob("*.log"):  # CRIU writes its logs beside the images
+            shutil.copyfile(log, self.work / log.name)
+        if not self.args.keep:
+            shutil.rmtree(images, ignore_errors=True)
+        print(
+            f"{rec['by']}: checkpoint {ckpt:.2f} s = {rec['checkpoint_gib_s']:.2f} GiB/s, "
+            f"restore {rest:.2f} s = {rec['restore_gib_s']:.2f} GiB/s ({sec}), "
+            f"images {rec['criu_image_gib']:.2f} GiB",
+            flush=True,
+        )
+        return rec
+
+
+def reap(pid: int, timeout: float) -> int:
+    """Wait for our child ``pid`` to exit, at most ``timeout`` s, then kill it; its
+    wait status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def has_cuda_checkpoint() -> bool:
+    """NVIDIA's cuda-checkpoint tool, which CRIU's cuda_plugin runs, is in PATH."""
+    return shutil.which("cuda-checkpoint") is not None
+
+
 def run(args: argparse.Namespace, out: dict[str, object]) -> None:
     """The check; fills ``out`` as it goes, so that a failure keeps what was measured."""
     if os.geteuid() != 0:
@@ -201,6 +303,7 @@ def run(args: argparse.Namespace, out: dict[str, object]) -> None:
         raise CheckError("libcuda.so.1 without the checkpoint API (driver >= 550 needed)")
     inventory = backend.inventory()
     gpu.check_inventory(inventory or {}, inventory)  # the gate passes on the same machine
+    plugin = args.plugin if args.plugin and has_cuda_checkpoint() else ""
     out.update(
         {
             "inventory": inventory,
@@ -211,20 +314,21 @@ def run(args: argparse.Namespace, out: dict[str, object]) -> None:
             "cpu_stand_in": args.cpu_stand_in,
             "thp": thp_mode(),
             "kernel": os.uname().release,
+            "reference": "criu cuda_plugin" if plugin else "",
         }
     )
+    if args.plugin and not plugin:
+        out["reference_skipped"] = "no cuda-checkpoint in PATH (CRIU's cuda_plugin runs it)"
     print(f"GPUs: {gpu.describe(inventory)}; {out['criu']}", flush=True)
     # The restored worker is re-parented to us (criu restore -d exits): reap it.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     work = pick_dir(args.gib, args.dir)
-    images = work / "images"
-    images.mkdir()
     out["dir"] = str(work)
     seconds: dict[str, float] = {}
     out["seconds"] = seconds
     worker: subprocess.Popen[bytes] | None = None
-    restored = 0  # the restored worker, our child (subreaper) until reaped
+    current = 0  # the worker's PID once it was restored (our child, as subreaper)
     try:
         with open(work / "worker.out", "wb") as log:
             worker = subprocess.Popen(
@@ -236,7 +340,7 @@ def run(args: argparse.Namespace, out: dict[str, object]) -> None:
         ready = wait_file(work / "ready", 180, worker)
         pid_s, nbytes, before = ready.split()
         pid = int(pid_s)
-        size_gib = int(nbytes) / (1 << 30)
+        args.tensor_gib = size_gib = int(nbytes) / (1 << 30)
         out["tensor_gib"] = round(size_gib, 3)
         out["checksum_before"] = before
         state = backend.state(pid)
@@ -266,89 +370,76 @@ def run(args: argparse.Namespace, out: dict[str, object]) -> None:
             flush=True,
         )
 
-        # 2. Stasis's order for a checkpoint that leaves the workload running:
-        #    lock + checkpoint -> CRIU dump --leave-running -> restore + unlock.
-        t0 = time.monotonic()
-        backend.suspend([pid], gpu.lock_timeout_ms())
-        seconds["gpu_lock_checkpoint"] = round(time.monotonic() - t0, 3)
-        seconds["criu_dump"] = round(
-            criu(
-                binary,
-                ["dump", "-t", str(pid), "-D", str(images), "--leave-running", "--link-remap"],
-                work,
-                "dump.log",
-            ),
-            3,
-        )
-        fake_state = stand_in_state(args, pid)  # the state as the dump saw it
-        t0 = time.monotonic()
-        backend.resume([pid])
-        seconds["gpu_resume_after_dump"] = round(time.monotonic() - t0, 3)
-        out["checksum_left_running"] = ask(work, 2, worker, 120)
-        image_bytes = sum(p.stat().st_size for p in images.iterdir() if p.is_file())
-        out["criu_image_gib"] = round(image_bytes / (1 << 30), 3)
+        # 2. Cycles: checkpoint leaving it running, kill, restore; Stasis's order,
+        #    alternating with CRIU's cuda_plugin when that reference is asked for.
+        def kill() -> None:
+            nonlocal current
+            if current:
+                os.kill(current, signal.SIGKILL)
+                os.waitpid(current, 0)
+                current = 0
+            elif worker is not None:
+                worker.kill()
+                worker.wait(timeout=30)
 
-        # 3. Killed, then restored from the images: CRIU restore -> restore + unlock.
-        worker.kill()
-        worker.wait(timeout=30)  # its PID is free for the restore
-        (work / "ans.2").unlink(missing_ok=True)
-        if fake_state is not None:
-            fake_state[0].write_bytes(fake_state[1])
-        seconds["criu_restore"] = round(
-            criu(
-                binary,
-                ["restore", "-D", str(images), "-d", "--pidfile", str(work / "restored.pid")],
-                work,
-                "restore.log",
-            ),
-            3,
-        )
-        restored = int((work / "restored.pid").read_text().strip())
-        t0 = time.monotonic()
-        backend.resume([restored])
-        seconds["gpu_restore_unlock"] = round(time.monotonic() - t0, 3)
-        after = ask(work, 2, None, 120)  # the restored worker waits for request 2 again
-        (work / "go").touch()
-        out["restored_exit_status"] = os.waitpid(restored, 0)[1]
-        restored = 0
-
-        ok = after == before == out["checksum_inplace"] == out["checksum_left_running"]
-        ckpt_s = seconds["gpu_lock_checkpoint"] + seconds["criu_dump"]
-        rest_s = seconds["criu_restore"] + seconds["gpu_restore_unlock"]
+        cycle = Cycle(args, backend, binary, work)
+        cycles: list[dict[str, Any]] = []
+        out["cycles"] = cycles
+        k = 2
+        plan = [by for _ in range(args.cycles) for by in (["", plugin] if plugin else [""])]
+        for by in plan:
+            try:
+                rec = cycle(current or pid, k, kill, by)
+            except (CheckError, subprocess.TimeoutExpired) as e:
+                if not by:
+                    raise
+                # The reference failed: keep what Stasis's cycles measured.
+                out["reference_error"] = str(e)
+                print(f"criu cuda_plugin cycle FAILED: {e}", file=sys.stderr, flush=True)
+                break
+            current = rec["pid"]
+            cycles.append(rec)
+            k += 1
+        first = cycles[0]
+        seconds.update(first["seconds"])
+        checks = [before, out["checksum_inplace"]] + [
+            c[f] for c in cycles for f in ("checksum_left_running", "checksum_after")
+        ]
+        ok = all(c == before for c in checks)
         out.update(
             {
-                "checksum_after": after,
+                "checksum_left_running": first["checksum_left_running"],
+                "checksum_after": first["checksum_after"],
                 "checksum_ok": ok,
-                "restored_pid": pid,
-                "checkpoint_gib_s": rate(size_gib, ckpt_s),
-                "restore_gib_s": rate(size_gib, rest_s),
+                "restored_pid": first["pid"],
+                "criu_image_gib": first["criu_image_gib"],
+                "checkpoint_gib_s": first["checkpoint_gib_s"],
+                "restore_gib_s": first["restore_gib_s"],
             }
         )
+        (work / "go").touch()
+        if current:
+            out["restored_exit_status"] = reap(current, 60)
+            current = 0
         print(
-            f"tensor {size_gib:.2f} GiB, CRIU images {image_bytes / (1 << 30):.2f} GiB in {work}\n"
-            f"checkpoint: GPU lock+checkpoint {seconds['gpu_lock_checkpoint']:.2f} s"
-            f" + CRIU dump {seconds['criu_dump']:.2f} s = {out['checkpoint_gib_s']:.2f} GiB/s"
-            f" (then GPU restore+unlock in place {seconds['gpu_resume_after_dump']:.2f} s)\n"
-            f"restore:    CRIU restore {seconds['criu_restore']:.2f} s"
-            f" + GPU restore+unlock {seconds['gpu_restore_unlock']:.2f} s"
-            f" = {out['restore_gib_s']:.2f} GiB/s\n"
-            f"checksum {'OK' if ok else 'MISMATCH'}: before {before}, after {after}",
+            f"tensor {size_gib:.2f} GiB, {len(cycles)} cycles, every checksum "
+            f"{'OK' if ok else 'MISMATCH'}: before {before}, last {checks[-1]}",
             flush=True,
         )
     finally:
-        if restored:
+        if current:
             with contextlib.suppress(ProcessLookupError, ChildProcessError):
-                os.kill(restored, 9)
-                os.waitpid(restored, 0)
+                os.kill(current, signal.SIGKILL)
+                os.waitpid(current, 0)
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait()
         if args.logs:
             logs = Path(args.logs)
             logs.mkdir(parents=True, exist_ok=True)
-            for name in ("worker.out", "images/dump.log", "images/restore.log"):
-                if (work / name).exists():
-                    shutil.copyfile(work / name, logs / Path(name).name)
+            for f in [work / "worker.out", *sorted(work.glob("*.log"))]:
+                if f.exists():
+                    shutil.copyfile(f, logs / f.name)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -421,6 +512,14 @@ def main() -> int:
         help="no GPU: a CPU worker and the fake libcuda (checks the script only)",
     )
     p.add_argument("--logs", help="copy the worker's output and CRIU's logs into this folder")
+    p.add_argument(
+        "--cycles", type=int, default=1, help="checkpoint-kill-restore cycles (default 1)"
+    )
+    p.add_argument(
+        "--plugin",
+        help="CRIU's cuda_plugin folder: alternate each cycle with one by the plugin "
+        "(the reference; needs NVIDIA's cuda-checkpoint in PATH, skipped without it)",
+    )
     p.add_argument(
         "--collect",
         nargs="+",
