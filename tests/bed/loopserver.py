@@ -61,6 +61,10 @@ class LoopServer:
 async def _drain() -> None:
     """End what is left on the loop (a connection accepted as the server closed)
     and let aborted transports finish closing, so none outlives the loop."""
+    # First let what is already under way finish: an accept in flight as the server
+    # closed meets the closed server and drops its connection itself (cancelled
+    # before its first step, it would leave the accepted socket unclosed).
+    await asyncio.sleep(0.05)
     me = asyncio.current_task()
     others = [t for t in asyncio.all_tasks() if t is not me]
     for t in others:
