@@ -28,32 +28,26 @@ class ContainerInfo:
 
 
 def get_container(address: str, namespace: str, id: str, timeout: float = 10.0) -> ContainerInfo:
-    """Containers.Get through containerd's socket."""
-    import grpc
-
+    """Containers.Get through containerd's socket (runtime.grpclite: no grpcio, whose
+    import would cost the CLI more than the rest of a checkpoint's bookkeeping)."""
     from protos.containerd.services.containers.v1 import containers_pb2 as pb
+    from runtime import grpclite
 
-    target = address if address.startswith("unix:") else f"unix://{address}"
-    with grpc.insecure_channel(target) as channel:
-        get = channel.unary_unary(
+    try:
+        raw = grpclite.call(
+            address,
             "/containerd.services.containers.v1.Containers/Get",
-            request_serializer=pb.GetContainerRequest.SerializeToString,
-            response_deserializer=pb.GetContainerResponse.FromString,
+            pb.GetContainerRequest(id=id).SerializeToString(),
+            {NAMESPACE_KEY: namespace},
+            timeout,
         )
-        try:
-            resp = get(
-                pb.GetContainerRequest(id=id),
-                metadata=[(NAMESPACE_KEY, namespace)],
-                timeout=timeout,
-            )
-        except grpc.RpcError as e:
-            code = e.code()
-            detail = e.details() or str(code)
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"container {id!r} not found in namespace {namespace!r}") from e
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"cannot reach containerd at {address}: {detail}") from e
-            raise StasisError(f"containerd Containers.Get {id}: {detail}") from e
+    except grpclite.CallError as e:
+        if e.code == grpclite.NOT_FOUND:
+            raise NotFound(f"container {id!r} not found in namespace {namespace!r}") from e
+        if e.code == grpclite.UNAVAILABLE:
+            raise Unavailable(f"cannot reach containerd at {address}: {e.message}") from e
+        raise StasisError(f"containerd Containers.Get {id}: {e.message}") from e
+    resp = pb.GetContainerResponse.FromString(raw)
     c = resp.container
     try:
         spec = json.loads(c.spec.value or b"{}")

@@ -314,11 +314,12 @@ def test_checkpoint_goes_out_before_containerd_is_asked_and_records_the_image(
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    # Sent before asyncio and grpc were imported (containerd's lookup runs in a
-    # thread meanwhile), then the image it found, on a connection of its own.
+    # Sent at once (containerd's lookup runs in a thread meanwhile), then the image
+    # it found, on a connection of its own; neither asyncio nor grpcio is ever
+    # imported (the lookup speaks HTTP/2 itself: runtime.grpclite).
     assert calls == [
         {"method": "Checkpoint", "asyncio": False, "grpc": False, "image_pending": True},
-        {"method": "SetImage", "asyncio": True, "grpc": True, "image": IMAGE},
+        {"method": "SetImage", "asyncio": False, "grpc": False, "image": IMAGE},
     ], calls
     assert json.loads((store / "f" / "config.dump").read_text())["rootfsImageName"] == IMAGE
     assert json.loads(stasis(containerd, "inspect", str(store / "f")).stdout)["image"] == IMAGE
@@ -389,3 +390,25 @@ def test_fast_path_to_a_container_of_another_runtime_name(
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith(f"stasis: warning: {why}; "), done.stderr
     assert done.stdout.strip() == f"file://{store}/b"
+
+
+def test_containerd_lookup_without_grpcio(containerd: Containerd, ids: list[str]) -> None:
+    """runtime.containerd.get_container (runtime.grpclite's HTTP/2, the CLI's
+    lookup) against the real containerd: the container's image, runtime and spec,
+    and containerd's NotFound for an unknown id or another namespace."""
+    from runtime.containerd import get_container
+    from runtime.errors import NotFound
+
+    id = unique_id("look")
+    containerd.ctr("container", "create", "--runtime", RUNTIME, "--label", "k=v",
+                   "--annotation", "stasis.test/a=b", IMAGE, id, "true")  # fmt: skip
+    ids.append(id)
+    address, ns = str(containerd.address), containerd.namespace
+    info = get_container(address, ns, id)
+    assert (info.id, info.image, info.runtime) == (id, IMAGE, RUNTIME)
+    assert info.annotations["stasis.test/a"] == "b"
+    assert info.spec["process"]["args"] == ["true"]
+    with pytest.raises(NotFound, match=f"container 'gone-{id}' not found in namespace '{ns}'"):
+        get_container(address, ns, f"gone-{id}")
+    with pytest.raises(NotFound):
+        get_container(address, f"other-{ns}", id)
