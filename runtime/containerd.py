@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.errors import InvalidArgument, NotFound, StasisError, Unavailable
+from runtime.errors import Code, InvalidArgument, NotFound, StasisError, Unavailable
 
 NAMESPACE_KEY = "containerd-namespace"
 
@@ -42,9 +42,9 @@ def get_container(address: str, namespace: str, id: str, timeout: float = 10.0) 
             timeout,
         )
     except grpclite.CallError as e:
-        if e.code == grpclite.NOT_FOUND:
+        if e.code == Code.NOT_FOUND:
             raise NotFound(f"container {id!r} not found in namespace {namespace!r}") from e
-        if e.code == grpclite.UNAVAILABLE:
+        if e.code == Code.UNAVAILABLE:
             raise Unavailable(f"cannot reach containerd at {address}: {e.message}") from e
         raise StasisError(f"containerd Containers.Get {id}: {e.message}") from e
     resp = pb.GetContainerResponse.FromString(raw)

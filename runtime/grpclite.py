@@ -18,6 +18,8 @@ import struct
 import time
 from collections.abc import Mapping
 
+from runtime.errors import Code
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
@@ -36,15 +38,12 @@ WINDOW = (1 << 31) - 1  # what we let the server send before a WINDOW_UPDATE: al
 STREAM = 1  # the one stream of the call
 MAX_RESPONSE = 64 << 20  # bytes of an answer we accept (grpc's default is 4 MiB)
 
-# grpc status codes (google.rpc.Code) the callers tell apart.
-OK, NOT_FOUND, UNAVAILABLE, DEADLINE_EXCEEDED = 0, 5, 14, 4
-
 
 class CallError(Exception):
     """The call failed: ``code`` is its grpc status (UNAVAILABLE when the server
     could not be reached or the connection broke), ``message`` the server's text."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: Code | int, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -103,16 +102,16 @@ class _Conn:
         while len(self.buf) < n:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise CallError(DEADLINE_EXCEEDED, "Deadline Exceeded")
+                raise CallError(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(max(65536, n - len(self.buf)))
             except TimeoutError:
-                raise CallError(DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+                raise CallError(Code.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
             except OSError as e:
-                raise CallError(UNAVAILABLE, f"connection lost: {e}") from e
+                raise CallError(Code.UNAVAILABLE, f"connection lost: {e}") from e
             if not chunk:
-                raise CallError(UNAVAILABLE, "the server closed the connection")
+                raise CallError(Code.UNAVAILABLE, "the server closed the connection")
             self.buf += chunk
         out = bytes(self.buf[:n])
         del self.buf[:n]
@@ -124,7 +123,7 @@ class _Conn:
         ftype, flags = head[3], head[4]
         stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
         if length > MAX_RESPONSE:
-            raise CallError(UNAVAILABLE, f"frame of {length} bytes")
+            raise CallError(Code.UNAVAILABLE, f"frame of {length} bytes")
         return ftype, flags, stream, self.read(length)
 
 
@@ -132,7 +131,7 @@ def _unpad(flags: int, payload: bytes) -> bytes:
     if flags & PADDED:
         pad = payload[0]
         if pad >= len(payload):
-            raise CallError(UNAVAILABLE, "bad padding")
+            raise CallError(Code.UNAVAILABLE, "bad padding")
         payload = payload[1 : len(payload) - pad]
     return payload
 
@@ -159,16 +158,16 @@ def read_response(conn: _Conn) -> tuple[list[tuple[str, str]], bytes]:
             code = int.from_bytes(payload[4:8], "big") if len(payload) >= 8 else 0
             last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF if len(payload) >= 4 else 0
             if last < STREAM or code != 0:
-                raise CallError(UNAVAILABLE, f"the server went away (HTTP/2 error {code})")
+                raise CallError(Code.UNAVAILABLE, f"the server went away (HTTP/2 error {code})")
         elif stream != STREAM:
             continue  # WINDOW_UPDATE and anything else of the connection
         elif ftype == RST_STREAM:
             code = int.from_bytes(payload[:4], "big")
-            raise CallError(UNAVAILABLE, f"the server reset the call (HTTP/2 error {code})")
+            raise CallError(Code.UNAVAILABLE, f"the server reset the call (HTTP/2 error {code})")
         elif ftype == DATA:
             data += _unpad(flags, payload)
             if len(data) > MAX_RESPONSE:
-                raise CallError(UNAVAILABLE, f"answer over {MAX_RESPONSE} bytes")
+                raise CallError(Code.UNAVAILABLE, f"answer over {MAX_RESPONSE} bytes")
             if flags & END_STREAM:
                 return fields, bytes(data)
         elif ftype in (HEADERS, CONTINUATION):
@@ -182,7 +181,7 @@ def read_response(conn: _Conn) -> tuple[list[tuple[str, str]], bytes]:
                 try:
                     decoded = decoder.decode(bytes(block))
                 except hpack.HPACKError as e:
-                    raise CallError(UNAVAILABLE, f"bad header block: {e}") from e
+                    raise CallError(Code.UNAVAILABLE, f"bad header block: {e}") from e
                 fields += [(str(k), str(v)) for k, v in decoded]
                 block.clear()
                 if ended:
@@ -208,7 +207,7 @@ def call(
             sock.connect(sock_path)
             sock.sendall(request_bytes(path, message, metadata or {}, timeout))
         except OSError as e:
-            raise CallError(UNAVAILABLE, f"connect to {sock_path}: {e.strerror or e}") from e
+            raise CallError(Code.UNAVAILABLE, f"connect to {sock_path}: {e.strerror or e}") from e
         fields, data = read_response(_Conn(sock, deadline))
     finally:
         sock.close()
@@ -222,22 +221,22 @@ def _result(fields: list[tuple[str, str]], data: bytes) -> bytes:
         last[k] = v  # trailers come after headers and win
     status = last.get(":status", "")
     if status != "200":
-        raise CallError(UNAVAILABLE, f"HTTP status {status or 'missing'}")
+        raise CallError(Code.UNAVAILABLE, f"HTTP status {status or 'missing'}")
     if "grpc-status" not in last:
-        raise CallError(UNAVAILABLE, "the call ended without a grpc-status")
+        raise CallError(Code.UNAVAILABLE, "the call ended without a grpc-status")
     try:
         code = int(last["grpc-status"])
     except ValueError:
-        raise CallError(UNAVAILABLE, f"bad grpc-status {last['grpc-status']!r}") from None
-    if code != OK:
+        raise CallError(Code.UNAVAILABLE, f"bad grpc-status {last['grpc-status']!r}") from None
+    if code != Code.OK:
         import urllib.parse  # grpc-message is percent-encoded
 
         raise CallError(code, urllib.parse.unquote(last.get("grpc-message", "")))
     if len(data) < 5:
-        raise CallError(UNAVAILABLE, "no message in the answer")
+        raise CallError(Code.UNAVAILABLE, "no message in the answer")
     if data[0] != 0:
-        raise CallError(UNAVAILABLE, "the answer is compressed, which was not asked for")
+        raise CallError(Code.UNAVAILABLE, "the answer is compressed, which was not asked for")
     length = int.from_bytes(data[1:5], "big")
     if length != len(data) - 5:
-        raise CallError(UNAVAILABLE, f"answer of {len(data) - 5} bytes, {length} announced")
+        raise CallError(Code.UNAVAILABLE, f"answer of {len(data) - 5} bytes, {length} announced")
     return data[5:]

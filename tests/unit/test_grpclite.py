@@ -15,6 +15,7 @@ import hpack
 import pytest
 
 from runtime import grpclite as g
+from runtime.errors import Code
 
 PATH = "/containerd.services.containers.v1.Containers/Get"
 
@@ -172,7 +173,7 @@ def test_a_trailers_only_error_keeps_its_code_and_decoded_message(sock_path: str
             g.call(f"unix://{sock_path}", PATH, b"")
     finally:
         server.close()
-    assert err.value.code == g.NOT_FOUND
+    assert err.value.code == Code.NOT_FOUND
     assert err.value.message == 'container "c1" in namespace "default": not found'
 
 
@@ -210,7 +211,7 @@ def test_broken_answers_are_unavailable(
             g.call(sock_path, PATH, b"", timeout=5)
     finally:
         server.close()
-    assert err.value.code == g.UNAVAILABLE and why in err.value.message, err.value.message
+    assert err.value.code == Code.UNAVAILABLE and why in err.value.message, err.value.message
 
 
 def test_no_answer_within_the_timeout_is_deadline_exceeded(sock_path: str) -> None:
@@ -228,11 +229,11 @@ def test_no_answer_within_the_timeout_is_deadline_exceeded(sock_path: str) -> No
     finally:
         stop.set()
         server.close()
-    assert err.value.code == g.DEADLINE_EXCEEDED
+    assert err.value.code == Code.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 3
 
 
 def test_nothing_listening_is_unavailable(sock_path: str) -> None:
     with pytest.raises(g.CallError) as err:
         g.call(sock_path, PATH, b"")
-    assert err.value.code == g.UNAVAILABLE and "No such file or directory" in err.value.message
+    assert err.value.code == Code.UNAVAILABLE and "No such file or directory" in err.value.message
