@@ -258,3 +258,17 @@ def cri_containerd_2_1(registry: Registry) -> Iterator[Containerd]:
         left = c.stop()
     if left:
         pytest.fail(f"containerd 2.1 with CRI left behind (now cleaned up): {left}")
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    """A unix socket path in a fresh directory under /tmp (tmp_path can exceed the
+    108-byte sun_path limit with long test names); the directory goes afterwards."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="stasis-sock-", dir="/tmp")
+    try:
+        yield os.path.join(directory, "s.sock")
+    finally:
+        shutil.rmtree(directory)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
-import tempfile
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -25,16 +23,6 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
             await coro
 
     asyncio.run(guarded())
-
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    # Short, under /tmp: sun_path holds 108 bytes.
-    directory = tempfile.mkdtemp(prefix="stasis-ev-", dir="/tmp")
-    try:
-        yield os.path.join(directory, "ttrpc.sock")
-    finally:
-        shutil.rmtree(directory)
 
 
 class Containerd:

@@ -4,12 +4,10 @@ integration tests: every `stasis checkpoint` asks it for the container)."""
 
 from __future__ import annotations
 
-import os
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import hpack
 import pytest
@@ -74,21 +72,6 @@ class Server:
         self.listener.close()
 
 
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="grpclite-", dir="/tmp")
-    try:
-        yield os.path.join(d, "s.sock")
-    finally:
-        for f in os.listdir(d):
-            os.unlink(os.path.join(d, f))
-        os.rmdir(d)
-
-
-def serve(path: str, answer: Callable[[hpack.Encoder], bytes]) -> Server:
-    return Server(path, answer)
-
-
 def ok_headers(e: hpack.Encoder) -> bytes:
     return frame(
         g.HEADERS,
@@ -148,7 +131,7 @@ def test_an_answer_in_pieces_with_settings_and_ping_on_the_way(sock_path: str) -
             )
         )
 
-    server = serve(sock_path, answer)
+    server = Server(sock_path, answer)
     try:
         assert g.call(sock_path, PATH, b"x", {"containerd-namespace": "ns"}) == body
     finally:
@@ -167,7 +150,7 @@ def test_a_trailers_only_error_keeps_its_code_and_decoded_message(sock_path: str
         ]
         return frame(g.HEADERS, g.END_HEADERS | g.END_STREAM, 1, e.encode(fields))
 
-    server = serve(sock_path, answer)
+    server = Server(sock_path, answer)
     try:
         with pytest.raises(g.CallError) as err:
             g.call(f"unix://{sock_path}", PATH, b"")
@@ -205,7 +188,7 @@ def test_a_trailers_only_error_keeps_its_code_and_decoded_message(sock_path: str
 def test_broken_answers_are_unavailable(
     sock_path: str, answer: Callable[[hpack.Encoder], bytes], why: str
 ) -> None:
-    server = serve(sock_path, answer)
+    server = Server(sock_path, answer)
     try:
         with pytest.raises(g.CallError) as err:
             g.call(sock_path, PATH, b"", timeout=5)
@@ -221,7 +204,7 @@ def test_no_answer_within_the_timeout_is_deadline_exceeded(sock_path: str) -> No
         stop.wait(5)
         return b""
 
-    server = serve(sock_path, answer)
+    server = Server(sock_path, answer)
     t0 = time.monotonic()
     try:
         with pytest.raises(g.CallError) as err:

@@ -68,16 +68,6 @@ def _no_asyncio_complaints(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert complaints == []
 
 
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    # tmp_path can exceed the 108-byte sun_path limit with long test names.
-    directory = tempfile.mkdtemp(prefix="ttrpc-", dir="/tmp")
-    try:
-        yield os.path.join(directory, "s.sock")
-    finally:
-        shutil.rmtree(directory)
-
-
 class Harness:
     """Handlers of the test service plus what they observed."""
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -63,16 +61,6 @@ class Server(LoopServer):
 
         return {"Echo": echo, "NotFound": not_found, "RPCError": rpc_error,
                 "Block": block, "Big": big}  # fmt: skip
-
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    # tmp_path can exceed the 108-byte sun_path limit with long test names.
-    directory = tempfile.mkdtemp(prefix="ttrpc-sync-", dir="/tmp")
-    try:
-        yield os.path.join(directory, "s.sock")
-    finally:
-        shutil.rmtree(directory)
 
 
 @pytest.fixture
