@@ -612,7 +612,7 @@ def gpu_section(gdoc: dict[str, Any]) -> list[str]:
     reference: dict[str, list[float]] = {}
     for b, env in zip(batches, envs, strict=True):
         for i, r in enumerate(b.get("runs") or [], 1):
-            if "cycles" not in r and "restore_gib_s" not in r:
+            if "error" in r:
                 out.append(f"| {env.get('date', '?')} | | {i} | | failed: {r.get('error', '?')} |")
                 continue
             thp = r.get("thp") or env.get("thp", "?")
@@ -663,14 +663,12 @@ def gpu_section(gdoc: dict[str, Any]) -> list[str]:
         "node setting (`/sys/kernel/mm/transparent_hugepage/enabled`) that Stasis leaves "
         "to the operator."
     )
-    skipped = {r.get("reference_skipped") for b in batches for r in b.get("runs") or []} - {
-        None,
-        "",
-    }
+    skipped = {r["reference_skipped"] for b in batches for r in b.get("runs") or []
+               if r.get("reference_skipped")}  # fmt: skip
     if skipped and not reference:
         out[-1] += (
             " CRIU's cuda_plugin, the reference, was asked for but could not run: "
-            + "; ".join(sorted(s for s in skipped if s))
+            + "; ".join(sorted(skipped))
             + "."
         )
     out[-1] += "\n"
