@@ -34,12 +34,13 @@ from runtime.store import (
     resolve,
 )
 from shim.container import Container
+from shim.main import RESTORE_ANNOTATION
 from shim.process import Status
 
 log = logging.getLogger("stasis.checkpoint")
 
 RUNTIME = "io.containerd.stasis.v2"
-RESTORE_FROM = "stasis.dev/restore-from"
+RESTORE_FROM = RESTORE_ANNOTATION
 RESTORE_POLICY = "stasis.dev/restore-policy"
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.containerd.image.name")
 CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"

@@ -23,6 +23,9 @@ except ImportError:  # pragma: no cover - interpreters without the builtin
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+# A container restored from a checkpoint; the daemon then loads the checkpoint
+# machinery before it serves (shim.service.RESTORE_FROM is the same annotation).
+RESTORE_ANNOTATION = "stasis.dev/restore-from"
 VERSION = "0.1.0"
 
 
@@ -75,26 +78,34 @@ def parse_flags(argv: list[str]) -> Flags:
     return f
 
 
-def group_id(bundle: str, id: str) -> str:
-    """The id whose shim serves this container: its pod's sandbox, or itself."""
+def bundle_facts(bundle: str, id: str) -> tuple[str, bool]:
+    """From the bundle's config.json: the id whose shim serves this container (its
+    pod's sandbox, or itself), and whether the container (or, for a pod, its sandbox,
+    which carries the pod's annotations) names a checkpoint to restore from."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as fh:
             raw = fh.read()
     except OSError:
-        return id
-    if not any(key.encode() in raw for key in GROUP_ANNOTATIONS):
-        return id  # no group to look up: spare start the json import (~10 ms)
+        return id, False
+    if not any(key.encode() in raw for key in (*GROUP_ANNOTATIONS, RESTORE_ANNOTATION)):
+        return id, False  # nothing to look up: spare start the json import (~10 ms)
     import json
 
     try:
         annotations = json.loads(raw).get("annotations") or {}
+        restore = bool(annotations.get(RESTORE_ANNOTATION))
     except (ValueError, AttributeError):
-        return id
+        return id, False
     for key in GROUP_ANNOTATIONS:
         value = annotations.get(key)
         if value:
-            return str(value)
-    return id
+            return str(value), restore
+    return id, restore
+
+
+def group_id(bundle: str, id: str) -> str:
+    """The id whose shim serves this container: its pod's sandbox, or itself."""
+    return bundle_facts(bundle, id)[0]
 
 
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
@@ -159,7 +170,8 @@ def start(f: Flags) -> int:
         sys.stdin.buffer.read()  # the runtime options; Create carries them again
     except OSError:
         pass
-    path = socket_path(f.address, namespace, group_id(bundle, f.id))
+    group, restore = bundle_facts(bundle, f.id)
+    path = socket_path(f.address, namespace, group)
     sock = _listen(path)
     launch_zygote = None
     if sock is not None:
@@ -173,13 +185,13 @@ def start(f: Flags) -> int:
             "address": f.address,
             "debug": f.debug,
         }
-        pid, launch_zygote = zygote.spawn(sock, request)
+        pid, launch_zygote = zygote.spawn(sock, request, restore=restore)
         if pid is None:
             pid = os.fork()
             if pid == 0:
                 code = 1
                 try:
-                    code = _daemon(sock, f, namespace, bundle, path)
+                    code = _daemon(sock, f, namespace, bundle, path, restore)
                 finally:
                     os._exit(code)
         sock.close()
@@ -193,7 +205,9 @@ def start(f: Flags) -> int:
     return 0
 
 
-def _daemon(sock: _socket.socket, f: Flags, namespace: str, bundle: str, path: str) -> int:
+def _daemon(
+    sock: _socket.socket, f: Flags, namespace: str, bundle: str, path: str, restore: bool
+) -> int:
     """The forked shim daemon: detach from start's stdio and session, then serve."""
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
@@ -201,15 +215,18 @@ def _daemon(sock: _socket.socket, f: Flags, namespace: str, bundle: str, path: s
         os.dup2(null, fd)
     os.close(null)
     os.chdir("/")
-    load_serving_code()
+    load_serving_code(restore)
     return serve_group(sock.detach(), path, namespace, bundle, f.address, f.debug)
 
 
-def load_serving_code() -> None:
+def load_serving_code(restore: bool = False) -> None:
     """Import what a daemon serves with (asyncio, protobuf, the Task service), with
     the collector off, and freeze what the imports allocated so it is never rescanned;
     ``serve_group`` turns the collector back on. containerd's Create waits on these
-    imports (unless the shim zygote, which calls this too, made them already)."""
+    imports (unless the shim zygote, which calls this too, made them already).
+
+    ``restore``: also the checkpoint machinery (``shim.checkpointing``, ~40 ms), which
+    a restoring Create would import; other daemons import it only if they checkpoint."""
     import gc
 
     gc.disable()
@@ -220,8 +237,10 @@ def load_serving_code() -> None:
         import asyncio  # noqa: F401
     finally:
         del sys.modules["ssl"]
-    import shim.serve  # noqa: F401
+    import shim.serve
 
+    if restore:
+        import shim.checkpointing  # noqa: F401
     gc.freeze()
 
 

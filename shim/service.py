@@ -40,6 +40,7 @@ from runtime.runc import CheckpointOpts
 from shim import ttrpc
 from shim.container import Container, CreateConfig, RuncOptions, read_spec
 from shim.events import Publisher
+from shim.main import RESTORE_ANNOTATION
 from shim.process import Exit, Process
 from shim.reaper import Reaper
 
@@ -47,7 +48,7 @@ log = logging.getLogger("stasis.service")
 
 SERVICE = "containerd.task.v2.Task"
 STASIS_SERVICE = "stasis.v1.Checkpointer"
-RESTORE_FROM = "stasis.dev/restore-from"
+RESTORE_FROM = RESTORE_ANNOTATION
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 _EMPTY = empty_pb2.Empty()
 # How long an init's exit waits for the exits of its execs.

@@ -32,6 +32,14 @@ among themselves what it had imported. It preloads exactly what a daemon
 imports before it serves, so a daemon holds the same code either way.
 ``STASIS_SHIM_ZYGOTE=0`` in containerd's environment turns it off.
 
+Restores have a zygote of their own (key ``<key>-restore``) that also preloads
+the checkpoint machinery (``shim.checkpointing``, ~40 ms of imports a restoring
+Create would otherwise wait on); ``start`` asks it when the bundle's spec names a
+checkpoint (``stasis.dev/restore-from``). Without one the plain zygote forks the
+daemon and the restore zygote is launched for the next restore: bursts of
+restores (a node drained onto this one) pay the imports once, and plain shims
+never carry that code.
+
 This module is imported by ``start``: standard library only at the top.
 """
 
@@ -51,6 +59,7 @@ ZYGOTE_DIR = "/run/stasis/zygote"
 ENABLE_ENV = "STASIS_SHIM_ZYGOTE"
 IDLE_ENV = "STASIS_SHIM_ZYGOTE_IDLE"
 IDLE_SECONDS = 60.0
+RESTORE_SUFFIX = "-restore"
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 _CODE_DIRS = ("shim", "runtime", "protos")
 _TIMEOUT = 5.0
@@ -149,10 +158,22 @@ def _read_line(s: _socket.socket) -> str:
     return buf.decode(errors="replace").strip()
 
 
+def restore_key(key: str) -> str:
+    """The key of the zygote whose daemons come with the checkpoint machinery loaded."""
+    return f"{key}{RESTORE_SUFFIX}"
+
+
 def spawn(
-    listener: _socket.socket, request: dict[str, Any], key: str | None = None
+    listener: _socket.socket,
+    request: dict[str, Any],
+    key: str | None = None,
+    restore: bool = False,
 ) -> tuple[int | None, str | None]:
-    """Have the zygote fork this container's shim daemon serving ``listener``.
+    """Have a zygote fork this container's shim daemon serving ``listener``.
+
+    ``restore``: the container restores from a checkpoint; the restore zygote's
+    daemons have the checkpoint machinery loaded already. Without one, the plain
+    zygote serves, and the restore zygote is the one to launch.
 
     Returns the daemon's pid, or None when the caller must fork it itself (after
     any refusal or failure); and the key of a zygote to ``launch`` once the
@@ -164,6 +185,22 @@ def spawn(
         key = key or context_key()
     except OSError:
         return None, None
+    missing = None
+    for k in (restore_key(key), key) if restore else (key,):
+        pid = _ask(k, listener, request)
+        if pid is _NO_ZYGOTE:
+            missing = missing or k
+            continue
+        return pid, missing
+    return None, missing
+
+
+_NO_ZYGOTE = -1
+
+
+def _ask(key: str, listener: _socket.socket, request: dict[str, Any]) -> int | None:
+    """The pid of the daemon the zygote of ``key`` forked, None after a refusal or a
+    failure, _NO_ZYGOTE when none listens."""
     sock_path, _ = _paths(key)
     c = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -171,7 +208,7 @@ def spawn(
         try:
             c.connect(sock_path)
         except OSError:
-            return None, key
+            return _NO_ZYGOTE
         body = _encode(request)
         fd = listener.fileno().to_bytes(4, sys.byteorder)
         c.sendmsg(
@@ -180,12 +217,12 @@ def spawn(
         )
         reply = _read_line(c)
         if not reply.startswith("ready "):
-            return None, None
+            return None
         pid = int(reply.split()[1])
         c.sendall(b"go\n")
-        return pid, None
+        return pid
     except (OSError, ValueError):
-        return None, None
+        return None
     finally:
         c.close()
 
@@ -286,7 +323,7 @@ def _zygote(key: str) -> int:
     # would keep every preloaded page to itself once the zygote is gone.
     from shim.main import load_serving_code
 
-    load_serving_code()
+    load_serving_code(restore=key.endswith(RESTORE_SUFFIX))
 
     import socket
 

@@ -412,3 +412,42 @@ def test_containerd_lookup_without_grpcio(containerd: Containerd, ids: list[str]
         get_container(address, ns, f"gone-{id}")
     with pytest.raises(NotFound):
         get_container(address, f"other-{ns}", id)
+
+
+def _shim_parent_key(c: Containerd, id: str) -> str | None:
+    """The key of the zygote that forked ``id``'s shim daemon, if one did."""
+    bundle = c.state / "io.containerd.runtime.v2.task" / c.namespace / id
+    pid = int((bundle / "shim.pid").read_text())
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+    with contextlib.suppress(OSError):
+        argv = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
+        if argv[1:2] == [b"zygote"]:
+            return argv[2].decode()
+    return None
+
+
+def test_restores_come_from_the_restore_zygote(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    """A restore is forked by the zygote that preloads the checkpoint machinery (the
+    first restore launches it when there is none); plain containers never are."""
+    id = start_counter(containerd, ids)
+    before = wait_count(containerd, id, 5)
+    ref = stasis(containerd, "checkpoint", id, "--to", str(tmp_path)).stdout.split()[-1]
+    key = None
+    for _ in range(3):
+        new = unique_id("rst")
+        containerd.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",
+                       f"stasis.dev/restore-from={ref}", IMAGE, new)  # fmt: skip
+        ids.append(new)
+        assert wait_count(containerd, new, before) > before
+        key = _shim_parent_key(containerd, new)
+        if key and key.endswith("-restore"):
+            break
+        time.sleep(1)  # the first restore launched the restore zygote: let it load
+    assert key and key.endswith("-restore"), f"restored shims' zygote: {key}"
+    plain = unique_id("plain")
+    containerd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, plain, "sleep", "100")
+    ids.append(plain)
+    assert _shim_parent_key(containerd, plain) in (key.removesuffix("-restore"), None)

@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ import pytest
 from protos.containerd.task.v2 import shim_pb2
 from shim import main as shim_main
 from shim.main import (
+    RESTORE_ANNOTATION,
     SOCKET_DIR,
     _encode_delete_response,
+    bundle_facts,
     group_id,
     parse_flags,
     socket_path,
@@ -199,6 +202,42 @@ def test_group_id_falls_back_to_id(tmp_path: Path, config: object | str | None) 
 
 def test_group_id_missing_bundle() -> None:
     assert group_id("/nonexistent/stasis/bundle", "ctr") == "ctr"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "facts"),
+    [
+        ({RESTORE_ANNOTATION: "file:///ckpt/one"}, ("ctr", True)),
+        ({RESTORE_ANNOTATION: "x", "io.kubernetes.cri.sandbox-id": "sb"}, ("sb", True)),
+        ({RESTORE_ANNOTATION: ""}, ("ctr", False)),
+        ({"io.kubernetes.cri.sandbox-id": "sb"}, ("sb", False)),
+        ({"other": RESTORE_ANNOTATION}, ("ctr", False)),  # the key, not a value, counts
+    ],
+)
+def test_bundle_facts_say_whether_the_container_restores(
+    tmp_path: Path, annotations: dict[str, str], facts: tuple[str, bool]
+) -> None:
+    bundle = _bundle_with(tmp_path, {"annotations": annotations})
+    assert bundle_facts(bundle, "ctr") == facts
+
+
+def test_load_serving_code_for_a_restore_loads_the_checkpoint_machinery() -> None:
+    code = (
+        "import sys\n"
+        "from shim.main import load_serving_code\n"
+        "load_serving_code(restore=sys.argv[1] == '1')\n"
+        "print('shim.checkpointing' in sys.modules, 'shim.serve' in sys.modules)\n"
+    )
+    for restore, want in (("0", "False True"), ("1", "True True")):
+        done = subprocess.run(
+            [sys.executable, "-c", code, restore],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert done.stdout.strip() == want
 
 
 # --------------------------------------------------------------------------- socket path

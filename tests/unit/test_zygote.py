@@ -9,6 +9,7 @@ would) and waits for its zygote to exit once idle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -61,10 +62,10 @@ def _zygote_pid(key: str) -> int | None:
     return None
 
 
-@pytest.fixture
-def key() -> Iterator[str]:
-    """A zygote of this test's own (1 s idle), launched the way ``start`` launches one."""
-    k = f"test{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def _running_zygote(k: str) -> Iterator[int]:
+    """A zygote for key ``k`` (1 s idle), launched the way ``start`` launches one; its pid.
+    Afterwards it must have exited once idle, taking its socket and lock file along."""
     env = {**os.environ, zygote.IDLE_ENV: "1"}
     code = (
         "import sys; sys.argv = ['containerd-shim-stasis-v2']\n"
@@ -76,7 +77,7 @@ def key() -> Iterator[str]:
     pid = _zygote_pid(k)
     assert pid is not None
     try:
-        yield k
+        yield pid
     finally:
         try:
             _wait(lambda: not _alive(pid), timeout=30, what="the idle zygote to exit")
@@ -87,6 +88,14 @@ def key() -> Iterator[str]:
             for p in (sock_path, lock_path):
                 if os.path.exists(p):
                     os.unlink(p)
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    """A zygote of this test's own (1 s idle), launched the way ``start`` launches one."""
+    k = f"test{uuid.uuid4().hex[:12]}"
+    with _running_zygote(k):
+        yield k
 
 
 @pytest.fixture
@@ -274,3 +283,45 @@ def test_refusal_names_a_privilege_that_differs() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_a_restore_without_restore_zygote_is_served_by_the_plain_one(
+    key: str, listener: tuple[socket.socket, str]
+) -> None:
+    """The plain zygote forks the restoring daemon (no start-up is lost) and the restore
+    zygote is the one to launch; the plain daemon carries no checkpoint machinery."""
+    sock, path = listener
+    pid, launch = zygote.spawn(sock, _request(path, os.path.dirname(path)), key=key, restore=True)
+    assert pid is not None
+    try:
+        assert launch == zygote.restore_key(key)
+        assert _ppid(pid) == _zygote_pid(key)
+        # hashlib's OpenSSL binding comes with the checkpoint machinery (sha256 of
+        # every checkpoint file), not with the serving code.
+        assert "_hashlib" not in _maps(pid)
+        _serves(path)
+    finally:
+        _stop(pid)
+
+
+def test_the_restore_zygote_forks_daemons_with_the_checkpoint_machinery_loaded(
+    listener: tuple[socket.socket, str],
+) -> None:
+    sock, path = listener
+    k = f"test{uuid.uuid4().hex[:12]}"
+    with _running_zygote(zygote.restore_key(k)) as restore_zygote:
+        pid, launch = zygote.spawn(sock, _request(path, os.path.dirname(path)), key=k, restore=True)
+        assert pid is not None
+        try:
+            assert launch is None  # the plain zygote was not needed, nor launched
+            assert _ppid(pid) == restore_zygote
+            assert "_hashlib" in _maps(pid)
+            _serves(path)
+        finally:
+            _stop(pid)
+        # A plain start is never served by the restore zygote.
+        assert zygote.spawn(sock, _request(path, "/"), key=k) == (None, k)
