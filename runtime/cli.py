@@ -146,12 +146,12 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
     asked for the container's image while it runs (the shim waits for it only to
     record it). Otherwise containerd is asked first which shim serves it.
     """
-    from protos.stasis.v1 import checkpoint_pb2 as pb
+    from runtime.pbwire import Message
 
     store = ns.to or ""
     if store and "://" not in store:
         store = os.path.abspath(store)
-    req = pb.CheckpointRequest(
+    req = CheckpointRequest(
         id=ns.container,
         store=store,
         name=ns.name or "",
@@ -160,15 +160,62 @@ def checkpoint(ns: argparse.Namespace) -> dict[str, Any]:
     )
     own = _own_shim(ns.address, ns.namespace, ns.container)
     raw = _checkpoint_looked_up(ns, req) if own is None else _checkpoint_fast(ns, req, *own)
-    resp = pb.CheckpointResponse.FromString(raw)
-    return {
-        "ref": resp.ref,
-        "name": resp.name,
-        "size": resp.size,
-        "criu_size": resp.criu_size,
-        "seconds": round(resp.seconds, 3),
-        "frozen_seconds": round(resp.frozen_seconds, 3),
-    }
+    try:
+        resp = Message(raw)  # stasis.v1.CheckpointResponse
+        return {
+            "ref": resp.string(1),
+            "name": resp.string(2),
+            "size": resp.uint(3),
+            "criu_size": resp.uint(4),
+            "seconds": round(resp.double(5), 3),
+            "frozen_seconds": round(resp.double(6), 3),
+        }
+    except ValueError as e:
+        msg = f"checkpoint of {ns.container}: the shim's answer is malformed: {e}"
+        raise StasisError(msg) from e
+
+
+class CheckpointRequest:
+    """stasis.v1.CheckpointRequest (protos/stasis/v1/checkpoint.proto), encoded by
+    runtime.pbwire: the CLI does without protobuf's import."""
+
+    def __init__(
+        self,
+        id: str,
+        store: str = "",
+        name: str = "",
+        exit: bool = False,
+        tcp_established: bool = False,
+    ) -> None:
+        self.id = id
+        self.store = store
+        self.name = name
+        self.exit = exit
+        self.tcp_established = tcp_established
+        self.image = ""
+        self.image_pending = False
+
+    def encode(self) -> bytes:
+        from runtime.pbwire import encode
+
+        return encode(
+            [
+                (1, self.id),
+                (2, self.store),
+                (3, self.name),
+                (4, self.exit),
+                (5, self.tcp_established),
+                (6, self.image),
+                (8, self.image_pending),
+            ]
+        )
+
+
+def set_image_request(id: str, image: str = "", error: str = "", abort: bool = False) -> bytes:
+    """stasis.v1.SetImageRequest, encoded."""
+    from runtime.pbwire import encode
+
+    return encode([(1, id), (2, image), (3, error), (4, abort)])
 
 
 def _own_shim(address: str, namespace: str, id: str) -> tuple[str, Client] | None:
@@ -204,7 +251,7 @@ def _group_socket(ns: argparse.Namespace, info: ContainerInfo) -> str:
 
 
 def _checkpoint_looked_up(
-    ns: argparse.Namespace, req: Any, info: ContainerInfo | None = None
+    ns: argparse.Namespace, req: CheckpointRequest, info: ContainerInfo | None = None
 ) -> bytes:
     """Ask containerd for the container (unless ``info`` says already), then its
     group's shim for the checkpoint."""
@@ -223,13 +270,13 @@ def _checkpoint_looked_up(
 
 def _send_checkpoint(
     ns: argparse.Namespace,
-    req: Any,
+    req: CheckpointRequest,
     sock: str,
     client: Client | None = None,
     on_sent: Callable[[], object] | None = None,
 ) -> bytes:
     try:
-        payload = req.SerializeToString()
+        payload = req.encode()
         return _shim_call(sock, ns.namespace, "Checkpoint", payload, client=client, on_sent=on_sent)
     except ShimGone as e:
         leftovers = "stasis gc removes what it had written"
@@ -245,7 +292,9 @@ def _send_checkpoint(
         ) from e
 
 
-def _checkpoint_fast(ns: argparse.Namespace, req: Any, sock: str, client: Client) -> bytes:
+def _checkpoint_fast(
+    ns: argparse.Namespace, req: CheckpointRequest, sock: str, client: Client
+) -> bytes:
     """The Checkpoint to the container's own shim at once, with image_pending; the
     lookup in containerd runs meanwhile (_ImageLookup), and decides afterwards
     whether a failure is what it seems."""
@@ -334,19 +383,16 @@ class _ImageLookup(threading.Thread):
             self.socket = _group_socket(self.ns, info)
 
     def _deliver(self) -> None:
-        from protos.stasis.v1 import checkpoint_pb2 as pb
-
-        req = pb.SetImageRequest(id=self.ns.container)
+        id = self.ns.container
         if self.mismatch is not None:
-            req.error, req.abort = str(self.mismatch), True
+            payload = set_image_request(id, error=str(self.mismatch), abort=True)
         elif self.info is not None:
-            req.image = self.info.image
+            payload = set_image_request(id, image=self.info.image)
         else:
-            req.error = self.failure
+            payload = set_image_request(id, error=self.failure)
         # Failures are the Checkpoint's to report (or the shim's to log: without
         # an image it falls back on the annotations after a while).
         with contextlib.suppress(StasisError):
-            payload = req.SerializeToString()
             _shim_call(self.sock, self.ns.namespace, "SetImage", payload, timeout=SET_IMAGE_TIMEOUT)
 
 
@@ -655,8 +701,6 @@ def kube(ns: argparse.Namespace) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from runtime import config
-
     if ns.command == "checkpoint":
         out = checkpoint(ns)
         print(json.dumps(out) if ns.json else out["ref"])
@@ -673,6 +717,7 @@ def _run(ns: argparse.Namespace) -> int:
         _progress(f"wrote {ns.file}: set encryption.key_file to it (key id {key.id})")
         print(key.id)
     elif ns.command == "list":
+        from runtime import config
         from runtime.store import default_store, open_store
 
         cfg = config.load()
@@ -707,6 +752,7 @@ def _run(ns: argparse.Namespace) -> int:
         with _open(ns.ref) as reader:
             export_tar(reader, ns.file)
     elif ns.command == "import":
+        from runtime import config
         from runtime.store import default_store, import_tar
 
         store = default_store(config.load())

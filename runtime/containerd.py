@@ -29,15 +29,16 @@ class ContainerInfo:
 
 def get_container(address: str, namespace: str, id: str, timeout: float = 10.0) -> ContainerInfo:
     """Containers.Get through containerd's socket (runtime.grpclite: no grpcio, whose
-    import would cost the CLI more than the rest of a checkpoint's bookkeeping)."""
-    from protos.containerd.services.containers.v1 import containers_pb2 as pb
+    import would cost the CLI more than the rest of a checkpoint's bookkeeping; and
+    runtime.pbwire: no protobuf either)."""
     from runtime import grpclite
+    from runtime.pbwire import Message, encode
 
     try:
         raw = grpclite.call(
             address,
             "/containerd.services.containers.v1.Containers/Get",
-            pb.GetContainerRequest(id=id).SerializeToString(),
+            encode([(1, id)]),  # GetContainerRequest{id}
             {NAMESPACE_KEY: namespace},
             timeout,
         )
@@ -47,10 +48,17 @@ def get_container(address: str, namespace: str, id: str, timeout: float = 10.0) 
         if e.code == Code.UNAVAILABLE:
             raise Unavailable(f"cannot reach containerd at {address}: {e.message}") from e
         raise StasisError(f"containerd Containers.Get {id}: {e.message}") from e
-    resp = pb.GetContainerResponse.FromString(raw)
-    c = resp.container
     try:
-        spec = json.loads(c.spec.value or b"{}")
+        # GetContainerResponse{container: Container{id 1, image 3, runtime 4
+        # {name 1}, spec 5 (google.protobuf.Any{value 2}: the OCI spec's JSON)}}
+        c = Message(raw).message(1)
+        info_id, image = c.string(1), c.string(3)
+        runtime = c.message(4).string(1)
+        spec_json = c.message(5).bytes(2)
+    except ValueError as e:
+        raise StasisError(f"containerd Containers.Get {id}: malformed answer: {e}") from e
+    try:
+        spec = json.loads(spec_json or b"{}")
     except ValueError as e:
         raise InvalidArgument(f"container {id}: spec is not JSON: {e}") from e
-    return ContainerInfo(id=c.id, image=c.image, runtime=c.runtime.name, spec=spec)
+    return ContainerInfo(id=info_id, image=image, runtime=runtime, spec=spec)

@@ -264,22 +264,25 @@ def test_checkpoint_of_stopped_or_unknown_container_is_a_clear_error(
 REPO = Path(__file__).resolve().parents[2]
 
 # `stasis ARGS` with a spy on the ttrpc client: what each call carried, and whether
-# asyncio and grpc were imported when it was made (written as JSON to argv[1]).
+# asyncio, grpc and protobuf were imported when it was made (written as JSON to
+# argv[1]). The payloads are read with runtime.pbwire, which tests/unit/test_pbwire.py
+# checks against the generated classes: importing those would load protobuf.
 SPY = """
 import json, sys
-from protos.stasis.v1 import checkpoint_pb2 as pb
 from runtime import cli
+from runtime.pbwire import Message
 from shim import ttrpc_client
 
 seen = []
 call = ttrpc_client.Client.call
 
 def spy(self, service, method, payload, **kw):
-    entry = {"method": method, "asyncio": "asyncio" in sys.modules, "grpc": "grpc" in sys.modules}
+    entry = {"method": method}
+    entry.update((m, m in sys.modules) for m in ("asyncio", "grpc", "google.protobuf"))
     if method == "Checkpoint":
-        entry["image_pending"] = pb.CheckpointRequest.FromString(payload).image_pending
+        entry["image_pending"] = Message(payload).boolean(8)
     else:
-        entry["image"] = pb.SetImageRequest.FromString(payload).image
+        entry["image"] = Message(payload).string(2)
     seen.append(entry)
     return call(self, service, method, payload, **kw)
 
@@ -315,11 +318,13 @@ def test_checkpoint_goes_out_before_containerd_is_asked_and_records_the_image(
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     # Sent at once (containerd's lookup runs in a thread meanwhile), then the image
-    # it found, on a connection of its own; neither asyncio nor grpcio is ever
-    # imported (the lookup speaks HTTP/2 itself: runtime.grpclite).
+    # it found, on a connection of its own; neither asyncio nor grpcio nor protobuf
+    # is ever imported (the lookup speaks HTTP/2 itself: runtime.grpclite; the
+    # messages are runtime.pbwire's).
+    none = {"asyncio": False, "grpc": False, "google.protobuf": False}
     assert calls == [
-        {"method": "Checkpoint", "asyncio": False, "grpc": False, "image_pending": True},
-        {"method": "SetImage", "asyncio": False, "grpc": False, "image": IMAGE},
+        {"method": "Checkpoint", **none, "image_pending": True},
+        {"method": "SetImage", **none, "image": IMAGE},
     ], calls
     assert json.loads((store / "f" / "config.dump").read_text())["rootfsImageName"] == IMAGE
     assert json.loads(stasis(containerd, "inspect", str(store / "f")).stdout)["image"] == IMAGE

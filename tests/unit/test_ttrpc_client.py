@@ -212,11 +212,12 @@ def test_agrees_with_the_asyncio_module() -> None:
     assert ttrpc_client.MAX_MESSAGE_SIZE == ttrpc.MAX_MESSAGE_SIZE
 
 
-def test_imports_no_asyncio() -> None:
+def test_imports_no_asyncio_nor_protobuf() -> None:
     # Neither the client nor the CLI that uses it on its fast path.
     code = (
         "import sys, shim.ttrpc_client, runtime.cli\n"
-        "bad = sorted(m for m in ('asyncio', 'grpc', 'shim.ttrpc') if m in sys.modules)\n"
+        "bad = ('asyncio', 'grpc', 'google.protobuf', 'shim.ttrpc')\n"
+        "bad = sorted(m for m in bad if m in sys.modules)\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.getcwd())
