@@ -41,9 +41,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from runtime.errors import FailedPrecondition, StasisError, Unavailable
+
+TYPE_CHECKING = False  # typing's import costs every CLI ~5 ms; mypy treats this name as True
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 VERSION = "0.1.0"
 RUNTIME = "io.containerd.stasis.v2"

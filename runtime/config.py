@@ -40,7 +40,6 @@ variable) and the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
@@ -142,13 +141,15 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     config = Config()
     try:
         with open(path, "rb") as f:
+            import tomllib  # ~3 ms, paid only where a config file exists
+
             data = tomllib.load(f)
     except FileNotFoundError:
         if explicit is not None:
             raise InvalidArgument(
                 f"config file {path} (named by {PATH_ENV}) does not exist"
             ) from None
-    except tomllib.TOMLDecodeError as e:
+    except ValueError as e:  # tomllib.TOMLDecodeError
         raise InvalidArgument(f"config file {path}: not valid TOML: {e}") from e
     except OSError as e:
         raise InvalidArgument(f"config file {path}: cannot read: {e.strerror or e}") from e

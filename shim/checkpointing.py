@@ -133,6 +133,10 @@ async def _checkpoint(
     annotations = oci.get("annotations") or {}
     annotated = next((annotations[k] for k in IMAGE_ANNOTATIONS if k in annotations), "")
     started = time.monotonic()
+    # Asked now, answered by the time the metadata is written (each a process, the
+    # first time a shim checkpoints): not after the dump, when the caller waits.
+    versions = asyncio.ensure_future(_versions(container))
+    versions.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed dump
     async with upload.begin(store, name, container.runc.spawner) as writer:
         upper = _upperdir(container)
         was_running = init.status == Status.RUNNING
@@ -201,14 +205,15 @@ async def _checkpoint(
         }
         writer.write_bytes("config.dump", json.dumps(config_dump, indent=1).encode())
         criu_size = _dir_size(writer.path("checkpoint"))
+        runc_version, criu_version = await versions
         metadata = {
             "format": FORMAT_VERSION,
             "container_id": container.id,
             "namespace": namespace,
             "image": image,
             "runtime": RUNTIME,
-            "runc": await _runc_version(container),
-            "criu": await _criu_version(container),
+            "runc": runc_version,
+            "criu": criu_version,
             "host": socket.gethostname(),
             "kernel": os.uname().release,
             "cgroup_mode": "v2" if cgroups.unified() else "v1",
@@ -266,6 +271,12 @@ async def _later_image(id: str, spec: CheckpointSpec) -> str:
 
 # Versions, asked once per shim (they do not change under a running shim).
 _VERSIONS: dict[str, Any] = {}
+
+
+async def _versions(container: Container) -> tuple[Any, str]:
+    """runc's and CRIU's versions, asked at once."""
+    runc, criu = await asyncio.gather(_runc_version(container), _criu_version(container))
+    return runc, criu
 
 
 async def _runc_version(container: Container) -> Any:
