@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -55,6 +56,10 @@ class LoopServer:
         self.run(_drain())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+        # The loop no longer runs: in this thread, drop any transport it still
+        # holds (one that never reached the server) before closing it, so that no
+        # socket of this server outlives it.
+        self.loop.run_until_complete(_drop_transports())
         self.loop.close()
 
 
@@ -71,3 +76,14 @@ async def _drain() -> None:
         t.cancel()
     await asyncio.gather(*others, return_exceptions=True)
     await asyncio.sleep(0.05)
+
+
+async def _drop_transports() -> None:
+    loop = asyncio.get_running_loop()
+    held = getattr(loop, "_transports", None)  # selector loops: fd -> transport (weak)
+    left = [t for t in list(held.values()) if not t.is_closing()] if held is not None else []
+    for transport in left:
+        print(f"loopserver: dropping {transport!r}, left open at stop", file=sys.stderr)
+        transport.abort()
+    for _ in range(3):  # their connection_lost callbacks close the sockets
+        await asyncio.sleep(0)
