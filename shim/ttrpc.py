@@ -42,6 +42,7 @@ from shim.ttrpc_wire import (
     TYPE_REQUEST,
     TYPE_RESPONSE,
     RPCError,
+    decode_response,
     encode_request,
     oversized_message,
 )
@@ -452,7 +453,7 @@ class Client:
         self._writer = writer
         self._max_message_size = max_message_size
         self._write_lock = asyncio.Lock()
-        self._pending: dict[int, asyncio.Future[request_pb2.Response]] = {}
+        self._pending: dict[int, asyncio.Future[tuple[int, str, bytes]]] = {}
         self._next_stream_id = 1
         self._closed = False
         self._reader_task = asyncio.get_running_loop().create_task(
@@ -512,13 +513,13 @@ class Client:
         if stream_id > MAX_STREAM_ID:
             raise RPCError(Code.UNAVAILABLE, "ttrpc: stream ids exhausted, reconnect")
         self._next_stream_id += 2
-        future: asyncio.Future[request_pb2.Response] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[int, str, bytes]] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = future
         scope: asyncio.Timeout | None = None
         try:
             async with asyncio.timeout(timeout) as scope:
                 await self._send(stream_id, data)
-                response = await future
+                code, message, result = await future
         except TimeoutError:
             if scope is not None and scope.expired():
                 raise RPCError(Code.DEADLINE_EXCEEDED, DEADLINE_MESSAGE) from None
@@ -528,9 +529,9 @@ class Client:
             del self._pending[stream_id]
             if future.done() and not future.cancelled():
                 future.exception()  # Mark it retrieved even if we were cancelled.
-        if response.status.code != Code.OK:
-            raise RPCError(response.status.code, response.status.message)
-        return bytes(response.payload)
+        if code != Code.OK:
+            raise RPCError(code, message)
+        return result
 
     async def _send(self, stream_id: int, data: bytes) -> None:
         header = HEADER.pack(len(data), stream_id, TYPE_REQUEST, 0)
@@ -566,8 +567,8 @@ class Client:
                 if future is None or future.done():
                     continue  # The caller gave up (timeout) before the answer came.
                 try:
-                    future.set_result(request_pb2.Response.FromString(payload))
-                except Exception as exc:  # DecodeError; see _on_request.
+                    future.set_result(decode_response(payload))
+                except ValueError as exc:  # as protobuf's DecodeError; see _on_request.
                     future.set_exception(
                         RPCError(Code.INTERNAL, f"ttrpc: unmarshal response error: {exc}")
                     )
