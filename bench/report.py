@@ -778,7 +778,7 @@ def render(doc: dict[str, Any], page: Path = PAGE) -> None:
         "memory is VmRSS and PSS (`/proc/PID/smaps_rollup`) of the shim daemon, the parent "
         "of the task's init; the idle readings are one shim alive at a time.\n"
         "- **3-container pod**: 3 x `ctr run -d --annotation io.containerd.runc.v2.group=POD`; "
-        "both shims group containers by that annotation (ours: `shim/main.py` `group_id`), "
+        "both shims group containers by that annotation (ours: `shim/main.py` `bundle_facts`), "
         "so one shim serves all three, checked through the inits' parent.\n"
         "- **50 pods**: 50 x `ctr run -d ... sleep 1000` with each runtime in turn, the sum "
         "over the 50 shims (PSS counts pages shared between the shims once in all).\n"

@@ -103,11 +103,6 @@ def bundle_facts(bundle: str, id: str) -> tuple[str, bool]:
     return id, restore
 
 
-def group_id(bundle: str, id: str) -> str:
-    """The id whose shim serves this container: its pod's sandbox, or itself."""
-    return bundle_facts(bundle, id)[0]
-
-
 def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     """The shim socket for a group; distinct from the runc shim's for the same group."""
     key = os.path.normpath(os.path.join("/", containerd_address, namespace, group))

@@ -32,7 +32,6 @@ from shim.main import (
     SOCKET_DIR,
     _encode_delete_response,
     bundle_facts,
-    group_id,
     parse_flags,
     socket_path,
 )
@@ -167,7 +166,7 @@ def test_group_id_runc_group_wins(tmp_path: Path) -> None:
             }
         },
     )
-    assert group_id(bundle, "ctr") == "group"
+    assert bundle_facts(bundle, "ctr")[0] == "group"
 
 
 def test_group_id_sandbox_when_no_group(tmp_path: Path) -> None:
@@ -180,7 +179,7 @@ def test_group_id_sandbox_when_no_group(tmp_path: Path) -> None:
             }
         },
     )
-    assert group_id(bundle, "ctr") == "sandbox"
+    assert bundle_facts(bundle, "ctr")[0] == "sandbox"
 
 
 @pytest.mark.parametrize(
@@ -197,11 +196,11 @@ def test_group_id_sandbox_when_no_group(tmp_path: Path) -> None:
     ],
 )
 def test_group_id_falls_back_to_id(tmp_path: Path, config: object | str | None) -> None:
-    assert group_id(_bundle_with(tmp_path, config), "ctr") == "ctr"
+    assert bundle_facts(_bundle_with(tmp_path, config), "ctr")[0] == "ctr"
 
 
 def test_group_id_missing_bundle() -> None:
-    assert group_id("/nonexistent/stasis/bundle", "ctr") == "ctr"
+    assert bundle_facts("/nonexistent/stasis/bundle", "ctr")[0] == "ctr"
 
 
 @pytest.mark.parametrize(
