@@ -46,3 +46,10 @@ def test_errors_and_help_still_know_every_command(capsys: pytest.CaptureFixture[
         cli.main(["bogus"])
     err = capsys.readouterr().err
     assert "invalid choice: 'bogus'" in err and "checkpoint" in err and "kube" in err
+
+
+def test_commands_are_the_parsers() -> None:
+    # COMMANDS is what _command_in recognises; a subcommand missing from it would
+    # only cost the whole tree, one in it without a parser would break that command.
+    sub = next(a for a in cli._parser()._actions if a.dest == "command")
+    assert set(sub.choices) == cli.COMMANDS  # type: ignore[arg-type]
