@@ -188,7 +188,7 @@ def spawn(
     missing = None
     for k in (restore_key(key), key) if restore else (key,):
         pid = _ask(k, listener, request)
-        if pid is _NO_ZYGOTE:
+        if pid == _NO_ZYGOTE:
             missing = missing or k
             continue
         return pid, missing
