@@ -33,6 +33,7 @@ from shim.main import (
     _encode_delete_response,
     bundle_facts,
     parse_flags,
+    parse_json,
     socket_path,
 )
 from shim.ttrpc import Client
@@ -218,6 +219,52 @@ def test_bundle_facts_say_whether_the_container_restores(
 ) -> None:
     bundle = _bundle_with(tmp_path, {"annotations": annotations})
     assert bundle_facts(bundle, "ctr") == facts
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": [1, 2.5, -3e5, true, false, null, "x\\u00e9\\n"], "b": {"c": NaN}}',
+        b' \n\t{"annotations": {"k": "v"}}\r\n ',
+        b'\xef\xbb\xbf{"bom": 1}',
+        b"[]",
+        b'"text"',
+        b"-0.5",
+        json.dumps({"ociVersion": "1.1.0", "annotations": {RESTORE_ANNOTATION: "é"}}).encode(),
+    ],
+)
+def test_parse_json_is_json_loads(raw: bytes) -> None:
+    assert repr(parse_json(raw)) == repr(json.loads(raw.decode("utf-8-sig")))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"   ", b"{not json", b'{"a": 1} extra', b"\xff{}", b'{"a":', b"[1,]", b"[" * 100000],
+)
+def test_parse_json_rejects_what_json_loads_rejects(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_json(raw)
+
+
+def test_bundle_facts_import_neither_json_nor_re(tmp_path: Path) -> None:
+    """start reads a CRI container's or a restore's annotations on every start:
+    without json's import (and re's, which it pulls in)."""
+    bundle = _bundle_with(
+        tmp_path, {"annotations": {RESTORE_ANNOTATION: "x", "io.kubernetes.cri.sandbox-id": "sb"}}
+    )
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "from shim.main import bundle_facts\n"
+        f"facts = bundle_facts({bundle!r}, 'ctr')\n"
+        "print(facts, 'json' in sys.modules, 're' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "('sb', True) False False"
 
 
 def test_load_serving_code_for_a_restore_loads_the_checkpoint_machinery() -> None:
