@@ -33,19 +33,17 @@ Errors are one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 
 from runtime.errors import FailedPrecondition, StasisError, Unavailable
 
 TYPE_CHECKING = False  # typing's import costs every CLI ~5 ms; mypy treats this name as True
 if TYPE_CHECKING:
+    import argparse
+    import threading
+    from collections.abc import Callable
     from typing import Any, NoReturn
 
 VERSION = "0.1.0"
@@ -59,6 +57,8 @@ PENDING = ".stasis-pending.json"  # runtime.s3store.PENDING: written once a comm
 
 def _seconds(text: str) -> float:
     """argparse type of --grace: a finite number of seconds, >= 0."""
+    import argparse
+
     try:
         value = float(text)
     except ValueError:
@@ -308,7 +308,7 @@ def _checkpoint_fast(
         # The lookup starts once the request is out: nothing delays it.
         raw = _send_checkpoint(ns, req, sock, client, on_sent=lookup.start)
     except StasisError as e:
-        lookup.answered.set()  # no SetImage is needed any more
+        lookup.answer()  # no SetImage is needed any more
         if lookup.ident is None:
             raise  # not even sent: the shim went away at once
         lookup.ready.wait()
@@ -320,7 +320,7 @@ def _checkpoint_fast(
             # Another shim serves it (its group's), unlike its socket suggested.
             return _checkpoint_looked_up(ns, req, lookup.info)
         raise
-    lookup.answered.set()
+    lookup.answer()
     if lookup.ready.is_set() and lookup.failure:
         print(
             f"stasis: warning: the image of {ns.container} could not be looked up "
@@ -337,25 +337,41 @@ def _checkpoint_fast(
     return raw
 
 
-class _ImageLookup(threading.Thread):
+class _ImageLookup:
     """Asks containerd for the container while its fast-path checkpoint runs, then
     hands the shim the image (stasis.v1.Checkpointer/SetImage on a connection of
     its own), why it could not be looked up, or, when the container is not what the
     fast path assumed, that the checkpoint must fail.
 
-    Its findings are read only after ``ready`` is set.
+    ``start`` runs it in a thread (threading is imported only then: the Checkpoint
+    is already out). Its findings are read only after ``ready`` is set.
     """
 
     def __init__(self, ns: argparse.Namespace, sock: str) -> None:
-        super().__init__(name="stasis image lookup", daemon=True)
         self.ns = ns
         self.sock = sock
-        self.ready = threading.Event()  # the lookup is done: the fields below are final
-        self.answered = threading.Event()  # the Checkpoint came back: no SetImage now
+        self.ident: int | None = None  # the thread's, once started
+        self.ready: threading.Event  # the lookup is done: the fields below are final
+        self.answered: threading.Event  # the Checkpoint came back: no SetImage now
         self.info: ContainerInfo | None = None
         self.socket = ""  # the socket of the shim that serves it, per containerd
         self.mismatch: StasisError | None = None
         self.failure = ""  # why the lookup failed: the shim falls back on annotations
+
+    def start(self) -> None:
+        """Look up in a (daemon) thread."""
+        import threading
+
+        self.ready = threading.Event()
+        self.answered = threading.Event()
+        thread = threading.Thread(target=self.run, name="stasis image lookup", daemon=True)
+        thread.start()
+        self.ident = thread.ident
+
+    def answer(self) -> None:
+        """The Checkpoint came back (or was never sent): no SetImage is needed now."""
+        if self.ident is not None:
+            self.answered.set()
 
     def run(self) -> None:
         """Look up, then deliver."""
@@ -395,6 +411,8 @@ class _ImageLookup(threading.Thread):
             payload = set_image_request(id, error=self.failure)
         # Failures are the Checkpoint's to report (or the shim's to log: without
         # an image it falls back on the annotations after a while).
+        import contextlib
+
         with contextlib.suppress(StasisError):
             _shim_call(self.sock, self.ns.namespace, "SetImage", payload, timeout=SET_IMAGE_TIMEOUT)
 
@@ -415,15 +433,11 @@ def _resolve(ref: str) -> tuple[Any, str]:
     return resolve(ref, config.load())
 
 
-@contextlib.contextmanager
-def _open(ref: str) -> Iterator[Any]:
-    """The checkpoint's reader, closed afterwards (an S3 reader's local copies go)."""
+def _open(ref: str) -> Any:
+    """The checkpoint's reader: a context manager that closes it (an S3 reader's
+    local copies go)."""
     store, name = _resolve(ref)
-    reader = store.open(name)
-    try:
-        yield reader
-    finally:
-        reader.close()
+    return store.open(name)
 
 
 def _remove_checkpoint(ref: str) -> None:
@@ -450,6 +464,7 @@ def restore(ns: argparse.Namespace) -> str:
 
 def demo(ns: argparse.Namespace) -> int:
     """A counting container checkpointed (and stopped), then restored: it counts on."""
+    import argparse
     import uuid
 
     images = _ctr(ns, "images", "ls", "-q")
@@ -544,6 +559,8 @@ def _spool_url(spool: str) -> str:
     """The store a committed spool was meant for ("" if it does not say)."""
     try:
         with open(os.path.join(spool, PENDING), "rb") as f:
+            import json
+
             doc = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return ""
@@ -570,6 +587,7 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; with ``only``, just that subcommand's (every ArgumentParser
     costs ~0.3 ms of gettext lookups: the whole tree, ~13 ms, is built for help and
     errors about the command itself)."""
+    import argparse
 
     def want(command: str) -> bool:
         return only is None or only == command
@@ -703,6 +721,8 @@ def _kube_parser(sub: Any) -> None:
 
 def kube(ns: argparse.Namespace) -> int:
     """`stasis kube ...`: the kubernetes client is imported only here."""
+    import json
+
     from kubernetes import client
 
     from runtime import kube as k
@@ -746,8 +766,11 @@ def kube(ns: argparse.Namespace) -> int:
 def _run(ns: argparse.Namespace) -> int:
     if ns.command == "checkpoint":
         out = checkpoint(ns)
-        print(json.dumps(out) if ns.json else out["ref"])
-    elif ns.command == "restore":
+        print(flat_json(out) if ns.json else out["ref"])
+        return 0
+    import json
+
+    if ns.command == "restore":
         print(restore(ns))
     elif ns.command == "demo":
         return demo(ns)
@@ -808,10 +831,91 @@ def _info(info: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(info).items() if not k.startswith("_")}
 
 
+def flat_json(obj: dict[str, str | int | float | bool | None]) -> str:
+    """``json.dumps(obj)`` of a flat object, through the C encoder under ``json``:
+    `stasis checkpoint --json` answers without importing json (and re)."""
+    try:
+        from _json import encode_basestring_ascii as quote
+    except ImportError:  # another Python
+        import json
+
+        return json.dumps(obj)
+    items = []
+    for key, value in obj.items():
+        if value is None or isinstance(value, bool):
+            text = {None: "null", True: "true", False: "false"}[value]
+        elif isinstance(value, str):
+            text = quote(value)
+        elif isinstance(value, int):
+            text = int.__repr__(value)
+        elif isinstance(value, float) and value == value and value not in (_INF, -_INF):
+            text = float.__repr__(value)
+        else:  # NaN, infinities, anything nested: json's own rules
+            import json
+
+            return json.dumps(obj)
+        items.append(f"{quote(key)}: {text}")
+    return "{" + ", ".join(items) + "}"
+
+
+_INF = float("inf")
+
+
+def fast_checkpoint_args(argv: list[str]) -> argparse.Namespace | None:
+    """What ``_parser().parse_args(argv)`` gives for a plain ``stasis checkpoint``,
+    without importing argparse (and re): ~15 ms of every checkpoint, which waits
+    for the CLI. None for anything else (other commands, help, abbreviated or
+    unknown options, values that look like options, errors): argparse then parses,
+    and says what is wrong."""
+    top = {
+        "address": os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
+        "namespace": os.environ.get("CONTAINERD_NAMESPACE", "default"),
+    }
+    sub: dict[str, str | bool | None] = {
+        "to": None, "name": None, "exit": False, "tcp_established": False, "json": False,
+    }  # fmt: skip
+    top_valued = {"--address": "address", "-n": "namespace", "--namespace": "namespace"}
+    sub_valued = {"--to": "to", "--name": "name"}
+    sub_flags = {"--exit": "exit", "--tcp-established": "tcp_established", "--json": "json"}
+    container = None
+    command = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        valued = sub_valued if command else top_valued
+        name, eq, value = arg.partition("=")
+        if name in valued:
+            if not eq:
+                if i == len(argv) or argv[i].startswith("-"):
+                    return None
+                value = argv[i]
+                i += 1
+            (sub if command else top)[valued[name]] = value
+        elif command and arg in sub_flags:
+            sub[sub_flags[arg]] = True
+        elif arg.startswith("-") or arg == "":
+            return None  # help, --version, abbreviations, "--", unknown options
+        elif not command:
+            if arg != "checkpoint":
+                return None
+            command = True
+        elif container is None:
+            container = arg
+        else:
+            return None  # a second positional
+    if container is None:
+        return None
+    from types import SimpleNamespace
+
+    ns = SimpleNamespace(**top, command="checkpoint", container=container, **sub)
+    return ns  # type: ignore[return-value]  # the attributes argparse would set
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `stasis`."""
     args = sys.argv[1:] if argv is None else argv
-    ns = _parser(_command_in(args)).parse_args(args)
+    ns = fast_checkpoint_args(args) or _parser(_command_in(args)).parse_args(args)
     try:
         code = _run(ns)
     except StasisError as e:

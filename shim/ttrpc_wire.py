@@ -11,10 +11,13 @@ clients' envelopes are encoded and decoded with :mod:`runtime.pbwire`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 
 from runtime import pbwire
 from runtime.errors import Code
+
+TYPE_CHECKING = False  # collections.abc is not imported at run time (only named here)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 #: ttrpc's default limit on one frame's payload (channel.go messageLengthMax).
 MAX_MESSAGE_SIZE = 4 << 20

@@ -264,7 +264,7 @@ def test_checkpoint_of_stopped_or_unknown_container_is_a_clear_error(
 REPO = Path(__file__).resolve().parents[2]
 
 # `stasis ARGS` with a spy on the ttrpc client: what each call carried, and whether
-# asyncio, grpc and protobuf were imported when it was made (written as JSON to
+# asyncio, grpc, protobuf and argparse were imported when it was made (written as JSON to
 # argv[1]). The payloads are read with runtime.pbwire, which tests/unit/test_pbwire.py
 # checks against the generated classes: importing those would load protobuf.
 SPY = """
@@ -278,7 +278,7 @@ call = ttrpc_client.Client.call
 
 def spy(self, service, method, payload, **kw):
     entry = {"method": method}
-    entry.update((m, m in sys.modules) for m in ("asyncio", "grpc", "google.protobuf"))
+    entry.update((m, m in sys.modules) for m in ("asyncio", "grpc", "google.protobuf", "argparse"))
     if method == "Checkpoint":
         entry["image_pending"] = Message(payload).boolean(8)
     else:
@@ -320,8 +320,8 @@ def test_checkpoint_goes_out_before_containerd_is_asked_and_records_the_image(
     # Sent at once (containerd's lookup runs in a thread meanwhile), then the image
     # it found, on a connection of its own; neither asyncio nor grpcio nor protobuf
     # is ever imported (the lookup speaks HTTP/2 itself: runtime.grpclite; the
-    # messages are runtime.pbwire's).
-    none = {"asyncio": False, "grpc": False, "google.protobuf": False}
+    # messages are runtime.pbwire's), nor argparse (cli.fast_checkpoint_args).
+    none = {"asyncio": False, "grpc": False, "google.protobuf": False, "argparse": False}
     assert calls == [
         {"method": "Checkpoint", **none, "image_pending": True},
         {"method": "SetImage", **none, "image": IMAGE},
