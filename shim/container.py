@@ -172,6 +172,7 @@ class Container:
             init = InitProcess(
                 cfg.id, cfg.bundle, runc, io, (cfg.stdin, cfg.stdout, cfg.stderr), cfg.terminal
             )
+            init.cgroups_path = str((cfg.spec.get("linux") or {}).get("cgroupsPath") or "")
             pid_file = os.path.join(cfg.bundle, "init.pid")
             if cfg.checkpoint:
                 # Nothing runs until Start: then runc restore creates and starts it.

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from runtime import netns
+from runtime import cgroups, netns
 from runtime.criu import criu_failure
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, StasisError
 from runtime.proc import Stdio
@@ -343,6 +343,7 @@ class InitProcess(Process):
     ) -> None:
         super().__init__(container_id, "", bundle, runc, io, paths, terminal)
         self._restore: RestoreOpts | None = None
+        self.cgroups_path = ""  # set by the container: its spec's linux.cgroupsPath
         self.on_pid: Any = None  # set by the container: called with the PID once known
         # set by the container: awaited once a restore has returned (GPU state)
         self.after_restore: Any = None
@@ -415,6 +416,8 @@ class InitProcess(Process):
         await self.runc.kill(self.container_id, sig, all=all)
 
     async def _do_pause(self) -> None:
+        if await self._freeze_directly():
+            return
         # The cgroup v1 freezer can give up on a busy machine (processes stuck in
         # uninterruptible sleep): runc then says "unable to freeze" and leaves the
         # container thawed. Try again a few times before failing.
@@ -431,7 +434,44 @@ class InitProcess(Process):
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def _do_resume(self) -> None:
+        freezer = self._freezer()
+        if freezer is not None:
+            try:
+                freezer.thaw()
+                return
+            except OSError as e:
+                log.info("thawing %s directly: %s; runc resume does it", self.container_id, e)
         await self.runc.resume(self.container_id)
+
+    def _freezer(self) -> cgroups.Freezer | None:
+        if not self.cgroups_path or not self.pid:
+            return None
+        return cgroups.Freezer.of(self.pid, self.cgroups_path)
+
+    async def _freeze_directly(self) -> bool:
+        """Freeze the container's cgroup as ``runc pause`` does, without its process
+        (~10-20 ms less, all of it inside a checkpoint's frozen time). False when
+        that cannot be done here: runc then does it, or says why it cannot."""
+        freezer = self._freezer()
+        if freezer is None:
+            return False
+        deadline = time.monotonic() + _DIRECT_FREEZE_WAIT
+        delay = 0.0002
+        try:
+            while not freezer.freeze_step():
+                if time.monotonic() >= deadline:
+                    freezer.thaw()
+                    log.info("freezing %s took over %.1fs; runc tries", self.container_id,
+                             _DIRECT_FREEZE_WAIT)  # fmt: skip
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.01)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                freezer.thaw()
+            log.info("freezing %s directly: %s; runc pause tries", self.container_id, e)
+            return False
+        return True
 
     async def _destroy(self) -> None:
         await self._drain_and_close_io()
@@ -613,6 +653,7 @@ class ExecProcess(Process):
 
 _SHEPHERD_TIMEOUT = 30.0
 _FREEZE_ATTEMPTS = 4
+_DIRECT_FREEZE_WAIT = 1.0  # seconds before a direct freeze gives way to runc pause
 
 
 async def _read_line(sock: socket.socket, timeout: float) -> str:

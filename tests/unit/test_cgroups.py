@@ -1,5 +1,6 @@
 """Tests for runtime.cgroups: systemd cgroup paths, the memory cgroup directory, the
-host's cgroup mode, and OOM notifications on a real cgroup v1 memory controller.
+host's cgroup mode, OOM notifications on a real cgroup v1 memory controller, and the
+freezer on a real cgroup v1 freezer.
 
 The OOM test needs root and a writable cgroup v1 memory hierarchy (the project's
 test hosts are cgroup v1 hybrids); it fails, saying why, where that is missing.
@@ -14,6 +15,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -254,3 +256,90 @@ def test_oom_watcher_on_a_missing_cgroup_leaks_nothing() -> None:
     with pytest.raises(FileNotFoundError):
         OOMWatcher(os.path.join(V1_MEMORY, f"stasis-unit-missing-{uuid.uuid4().hex[:8]}"))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --------------------------------------------------------------------------- freezer
+
+V1_FREEZER = os.path.join(cgroups.CGROUP_ROOT, "freezer")
+
+
+@pytest.fixture
+def frozen_candidate() -> Iterator[tuple[int, str]]:
+    """A `sleep` in a fresh v1 freezer cgroup (a child of one named in the spec, as
+    the container's own sub-cgroups would be): (its pid, the spec's cgroupsPath)."""
+    if os.geteuid() != 0 or unified() or not os.path.isdir(V1_FREEZER):
+        pytest.fail("the freezer test needs root and a cgroup v1 freezer", pytrace=False)
+    name = f"stasis-unit-{uuid.uuid4().hex[:12]}"
+    top = os.path.join(V1_FREEZER, name)
+    child = os.path.join(top, "inner")
+    os.makedirs(child)
+    pid = 0
+    try:
+        procs = os.path.join(child, "cgroup.procs")
+        pid = spawn(["sh", "-c", f"echo $$ > {procs} || exit 99; exec sleep 60"], Stdio())
+        deadline = time.monotonic() + 5
+        while str(pid) not in _read(procs).split():
+            assert time.monotonic() < deadline, "the child never joined its cgroup"
+            time.sleep(0.01)
+        yield pid, f"/{name}"
+    finally:
+        with contextlib.suppress(OSError), open(os.path.join(top, "freezer.state"), "w") as f:
+            f.write("THAWED")  # a frozen process cannot die
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+        _rmdir(child)
+        _rmdir(top)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read()
+
+
+def _freezer_state(directory: str) -> str:
+    return _read(os.path.join(directory, "freezer.state")).strip()
+
+
+def test_freezer_freezes_and_thaws_a_v1_cgroup(frozen_candidate: tuple[int, str]) -> None:
+    pid, path = frozen_candidate
+    freezer = cgroups.Freezer.of(pid, path)
+    assert freezer is not None
+    assert (freezer.directory, freezer.v2) == (V1_FREEZER + path, False)
+    deadline = time.monotonic() + 5
+    while not freezer.freeze_step():
+        assert time.monotonic() < deadline, "never frozen"
+        time.sleep(0.001)
+    assert _freezer_state(freezer.directory) == "FROZEN"
+    assert _freezer_state(os.path.join(freezer.directory, "inner")) == "FROZEN"
+    freezer.thaw()
+    assert _freezer_state(freezer.directory) == "THAWED"
+    os.kill(pid, 0)  # runs on
+
+
+def test_freezer_is_only_for_the_cgroup_the_process_is_in(
+    frozen_candidate: tuple[int, str],
+) -> None:
+    pid, path = frozen_candidate
+    assert cgroups.Freezer.of(pid, path + "-other") is None  # a sibling's name
+    assert cgroups.Freezer.of(pid, "/") is None  # the root cgroup cannot be frozen
+    assert cgroups.Freezer.of(os.getpid(), path) is None  # not one of its processes
+    assert cgroups.Freezer.of(pid, "") is None
+    assert cgroups.Freezer.of(0, path) is None
+    assert cgroups.Freezer.of(2**22 + 1, path) is None  # no such process
+
+
+def test_freezer_v2_reads_cgroup_events(tmp_path: Path) -> None:
+    """cgroup v2's files, faked in a directory: the freeze is asked in cgroup.freeze
+    and is complete only once cgroup.events says "frozen 1"."""
+    (tmp_path / "cgroup.freeze").write_text("0\n")
+    events = tmp_path / "cgroup.events"
+    events.write_text("populated 1\nfrozen 0\n")
+    freezer = cgroups.Freezer(str(tmp_path), v2=True)
+    assert freezer.freeze_step() is False
+    assert (tmp_path / "cgroup.freeze").read_text().startswith("1")
+    events.write_text("populated 1\nfrozen 1\n")
+    assert freezer.freeze_step() is True
+    freezer.thaw()
+    assert (tmp_path / "cgroup.freeze").read_text().startswith("0")
