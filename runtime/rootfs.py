@@ -43,7 +43,6 @@ import json
 import os
 import stat
 import tarfile
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,11 +125,13 @@ def upperdir_of(mount_options: Sequence[str]) -> str | None:
 # --------------------------------------------------------------------------- capture
 
 
-def capture(upperdir: str, tar_path: str, deleted_path: str) -> DiffStats:
+def capture(upperdir: str, tar_path: str, deleted_path: str, *, durable: bool = True) -> DiffStats:
     """Write the changes held in an overlay ``upperdir`` to ``tar_path`` and ``deleted_path``.
 
     Walks only the upperdir (never the image layers). Both files are written
-    atomically (temporary file, fsync, rename). Run it while the container
+    atomically (temporary file, fsync, rename, fsync of the directory; no fsync
+    unless ``durable``: a checkpoint's writer, which fsyncs every file at its
+    commit, asks for none inside the container's frozen time). Run it while the container
     cannot write (stopped, paused or frozen): a file that changes underneath
     raises :class:`FailedPrecondition`, as does an upperdir made with
     ``metacopy=on`` or ``redirect_dir=on``, whose data partly lives below it.
@@ -145,7 +146,7 @@ def capture(upperdir: str, tar_path: str, deleted_path: str) -> DiffStats:
         walker = _Capture(root_fd, upperdir)
         try:
             with (
-                _atomic(tar_path) as out,
+                _atomic(tar_path, durable) as out,
                 tarfile.TarFile(
                     fileobj=out,
                     mode="w",
@@ -156,7 +157,7 @@ def capture(upperdir: str, tar_path: str, deleted_path: str) -> DiffStats:
                 ) as tar,
             ):
                 walker.run(tar)
-            with _atomic(deleted_path) as out:
+            with _atomic(deleted_path, durable) as out:
                 out.write(json.dumps(sorted(walker.deleted)).encode())
         except OSError as e:
             raise _os_error(f"capture {upperdir} to {tar_path}", e) from e
@@ -387,20 +388,26 @@ def _parse_ns(member: tarfile.TarInfo) -> int:
 
 
 @contextlib.contextmanager
-def _atomic(path: str) -> Iterator[IO[bytes]]:
-    """A file that appears at ``path`` complete (fsynced, renamed) or not at all."""
+def _atomic(path: str, durable: bool = True) -> Iterator[IO[bytes]]:
+    """A file that appears at ``path`` complete (fsynced if ``durable``, renamed) or
+    not at all."""
+    import tempfile
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with open(fd, "wb", buffering=_CHUNK) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)

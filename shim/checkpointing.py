@@ -12,12 +12,12 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from runtime import cgroups, rootfs, upload
@@ -158,10 +158,13 @@ async def _checkpoint(
             try:
                 if upper is not None:
                     diff = await asyncio.to_thread(
-                        rootfs.capture,
-                        upper,
-                        writer.path("rootfs-diff.tar"),
-                        writer.path("deleted.files"),
+                        partial(
+                            rootfs.capture,
+                            upper,
+                            writer.path("rootfs-diff.tar"),
+                            writer.path("deleted.files"),
+                            durable=False,  # the commit fsyncs every file
+                        )
                     )
                 images = writer.path("checkpoint", directory=True)
                 # Hash the images as CRIU writes them: the commit then neither
@@ -472,6 +475,8 @@ class RestoreGate:
     def install(self, bundle: str, spec: dict[str, Any]) -> None:
         """Write the script and CRIU config, and name them in the bundle's config.json."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        import shlex
+
         script = os.path.join(self.dir, "gate.sh")
         polls = int(self.timeout / 0.005)
         _write_atomic(

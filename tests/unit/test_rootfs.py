@@ -721,3 +721,22 @@ def test_no_descriptor_leaks_and_deep_or_wide_trees(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         apply(str(bad), str(tmp_path / "d.json"), str(upper2))
     assert open_fds() == before
+
+
+@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 4), (False, 0)])  # 2 files, their dir
+def test_capture_fsyncs_only_when_asked_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, fsyncs: int
+) -> None:
+    """A checkpoint's writer fsyncs every file at its commit: its capture, inside the
+    container's frozen time, asks for none. Either way both files appear whole."""
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "motd").write_text("changed\n")
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    stats = capture(str(upper), str(tmp_path / "t.tar"), str(tmp_path / "d.json"), durable=durable)
+    assert len(calls) == fsyncs
+    assert stats.files == 1
+    assert set(tar_members(tmp_path / "t.tar")) == {"etc", "etc/motd"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json", "t.tar", "upper"]
