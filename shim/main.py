@@ -349,6 +349,61 @@ def _remove_dead_socket(bundle: str) -> None:
             pass
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def remove_empty_cgroups(bundle: str) -> None:
+    """Remove the container's cgroup (its spec's linux.cgroupsPath) from every
+    hierarchy where it is left empty: a restore killed half-way (CRIU had made it,
+    runc had not recorded the container, so ``runc delete`` knows nothing of it)
+    leaves it behind. rmdir fails on a cgroup that still has processes or children:
+    nothing is ever killed here. Systemd scopes (slice:prefix:name) are systemd's to
+    remove, and relative paths lie under runc's own cgroup, not known here."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as fh:
+            path = str((parse_json(fh.read()).get("linux") or {}).get("cgroupsPath") or "")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not path.startswith("/") or ":" in path:
+        return
+    path = os.path.normpath(path)  # as runc cleans it
+    if path == "/":
+        return
+    try:
+        hierarchies = (
+            [""]
+            if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
+            else [
+                h
+                for h in os.listdir(CGROUP_ROOT)
+                if not os.path.islink(os.path.join(CGROUP_ROOT, h))
+            ]
+        )
+    except OSError:
+        return
+    pending = [
+        os.path.join(CGROUP_ROOT, h) + path if h else CGROUP_ROOT + path for h in hierarchies
+    ]
+    # The restored processes CRIU kills as it aborts may take a moment to leave.
+    deadline = time.monotonic() + _CGROUP_WAIT
+    while pending:
+        busy = []
+        for d in pending:
+            try:
+                os.rmdir(d)
+            except OSError as e:
+                if e.errno == _EBUSY:
+                    busy.append(d)  # processes left: wait for them, never kill
+        if not busy or time.monotonic() >= deadline:
+            return
+        pending = busy
+        time.sleep(0.05)
+
+
+_EBUSY = 16
+_CGROUP_WAIT = 2.0  # seconds remove_empty_cgroups waits for processes to leave
+
+
 def remove_criu_root(runc_root: str, id: str) -> None:
     """Unmount and remove what a `runc restore` killed half-way left: the bind mount
     of the rootfs it prepares for CRIU (<runc root>/<id>/criu-root), and the
@@ -410,6 +465,7 @@ def delete(f: Flags) -> int:
             pass
     if f.id:
         remove_criu_root(os.path.join(root, namespace), f.id)
+    remove_empty_cgroups(bundle)
     _remove_dead_socket(bundle)
     sys.stdout.buffer.write(_encode_delete_response(128 + 9, time.time_ns()))
     sys.stdout.flush()

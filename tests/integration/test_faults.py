@@ -288,6 +288,11 @@ def test_shim_killed_during_restore_leaves_nothing_running(
     assert cgroup_procs(containerd, new) == []
     remove(containerd, new)
     assert not mounts_under(bundle(containerd, new))
+    # nor its cgroup, which CRIU had made and runc never recorded: the shim's delete
+    # removes it once empty
+    left = [b for b in ("pids", "memory", "freezer", "") if Path("/sys/fs/cgroup", b,
+            containerd.namespace, new, "cgroup.procs").exists()]  # fmt: skip
+    assert left == [], f"cgroup of {new} left in {left}"
     # nor the rootfs bind mount runc prepares for CRIU (criu-root), which a runc
     # killed in the middle cannot remove itself: the shim's delete does
     assert not mounts_under(Path("/run/containerd/runc", containerd.namespace, new))

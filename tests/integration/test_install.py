@@ -10,6 +10,7 @@ the checkout while the test runs do not count as a change between the two instal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -202,9 +203,19 @@ def test_install_twice_run_and_uninstall(sources: Path, machine: bool) -> None:
         ctr("images", "rm", "docker.io/stasis/busybox:test", namespace=ns)
         ctr("content", "prune", "references", namespace=ns)
         ctr("namespaces", "rm", ns, namespace="default")
+        remove_namespace_cgroups(ns)
 
     install_sh(sources, "--uninstall")
     assert (CONFIG.read_bytes() if CONFIG.exists() else None) == fresh_config
     left = snapshot()
     assert sorted(set(left) - set(fresh)) == [], "--uninstall left files install.sh added"
     assert not MANIFEST.exists()
+
+
+def remove_namespace_cgroups(ns: str) -> None:
+    """rmdir the (empty) /<ns> cgroups runc made as the parents of the namespace's
+    containers' (runc removes a container's own cgroup, not its parents)."""
+    root = Path("/sys/fs/cgroup")
+    for hierarchy in [root, *(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
+        with contextlib.suppress(OSError):
+            (hierarchy / ns).rmdir()

@@ -685,3 +685,55 @@ def test_launchers_run_isolated_without_site(tmp_path: Path) -> None:
         done = subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         assert want in done.stdout
+
+
+def _fake_cgroup_root(root: Path, v2: bool) -> None:
+    """A directory laid out like /sys/fs/cgroup (the files a kernel would show are
+    left out: plain directories stand for cgroups)."""
+    if v2:
+        root.mkdir()
+        (root / "cgroup.controllers").write_text("cpu memory pids\n")
+        return
+    for h in ("freezer", "memory", "pids", "cpu,cpuacct", "unified"):
+        (root / h).mkdir(parents=True)
+    (root / "cpu").symlink_to("cpu,cpuacct")
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_delete_removes_the_containers_empty_cgroups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2: bool
+) -> None:
+    root = tmp_path / "cgroup"
+    _fake_cgroup_root(root, v2)
+    monkeypatch.setattr(shim_main, "CGROUP_ROOT", str(root))
+    hierarchies = [root] if v2 else [root / h for h in ("freezer", "memory", "pids", "unified")]
+    for h in hierarchies:
+        (h / "ns" / "ctr").mkdir(parents=True)
+        (h / "ns" / "other").mkdir()  # a sibling: never touched
+    if not v2:
+        (root / "pids" / "ns" / "ctr" / "child").mkdir()  # not empty: kept
+    bundle = _bundle_with(tmp_path, {"linux": {"cgroupsPath": "/ns/ctr"}})
+    shim_main.remove_empty_cgroups(bundle)
+    for h in hierarchies:
+        assert (h / "ns" / "other").is_dir()
+        assert (h / "ns" / "ctr").exists() == (not v2 and h.name == "pids")
+        assert (h / "ns").is_dir()  # the namespace's cgroup is containerd's
+
+
+@pytest.mark.parametrize(
+    "cgroups_path",
+    ["", "system.slice:cri-containerd:ctr", "ns/ctr", "/", "/..", None],
+)
+def test_delete_leaves_cgroups_it_does_not_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cgroups_path: str | None
+) -> None:
+    root = tmp_path / "cgroup"
+    _fake_cgroup_root(root, v2=False)
+    monkeypatch.setattr(shim_main, "CGROUP_ROOT", str(root))
+    (root / "memory" / "ns" / "ctr").mkdir(parents=True)
+    config = None if cgroups_path is None else {"linux": {"cgroupsPath": cgroups_path}}
+    shim_main.remove_empty_cgroups(_bundle_with(tmp_path, config))
+    assert (root / "memory" / "ns" / "ctr").is_dir()
+    assert sorted(p.name for p in root.iterdir()) == [
+        "cpu", "cpu,cpuacct", "freezer", "memory", "pids", "unified"
+    ]  # fmt: skip
