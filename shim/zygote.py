@@ -46,7 +46,6 @@ This module is imported by ``start``: standard library only at the top.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import os
 import sys
 
@@ -133,8 +132,10 @@ def context_key() -> str:
     for entry in sys.path:
         if entry == package_root:  # its code files are listed below
             continue
-        with contextlib.suppress(OSError):
+        try:
             parts.append(f"{entry}:{os.stat(entry).st_mtime_ns}")
+        except OSError:
+            pass
     for d in _CODE_DIRS:
         _code_stats(os.path.join(package_root, d), parts)
     digest: str = sha256("\n".join(parts).encode()).hexdigest()
@@ -234,8 +235,10 @@ def launch(key: str) -> None:
     except OSError:
         return
     if pid:
-        with contextlib.suppress(ChildProcessError):
+        try:
             os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
         return
     try:
         null = os.open(os.devnull, os.O_RDWR)
@@ -373,19 +376,23 @@ class _Zygote:
                 break
             if time.monotonic() - last >= self.idle:
                 break
-        with contextlib.suppress(OSError):
+        try:
             if self._ours():
                 os.unlink(self.sock_path)
                 # A zygote starting now may hold the old lock file: it then binds
                 # anew, and whichever socket is not in place makes its zygote exit.
                 os.unlink(f"{self.sock_path.removesuffix('.sock')}.lock")
+        except OSError:
+            pass
         return 0
 
     def _reap(self, pidfd: int) -> None:
         pid = self.children.pop(pidfd)
         os.close(pidfd)
-        with contextlib.suppress(ChildProcessError):
+        try:
             os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
     def _serve(self, conn: _socket.socket) -> None:
         fds: list[int] = []
@@ -405,8 +412,7 @@ class _Zygote:
                 self._daemon(conn, fds[0], request, facts)  # never returns
             self.children[os.pidfd_open(pid)] = pid
         except Exception as e:  # the caller starts its daemon itself
-            with contextlib.suppress(OSError):
-                conn.sendall(f"err {e}\n".encode(errors="replace"))
+            _tell(conn, f"err {e}\n")
         finally:
             for fd in fds:
                 os.close(fd)
@@ -438,10 +444,17 @@ class _Zygote:
                 bool(request.get("debug")),
             )
         except BaseException as e:
-            with contextlib.suppress(OSError):
-                conn.sendall(f"err {e}\n".encode(errors="replace"))
+            _tell(conn, f"err {e}\n")
         finally:
             os._exit(code)
+
+
+def _tell(conn: _socket.socket, line: str) -> None:
+    """Send ``line``, if the caller still listens."""
+    try:
+        conn.sendall(line.encode(errors="replace"))
+    except OSError:
+        pass
 
 
 def _receive(conn: _socket.socket) -> tuple[dict[str, Any], list[int]]:

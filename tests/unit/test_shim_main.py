@@ -737,3 +737,19 @@ def test_delete_leaves_cgroups_it_does_not_own(
     assert sorted(p.name for p in root.iterdir()) == [
         "cpu", "cpu,cpuacct", "freezer", "memory", "pids", "unified"
     ]  # fmt: skip
+
+
+def test_start_imports_no_slow_standard_modules() -> None:
+    """Every container start runs `start`, which waits for every import: shim.main
+    and shim.zygote keep to modules the interpreter has loaded anyway."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "before = set(sys.modules)\n"
+        "import shim.main, shim.zygote\n"
+        "slow = ('contextlib', 'json', 're', 'enum', 'typing', 'dataclasses', 'socket')\n"
+        "print(sorted(m for m in slow if m in sys.modules and m not in before))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
