@@ -68,7 +68,7 @@ FULL: dict[str, Any] = {
     "pod_runs": 3,
     "pods": 50,
     "profile_runs": 5,
-    "sizes": [(64, 5), (256, 5), (1024, 3), (2048, 2)],
+    "sizes": [(64, 5), (256, 5), (1024, 5), (2048, 2)],
     "files": 10000,
     "diff_runs": 5,
     "concurrent": 20,
