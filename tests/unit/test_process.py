@@ -15,6 +15,7 @@ from runtime.proc import Stdio
 from runtime.runc import CreateOpts, Runc
 from shim.process import Exit, InitProcess, Status
 from shim.stdio import ProcessIO
+from tests.unit.test_cgroups import frozen_candidate  # noqa: F401  (a fixture)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -404,5 +405,53 @@ def test_pause_tries_again_when_the_freezer_gives_up(tmp_path: Path) -> None:
         with pytest.raises(RuncError, match="unable to freeze"):
             await p.pause()
         assert p.status == Status.RUNNING
+
+    run(body())
+
+
+# --------------------------------------------------------------------------- the freezer
+
+
+def _freezer_state(top: str) -> str:
+    with open(f"/sys/fs/cgroup/freezer{top}/freezer.state", encoding="ascii") as f:
+        return f.read().strip()
+
+
+def test_pause_and_resume_write_the_freezer_directly(
+    tmp_path: Path,
+    frozen_candidate: tuple[int, str],  # noqa: F811
+) -> None:
+    pid, path = frozen_candidate
+
+    async def body() -> None:
+        p, runc, _ = make(tmp_path)
+        (tmp_path / "init.pid").write_text(str(pid))
+        await p.start()
+        p.pid, p.cgroups_path = pid, path
+        await p.pause()
+        assert p.status is Status.PAUSED
+        assert _freezer_state(path) == "FROZEN"
+        await p.resume()
+        assert p.status is Status.RUNNING
+        assert _freezer_state(path) == "THAWED"
+        assert names(runc) == ["start"]  # no runc pause, no runc resume
+
+    run(body())
+
+
+def test_pause_leaves_a_cgroup_the_init_is_not_in_to_runc(
+    tmp_path: Path,
+    frozen_candidate: tuple[int, str],  # noqa: F811
+) -> None:
+    pid, path = frozen_candidate
+
+    async def body() -> None:
+        p, runc, _ = make(tmp_path)
+        await p.start()
+        p.pid, p.cgroups_path = pid, path + "-elsewhere"
+        await p.pause()
+        await p.resume()
+        assert names(runc) == ["start", "pause", "resume"]
+        assert _freezer_state(path) == "THAWED"
 
     run(body())
