@@ -38,7 +38,9 @@ Create would otherwise wait on); ``start`` asks it when the bundle's spec names 
 checkpoint (``stasis.dev/restore-from``). Without one the plain zygote forks the
 daemon and the restore zygote is launched for the next restore: bursts of
 restores (a node drained onto this one) pay the imports once, and plain shims
-never carry that code.
+never carry that code. The restore zygote waits ``RESTORE_IDLE_SECONDS`` (5 min)
+for the next restore: the pods of a drained node are restored over minutes, and
+it exists only on nodes that restore.
 
 This module is imported by ``start``: standard library only at the top.
 """
@@ -52,12 +54,14 @@ import sys
 TYPE_CHECKING = False  # typing's own costs start ~4 ms; mypy treats this name as True
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Mapping
     from typing import Any
 
 ZYGOTE_DIR = "/run/stasis/zygote"
 ENABLE_ENV = "STASIS_SHIM_ZYGOTE"
 IDLE_ENV = "STASIS_SHIM_ZYGOTE_IDLE"
 IDLE_SECONDS = 60.0
+RESTORE_IDLE_SECONDS = 300.0
 RESTORE_SUFFIX = "-restore"
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 _CODE_DIRS = ("shim", "runtime", "protos")
@@ -304,6 +308,13 @@ def _set_display(cmdline: bytes, environ: bytes) -> None:
 _DISPLAY: list[Any] = []
 
 
+def idle_seconds(key: str, env: Mapping[str, str]) -> float:
+    """How long the zygote of ``key`` waits for a request before it exits."""
+    if env.get(IDLE_ENV):
+        return float(env[IDLE_ENV])
+    return RESTORE_IDLE_SECONDS if key.endswith(RESTORE_SUFFIX) else IDLE_SECONDS
+
+
 def _zygote(key: str) -> int:
     import fcntl
 
@@ -316,7 +327,7 @@ def _zygote(key: str) -> int:
         return 0  # another zygote for this key is starting or running
     os.chdir("/")
     os.umask(0o022)
-    idle = float(os.environ.get(IDLE_ENV) or IDLE_SECONDS)
+    idle = idle_seconds(key, os.environ)
     os.environ.clear()
     os.environ["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     name = os.path.basename(sys.argv[0] if sys.argv else "") or "containerd-shim-stasis-v2"

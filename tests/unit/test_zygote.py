@@ -325,3 +325,18 @@ def test_the_restore_zygote_forks_daemons_with_the_checkpoint_machinery_loaded(
             _stop(pid)
         # A plain start is never served by the restore zygote.
         assert zygote.spawn(sock, _request(path, "/"), key=k) == (None, k)
+
+
+@pytest.mark.parametrize(
+    ("key", "env", "idle"),
+    [
+        ("abc", {}, zygote.IDLE_SECONDS),
+        (zygote.restore_key("abc"), {}, zygote.RESTORE_IDLE_SECONDS),
+        ("abc", {zygote.IDLE_ENV: "2.5"}, 2.5),
+        (zygote.restore_key("abc"), {zygote.IDLE_ENV: "1"}, 1.0),  # the setting wins
+        ("abc", {zygote.IDLE_ENV: ""}, zygote.IDLE_SECONDS),
+    ],
+)
+def test_idle_seconds(key: str, env: dict[str, str], idle: float) -> None:
+    assert zygote.idle_seconds(key, env) == idle
+    assert zygote.RESTORE_IDLE_SECONDS > zygote.IDLE_SECONDS  # restores come spread out
