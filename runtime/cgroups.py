@@ -6,8 +6,10 @@ freezer (what `runc pause` and `runc resume` write, without their process).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
+import time
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 _CGROUP2_SUPER_MAGIC = 0x63677270
@@ -58,6 +60,41 @@ def memory_dir(cgroups_path: str) -> str | None:
         return None
     base = CGROUP_ROOT if unified() else os.path.join(CGROUP_ROOT, "memory")
     return base + path
+
+
+def remove_empty(cgroups_path: str, wait: float = 2.0) -> None:
+    """rmdir the cgroup a spec's linux.cgroupsPath names from every hierarchy where it
+    is empty. rmdir fails on a cgroup that still has processes or children: nothing is
+    ever killed here; processes on their way out get up to ``wait`` seconds. Systemd
+    scopes (slice:prefix:name) are systemd's to remove, and relative paths lie under
+    runc's own cgroup, not known here."""
+    if not cgroups_path.startswith("/") or ":" in cgroups_path:
+        return
+    path = os.path.normpath(cgroups_path)  # as runc cleans it
+    if path == "/":
+        return
+    try:
+        hierarchies = [CGROUP_ROOT] if unified() else [
+            os.path.join(CGROUP_ROOT, h)
+            for h in os.listdir(CGROUP_ROOT)
+            if not os.path.islink(os.path.join(CGROUP_ROOT, h))
+        ]  # fmt: skip
+    except OSError:
+        return
+    pending = [h + path for h in hierarchies]
+    deadline = time.monotonic() + wait
+    while pending:
+        busy = []
+        for d in pending:
+            try:
+                os.rmdir(d)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    busy.append(d)  # processes left: wait for them, never kill
+        if not busy or time.monotonic() >= deadline:
+            return
+        pending = busy
+        time.sleep(0.05)
 
 
 class Freezer:

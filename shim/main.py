@@ -349,59 +349,19 @@ def _remove_dead_socket(bundle: str) -> None:
             pass
 
 
-CGROUP_ROOT = "/sys/fs/cgroup"
-
-
 def remove_empty_cgroups(bundle: str) -> None:
-    """Remove the container's cgroup (its spec's linux.cgroupsPath) from every
-    hierarchy where it is left empty: a restore killed half-way (CRIU had made it,
-    runc had not recorded the container, so ``runc delete`` knows nothing of it)
-    leaves it behind. rmdir fails on a cgroup that still has processes or children:
-    nothing is ever killed here. Systemd scopes (slice:prefix:name) are systemd's to
-    remove, and relative paths lie under runc's own cgroup, not known here."""
+    """Remove the container's cgroup (its spec's linux.cgroupsPath) where it is left
+    empty (``runtime.cgroups.remove_empty``): a restore killed half-way (CRIU had made
+    it, runc had not recorded the container, so ``runc delete`` knows nothing of it)
+    leaves it behind."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as fh:
             path = str((parse_json(fh.read()).get("linux") or {}).get("cgroupsPath") or "")
     except (OSError, ValueError, AttributeError):
         return
-    if not path.startswith("/") or ":" in path:
-        return
-    path = os.path.normpath(path)  # as runc cleans it
-    if path == "/":
-        return
-    try:
-        hierarchies = (
-            [""]
-            if os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers"))
-            else [
-                h
-                for h in os.listdir(CGROUP_ROOT)
-                if not os.path.islink(os.path.join(CGROUP_ROOT, h))
-            ]
-        )
-    except OSError:
-        return
-    pending = [
-        os.path.join(CGROUP_ROOT, h) + path if h else CGROUP_ROOT + path for h in hierarchies
-    ]
-    # The restored processes CRIU kills as it aborts may take a moment to leave.
-    deadline = time.monotonic() + _CGROUP_WAIT
-    while pending:
-        busy = []
-        for d in pending:
-            try:
-                os.rmdir(d)
-            except OSError as e:
-                if e.errno == _EBUSY:
-                    busy.append(d)  # processes left: wait for them, never kill
-        if not busy or time.monotonic() >= deadline:
-            return
-        pending = busy
-        time.sleep(0.05)
+    from runtime import cgroups  # delete only: start never needs it
 
-
-_EBUSY = 16
-_CGROUP_WAIT = 2.0  # seconds remove_empty_cgroups waits for processes to leave
+    cgroups.remove_empty(path)
 
 
 def remove_criu_root(runc_root: str, id: str) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from protos.containerd.task.v2 import shim_pb2
+from runtime import cgroups
 from shim import main as shim_main
 from shim.main import (
     RESTORE_ANNOTATION,
@@ -705,7 +706,8 @@ def test_delete_removes_the_containers_empty_cgroups(
 ) -> None:
     root = tmp_path / "cgroup"
     _fake_cgroup_root(root, v2)
-    monkeypatch.setattr(shim_main, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(cgroups, "unified", lambda: v2)
     hierarchies = [root] if v2 else [root / h for h in ("freezer", "memory", "pids", "unified")]
     for h in hierarchies:
         (h / "ns" / "ctr").mkdir(parents=True)
@@ -729,7 +731,8 @@ def test_delete_leaves_cgroups_it_does_not_own(
 ) -> None:
     root = tmp_path / "cgroup"
     _fake_cgroup_root(root, v2=False)
-    monkeypatch.setattr(shim_main, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(cgroups, "unified", lambda: False)
     (root / "memory" / "ns" / "ctr").mkdir(parents=True)
     config = None if cgroups_path is None else {"linux": {"cgroupsPath": cgroups_path}}
     shim_main.remove_empty_cgroups(_bundle_with(tmp_path, config))
