@@ -457,7 +457,6 @@ class RawRunc:
         self.root = work / "runc-root"
         self.env = env
         self.binary = shutil.which("runc", path=env["PATH"]) or "runc"
-        self.restore_began = 0.0  # when the last detached runc began
         self.root.mkdir(parents=True, exist_ok=True)
 
     def argv(self, bundle: Path, *args: str) -> list[str]:
@@ -513,7 +512,7 @@ class RawRunc:
             scope.push(f"fd {fd}", functools.partial(os.close, fd))
         scope.push(f"runc container {rid}", lambda: self.destroy(bundle, rid))
         try:
-            t0 = self.restore_began = time.perf_counter()
+            t0 = time.perf_counter()
             proc = subprocess.Popen(
                 [*self.argv(bundle, command, *args), "--pid-file", str(pid_file), rid],
                 stdin=r0,
@@ -613,14 +612,15 @@ class RawRunc:
             str(b),
             "--no-subreaper",
         ]
-        hashing = None
         if guarded:
+            t0 = time.perf_counter()
             hashing = threading.Thread(target=sha256_tree, args=(images,), daemon=True)
             hashing.start()
-        sample["restore_s"], init = self.detached(b, new, "restore", args, scope)
-        if hashing is not None:
+            _, init = self.detached(b, new, "restore", args, scope)
             hashing.join()
-            sample["restore_s"] = time.perf_counter() - self.restore_began
+            sample["restore_s"] = time.perf_counter() - t0
+        else:
+            sample["restore_s"], init = self.detached(b, new, "restore", args, scope)
         sample["after"] = wait_resident(init, mib, timeout=30)
         return sample
 
