@@ -173,7 +173,8 @@ main() {
     fetch_etcd
     build_kubernetes
     "$BIN.tmp/kube-apiserver" --version >&2
-    "$BIN.tmp/etcd" --version | head -n1 >&2
+    # sed reads all of it: with `head -n1` etcd could die of SIGPIPE (pipefail: 141)
+    "$BIN.tmp/etcd" --version | sed -n 1p >&2
     rm -rf "$BIN"
     mkdir -p "$DEST"
     mv "$BIN.tmp" "$BIN"
