@@ -217,3 +217,22 @@ def unmount_all(target: str) -> None:
         if not is_mountpoint(target):
             return
         unmount(target)
+
+
+def unmount_under(path: str) -> list[str]:
+    """Detach every mount at or below ``path``, deepest first (what a killed CRIU
+    leaves in its work directory: its cgroup yard); returns the mount points."""
+    top = os.path.realpath(path).rstrip("/")
+    points = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split(" ", 5)
+                point = _unescape(fields[4]) if len(fields) > 4 else ""
+                if point == top or point.startswith(top + "/"):
+                    points.append(point)
+    except OSError:
+        return []
+    for point in sorted(set(points), key=len, reverse=True):
+        _lib().umount2(_b(point), MNT_DETACH)
+    return points

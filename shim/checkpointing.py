@@ -13,17 +13,25 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from runtime import cgroups, rootfs, upload
+from runtime import ceiling, cgroups, rootfs, upload
 from runtime.config import Config
 from runtime.digest import TailDigester
-from runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, StasisError
+from runtime.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    StasisError,
+)
 from runtime.runc import CheckpointOpts
 from runtime.store import (
     CheckpointReader,
@@ -47,6 +55,7 @@ CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 POD_FILE = "pod.json"  # what makes a checkpoint a pod checkpoint (runtime/kube.py)
 POD_FILE_MAX = 4 << 20
+METADATA_NAME = "stasis.json"
 FORMAT_VERSION = 1
 
 
@@ -224,6 +233,9 @@ async def _checkpoint(
             "tcp_established": spec.tcp_established,
             "labels": spec.labels,
             "execs": execs,
+            # What this container's spec allowed: a restore into a spec that allows
+            # less is refused before CRIU runs (the kernel's view is checked after).
+            "security": ceiling.profile(oci),
             **({"gpu": cuda.record} if cuda is not None else {}),
             "sizes": {
                 "criu_images": criu_size,
@@ -344,6 +356,7 @@ def prepare_restore(
     *,
     defer_images: bool = False,
     container_name: str | None = None,
+    spec: dict[str, Any] | None = None,
 ) -> RestorePlan | None:
     """Open and verify a checkpoint and apply its rootfs diff into ``upperdir``.
 
@@ -355,7 +368,8 @@ def prepare_restore(
     Runs before the rootfs is mounted (the diff goes into the new container's
     empty upperdir). Raises with a message naming the checkpoint and the reason.
     With ``defer_images``, a local checkpoint's CRIU images are left for a
-    ``RestoreGate`` to check during the restore.
+    ``RestoreGate`` to check during the restore. A checkpoint whose recorded
+    security profile exceeds ``spec`` (the new container's) is refused here.
     """
     reader: CheckpointReader | None = None
     try:
@@ -381,6 +395,8 @@ def prepare_restore(
         # remote store verifies as it downloads, before CRIU can read anything.
         pending = defer_images and isinstance(store, LocalStore) and not reader.manifest.encryption
         reader.verify(only=_not_images if pending else None)
+        if spec is not None:
+            _check_profile(reader, spec)
         if reader.manifest.encryption:  # decrypt the images here, off the shim's event loop
             reader.file("checkpoint")
         if upperdir is not None and "rootfs-diff.tar" in reader.manifest.files:
@@ -400,6 +416,23 @@ def prepare_restore(
             reader.close()
         raise FailedPrecondition(f"restore from checkpoint {ref!r}: {e}") from e
     return RestorePlan(ref, reader, pending)
+
+
+def _check_profile(reader: CheckpointReader, spec: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose recorded profile exceeds the new container's spec."""
+    recorded = reader.metadata.get("security")
+    if recorded is None:
+        return  # not recorded (an older checkpoint): the kernel's view is checked alone
+    try:
+        theirs = ceiling.recorded_ceiling(recorded)
+    except ValueError as e:
+        raise DataLoss(f"{reader.name!r}: {METADATA_NAME}: {e}") from e
+    problems = ceiling.Ceiling.from_spec(spec).admits(theirs)
+    if problems:
+        raise PermissionDenied(
+            f"refused: the checkpointed container held more than this container's spec "
+            f"allows: {'; '.join(problems)}"
+        )
 
 
 def _pod_member(reader: CheckpointReader, container_name: str | None) -> str | None:
@@ -435,42 +468,66 @@ def _not_images(rel: str) -> bool:
 CRIU_CONFIG_ANNOTATION = "org.criu.config"  # runc hands this file to CRIU
 
 _GATE_SCRIPT = """#!/bin/sh
-# Stasis restore gate. CRIU runs this at every restore stage; at post-restore
-# (every process restored, none resumed yet) it waits for the shim's verdict on
-# the checkpoint's CRIU images: anything but "ok" makes CRIU abort the restore
-# and kill the tree (CRIU ignores a failing pre-resume script, not this one).
-[ "$CRTOOLS_SCRIPT_ACTION" = post-restore ] || exit 0
-: > {held}
+# Stasis restore gate. CRIU runs this at every restore stage and it waits for the
+# shim's verdict at two: post-restore (every process restored, none resumed), on the
+# checkpoint's CRIU images, and pre-resume (credentials, seccomp and mounts final,
+# every thread stopped by CRIU before its first instruction), on the restored tree
+# against the new container's spec. Anything but "ok" fails it: CRIU aborts at
+# post-restore; it ignores a failing pre-resume script, so there the shim (or, with
+# no verdict, this script) kills the tree first, and CRIU fails to resume it.
+case "$CRTOOLS_SCRIPT_ACTION" in
+post-restore) stage=images ;;
+pre-resume) stage=ceiling ;;
+*) exit 0 ;;
+esac
+echo "$CRTOOLS_INIT_PID" > {dir}/$stage.tmp && mv {dir}/$stage.tmp {dir}/$stage.held
 i=0
-while [ ! -e {verdict} ]; do
+while [ ! -e {dir}/$stage.verdict ]; do
     i=$((i + 1))
-    [ "$i" -le {polls} ] || exit 1
     # No verdict ever comes from a dead shim.
-    kill -0 {shim} 2>/dev/null || exit 1
+    if [ "$i" -gt {polls} ] || ! kill -0 {shim} 2>/dev/null; then
+        # At pre-resume CRIU traces the tree: only with CRIU ($PPID) gone can it die.
+        [ "$stage" = images ] || kill -KILL "$CRTOOLS_INIT_PID" "$PPID"
+        exit 1
+    fi
     sleep 0.005
 done
-read -r verdict < {verdict}
+read -r verdict < {dir}/$stage.verdict
 [ "$verdict" = ok ]
 """
 
 
 class RestoreGate:
-    """Overlaps the sha256 check of a local checkpoint's CRIU images with ``runc
-    restore``, without ever letting a process of a corrupt checkpoint run.
+    """Holds a restored tree before it runs until the shim has checked it.
 
-    ``install`` points runc at a CRIU configuration whose action script blocks
-    at post-restore until the verdict file exists; ``start`` hashes the images in
-    a thread and writes the verdict. After the restore, ``outcome`` waits for
-    the check and returns its error, if any.
+    ``install`` points runc at a CRIU configuration whose action script blocks at
+    post-restore until the images' verdict exists and at pre-resume until the
+    ceiling's does. ``start`` hashes the images in a thread (when ``plan`` left
+    them to the gate; otherwise their verdict is "ok" at once) and watches for
+    pre-resume, where every restored process is checked against ``spec``
+    (``runtime.ceiling``) and the tree is killed before its first instruction if
+    anything exceeds it. After the restore, ``outcome`` returns the first error.
     """
 
-    def __init__(self, bundle: str, plan: RestorePlan, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        bundle: str,
+        ref: str,
+        spec: dict[str, Any],
+        plan: RestorePlan | None = None,
+        timeout: float = 600.0,
+    ) -> None:
         self.dir = os.path.join(bundle, "restore-gate")
-        self.verdict = os.path.join(self.dir, "verdict")
-        self.held = os.path.join(self.dir, "held")  # CRIU reached post-restore
-        self.plan = plan
+        self.ref = ref
+        self.spec = spec
+        self.plan = plan if plan is not None and plan.images_pending else None
         self.timeout = timeout
-        self._task: asyncio.Task[StasisError | None] | None = None
+        self._images: asyncio.Future[StasisError | None] | None = None
+        self._ceiling: asyncio.Future[StasisError | None] | None = None
+        self._done = threading.Event()
+
+    def _file(self, stage: str, kind: str) -> str:
+        return os.path.join(self.dir, f"{stage}.{kind}")
 
     def install(self, bundle: str, spec: dict[str, Any]) -> None:
         """Write the script and CRIU config, and name them in the bundle's config.json."""
@@ -478,17 +535,15 @@ class RestoreGate:
         import shlex
 
         script = os.path.join(self.dir, "gate.sh")
-        polls = int(self.timeout / 0.005)
         _write_atomic(
             script,
             _GATE_SCRIPT.format(
-                verdict=shlex.quote(self.verdict),
-                held=shlex.quote(self.held),
-                polls=polls,
-                shim=os.getpid(),
+                dir=shlex.quote(self.dir), polls=int(self.timeout / 0.005), shim=os.getpid()
             ),
             0o700,
         )
+        if self.plan is None:  # nothing left to check at post-restore
+            _write_atomic(self._file("images", "verdict"), "ok\n", 0o600)
         conf = os.path.join(self.dir, "criu.conf")
         _write_atomic(conf, f"action-script {script}\n", 0o600)
         annotated = {**spec, "annotations": {**(spec.get("annotations") or {})}}
@@ -496,43 +551,146 @@ class RestoreGate:
         _write_atomic(os.path.join(bundle, "config.json"), json.dumps(annotated), 0o644)
 
     def start(self) -> None:
-        """Begin hashing the images (call on the event loop)."""
-        self._task = asyncio.ensure_future(asyncio.to_thread(self._check))
+        """Begin hashing the images and watching for pre-resume (call on the event loop)."""
+        if self.plan is not None:
+            self._images = asyncio.ensure_future(asyncio.to_thread(self._check_images))
+        self._ceiling = asyncio.ensure_future(asyncio.to_thread(self._check_ceiling))
 
-    def _check(self) -> StasisError | None:
+    def _check_images(self) -> StasisError | None:
+        assert self.plan is not None
         error: StasisError | None = None
         began = time.monotonic()
         try:
             self.plan.reader.verify(only=_images)
         except StasisError as e:
-            error = type(e)(f"restore from checkpoint {self.plan.ref!r}: {e}")
+            error = type(e)(f"restore from checkpoint {self.ref!r}: {e}")
         except OSError as e:
-            error = FailedPrecondition(f"restore from checkpoint {self.plan.ref!r}: {e}")
-        _write_atomic(self.verdict, "ok\n" if error is None else "bad\n", 0o600)
-        log.debug(
-            "restore gate: images of %s checked in %.3fs", self.plan.ref, time.monotonic() - began
-        )
+            error = FailedPrecondition(f"restore from checkpoint {self.ref!r}: {e}")
+        _write_atomic(self._file("images", "verdict"), "ok\n" if error is None else "bad\n", 0o600)
+        log.debug("restore gate: images of %s checked in %.3fs", self.ref, time.monotonic() - began)
         return error
 
-    def held_seconds(self) -> float | None:
-        """How long CRIU waited at post-restore for the verdict (None: it did not)."""
+    def _check_ceiling(self) -> StasisError | None:
+        held = self._file("ceiling", "held")
+        while not self._done.is_set():
+            try:
+                with open(held, "rb") as f:
+                    pid = int(f.read(32))
+                break
+            except (OSError, ValueError):
+                self._done.wait(0.001)
+        else:
+            return None  # the restore ended before pre-resume: outcome() decides
+        began = time.monotonic()
+        error = self._judge(pid, before_run=True)
+        _write_atomic(self._file("ceiling", "verdict"), "ok\n" if error is None else "bad\n", 0o600)
+        log.debug("restore gate: tree of %d checked in %.3fs", pid, time.monotonic() - began)
+        return error
+
+    def _judge(self, pid: int, *, before_run: bool) -> StasisError | None:
+        """Check the tree rooted at ``pid``; on any excess kill it and say why."""
+        from runtime import ceiling
+
         try:
-            return max(0.0, os.stat(self.verdict).st_mtime - os.stat(self.held).st_mtime)
+            limit = ceiling.Ceiling.from_spec(self.spec)
+            problems = ceiling.check_restored(limit, pid, _container_cgroups(pid))
+        except (OSError, ValueError) as e:
+            problems = [f"the restored processes could not be checked: {e}"]
+        if not problems:
+            return None
+        _kill_tree(pid)
+        shown = "; ".join(problems[:6]) + (
+            f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        )
+        ran = "were killed before they ran" if before_run else "were killed"
+        return PermissionDenied(
+            f"restore from checkpoint {self.ref!r} refused: it exceeds the container's spec: "
+            f"{shown} (its restored processes {ran})"
+        )
+
+    def finish(self) -> None:
+        """The restore is over (runc returned): stop watching for pre-resume."""
+        self._done.set()
+
+    def held(self, stage: str) -> bool:
+        """Whether CRIU ran the gate at ``stage`` ("images" or "ceiling")."""
+        return os.path.exists(self._file(stage, "held"))
+
+    def held_seconds(self) -> float | None:
+        """How long CRIU waited at post-restore for the images (None: it did not)."""
+        try:
+            verdict = os.stat(self._file("images", "verdict")).st_mtime
+            return max(0.0, verdict - os.stat(self._file("images", "held")).st_mtime)
         except OSError:
             return None
 
-    async def outcome(self) -> StasisError | None:
-        """The images' check, once done: None when they match the manifest."""
-        assert self._task is not None, "gate not started"
-        return await asyncio.shield(self._task)
+    async def outcome(self, pid: int) -> StasisError | None:
+        """The gate's first error once its checks are done (None: the restore may run).
 
-    def was_held(self) -> bool:
-        """Whether CRIU ran the gate at post-restore (held the restored processes)."""
-        return os.path.exists(self.held)
+        ``pid`` is the restored init: when CRIU never reached pre-resume but the
+        restore succeeded, the tree is checked now, running, and killed on excess.
+        """
+        self.finish()
+        for task in (self._images, self._ceiling):
+            if task is not None:
+                error = await asyncio.shield(task)
+                if error is not None:
+                    return error
+        if pid > 0 and not self.held("ceiling"):
+            log.warning("CRIU did not run the restore gate at pre-resume; checking %d now", pid)
+            return await asyncio.to_thread(self._judge, pid, before_run=False)
+        return None
 
     def remove(self) -> None:
         """Remove the gate's files."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _criu_of(init: int) -> int | None:
+    """The CRIU process restoring ``init``: its tracer at pre-resume (None: not traced
+    by CRIU)."""
+    try:
+        with open(f"/proc/{init}/status", "rb") as f:
+            status = f.read(1 << 16)
+        tracer = int(status.split(b"TracerPid:", 1)[1].split(None, 1)[0])
+        with open(f"/proc/{tracer}/comm", "rb") as f:
+            return tracer if tracer > 0 and f.read(64).strip() == b"criu" else None
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _container_cgroups(init: int) -> dict[str, str] | None:
+    """The new container's cgroups: those runc put CRIU in (None: CRIU not found)."""
+    from runtime import ceiling
+
+    criu = _criu_of(init)
+    try:
+        return ceiling.cgroup_paths(criu) if criu is not None else None
+    except OSError:
+        return None
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid``, its descendants, and the CRIU that restores them.
+
+    At pre-resume CRIU holds every thread in a ptrace stop: SIGKILLed there, a
+    thread dies without running an instruction once it leaves the stop, but only
+    CRIU, its tracer, could reap it, and CRIU's own clean-up then waits for the
+    init forever. With CRIU killed too the tracees are released and die.
+    """
+    from runtime import ceiling
+
+    criu = _criu_of(pid)
+    try:
+        pids = ceiling.process_tree(pid)
+    except ValueError:
+        pids = [pid]
+    for p in reversed(pids):
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    if criu is not None:
+        with contextlib.suppress(OSError):
+            os.kill(criu, signal.SIGKILL)
 
 
 def _write_atomic(path: str, text: str, mode: int) -> None:

@@ -297,7 +297,7 @@ class TaskService:
                 c = await Container.create(
                     cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
                 )
-                if plan is not None and plan.images_pending:
+                if cfg.checkpoint:  # a restore: held until checked against this spec
                     c.restore_gate = _restore_gate(c, plan)
             except BaseException:
                 if plan is not None:
@@ -343,6 +343,7 @@ class TaskService:
                     config.load(),
                     defer_images=policy == "fail",
                     container_name=member,
+                    spec=cfg.spec,
                 )
             )
         except StasisError as e:
@@ -648,38 +649,46 @@ class TaskService:
 
 
 def _restore_gate(c: Container, plan: Any) -> Any:
-    """Hash the checkpoint's CRIU images while Start restores them (see RestoreGate)."""
+    """Hold the restored tree until it is checked: the spec's ceiling, and the
+    checkpoint's CRIU images when ``plan`` left them to the gate (see RestoreGate)."""
     from shim.checkpointing import RestoreGate
 
-    gate = RestoreGate(c.bundle, plan)
+    ref = plan.ref if plan is not None else c.config.checkpoint
+    gate = RestoreGate(c.bundle, ref, c.config.spec, plan)
     gate.install(c.bundle, c.config.spec)
     gate.start()
     return gate
 
 
 async def _start_gated(c: Container) -> None:
-    """Start (restore) a container whose images are still being checked: the gate
-    holds CRIU at post-restore until they are, so a corrupt checkpoint never runs."""
+    """Start (restore) a container through its gate: CRIU holds the restored tree
+    until the images and the tree are checked, so neither a corrupt checkpoint nor
+    one that exceeds the container's spec ever runs."""
     gate, c.restore_gate = c.restore_gate, None
     try:
         try:
             await c.init.start()
         except StasisError as e:
-            bad = await gate.outcome()
+            bad = await gate.outcome(0)
+            if gate.held("ceiling"):  # the gate killed CRIU: its cgroup yard is left
+                left = await asyncio.to_thread(
+                    mounts.unmount_under, os.path.join(c.bundle, "criu-restore")
+                )
+                log.debug("restore of %s refused; detached %d CRIU mounts", c.id, len(left))
             if bad is not None:
-                if gate.was_held():
+                if gate.held("images") and not gate.held("ceiling"):
                     raise type(bad)(f"{bad} (its restored processes never ran)") from e
                 raise bad from e
             raise
-        bad = await gate.outcome()
-        if bad is not None:  # CRIU did not run the gate: never leave it running
+        bad = await gate.outcome(c.init.pid)
+        if bad is not None:  # CRIU resumed it anyway: never leave it running
             log.error("restore gate of %s was not honoured; killing it", c.id)
             with contextlib.suppress(StasisError):
                 await c.init.kill(signal.SIGKILL, all=True)
             raise bad
-        if not gate.was_held():
+        if not gate.held("images") and gate.plan is not None:
             log.warning("CRIU did not run the restore gate of %s; its images matched", c.id)
-        else:
+        elif gate.plan is not None:
             log.debug(
                 "restore of %s: CRIU waited %.3fs for the image check", c.id, gate.held_seconds()
             )

@@ -1,0 +1,157 @@
+"""A restore never grants more than the new container's spec, on real containerd,
+runc and CRIU: a privileged checkpoint restored into a default container is refused
+(before CRIU runs when the checkpoint's recorded profile says so; by the kernel's
+view of the restored tree, held by CRIU before its first instruction, when the
+recorded profile or the images lie), and a privileged checkpoint restores into an
+equally privileged container."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bed import criu_images
+from bed.containerd import Containerd, unique_id
+from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
+
+pytestmark = pytest.mark.integration
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+
+
+def host_bounding() -> int:
+    """This host's bounding set: what CRIU (as root) can give a restored process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapBnd:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no CapBnd in /proc/self/status")
+
+
+@pytest.fixture
+def ids(containerd: Containerd) -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for id in made:
+        remove(containerd, id)
+
+
+def checkpoint(c: Containerd, ids: list[str], store: Path, *flags: str) -> Path:
+    """A counter run with ``flags``, checkpointed (--exit) into ``store``; its path."""
+    id = unique_id("src")
+    c.ctr("run", "-d", "--runtime", RUNTIME, *flags, IMAGE, id, "sh", "-c", COUNTER)
+    ids.append(id)
+    wait_count(c, id, 5)
+    stasis(c, "checkpoint", id, "--exit", "--to", str(store), "--name", "ck")
+    remove(c, id)
+    return store / "ck"
+
+
+def restore(c: Containerd, ids: list[str], ref: Path, *flags: str) -> tuple[str, str, int]:
+    """``ctr run`` restoring ``ref`` with ``flags``: (id, stderr, exit code)."""
+    new = unique_id("rst")
+    ids.append(new)
+    r = c.ctr("run", "-d", "--runtime", RUNTIME, *flags,
+              "--annotation", f"stasis.dev/restore-from={ref}", IMAGE, new,
+              check=False)  # fmt: skip
+    return new, r.stderr, r.returncode
+
+
+def rehash(ckpt: Path, rel: str) -> None:
+    """Record the edited ``rel`` in the manifest as its writer would have."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / rel).read_bytes()
+    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def edit_metadata(ckpt: Path, change: object) -> None:
+    """Edit stasis.json and the copy of it the manifest carries."""
+    meta = json.loads((ckpt / "stasis.json").read_text())
+    change(meta)  # type: ignore[operator]
+    (ckpt / "stasis.json").write_text(json.dumps(meta, indent=1))
+    rehash(ckpt, "stasis.json")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    change(manifest["metadata"])  # type: ignore[operator]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def assert_nothing_ran(c: Containerd, id: str) -> None:
+    """The refused restore left no task running (and it can be removed)."""
+    t = task(c, id)
+    assert t is None or t[1] in ("STOPPED", "CREATED"), t
+    remove(c, id)
+    assert task(c, id) is None
+
+
+def test_privileged_checkpoint_into_default_container_is_refused_early(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    ckpt = checkpoint(containerd, ids, tmp_path / "store", "--privileged")
+    meta = json.loads(stasis(containerd, "inspect", str(ckpt)).stdout)
+    assert "CAP_SYS_ADMIN" in meta["security"]["process"]["capabilities"]["bounding"]
+
+    new, err, rc = restore(containerd, ids, ckpt, "--seccomp")
+    assert rc != 0
+    assert "bounding capabilities include" in err and "CAP_SYS_ADMIN" in err, err
+    assert "seccomp" in err, err
+    assert_nothing_ran(containerd, new)
+
+
+def test_kernel_view_refuses_what_the_recorded_profile_hides(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    # A checkpoint whose profile says nothing (older, or edited): the restored tree
+    # itself is read at CRIU's pre-resume stage and killed before it runs.
+    ckpt = checkpoint(containerd, ids, tmp_path / "store", "--privileged")
+    edit_metadata(ckpt, lambda m: m.pop("security"))
+
+    new, err, rc = restore(containerd, ids, ckpt, "--seccomp")
+    assert rc != 0
+    assert "CapBnd" in err and "CAP_SYS_ADMIN" in err, err
+    assert "Seccomp 0" in err, err
+    assert "killed before they ran" in err, err
+    assert_nothing_ran(containerd, new)
+
+
+def test_edited_creds_in_the_images_are_refused_by_the_kernel_view(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    # An unprivileged checkpoint whose core image was edited to full capabilities,
+    # restored into the very spec it was taken with: only the kernel's view of the
+    # restored process can tell.
+    ckpt = checkpoint(containerd, ids, tmp_path / "store")
+    cores = sorted((ckpt / "checkpoint").glob("core-*.img"))
+    assert cores
+
+    full = host_bounding()
+
+    def escalate(entry: object) -> None:
+        creds = entry.thread_core.creds  # type: ignore[attr-defined]
+        for caps in (creds.cap_bnd, creds.cap_prm, creds.cap_eff):
+            caps[:] = [full & 0xFFFFFFFF, full >> 32]
+
+    for core in cores:
+        criu_images.edit_core(core, tmp_path / "pb", escalate)
+        rehash(ckpt, f"checkpoint/{core.name}")
+
+    new, err, rc = restore(containerd, ids, ckpt)
+    assert rc != 0
+    assert "CapBnd" in err and "CAP_SYS_ADMIN" in err and "killed before they ran" in err, err
+    assert_nothing_ran(containerd, new)
+
+
+def test_privileged_checkpoint_restores_into_privileged_container(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    ckpt = checkpoint(containerd, ids, tmp_path / "store", "--privileged")
+    new, err, rc = restore(containerd, ids, ckpt, "--privileged")
+    assert rc == 0, err
+    before = wait_count(containerd, new, 0)
+    time.sleep(0.3)
+    assert wait_count(containerd, new, before) > before
+    status = Path(f"/proc/{task(containerd, new)[0]}/status").read_text()  # type: ignore[index]
+    assert "CapBnd:\t000001" in status, status
