@@ -351,3 +351,39 @@ def test_malformed_execs_record_leaves_nothing_running(
         containerd.ctr("task", "rm", new)
     containerd.ctr("containers", "rm", new)
     assert not mounts_under(bundle(containerd, new))
+
+
+def restore_cli(c: Containerd, ref: str, new: str) -> subprocess.CompletedProcess[str]:
+    """`stasis restore`, with this containerd's ctr first on PATH."""
+    env = {**os.environ, "PATH": f"{c.bin_dir}:{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        [*stasis_argv(c), "restore", ref, new],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+
+
+def test_stasis_restore_passes_the_image_after_dashdash(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    """ctr (urfave/cli) takes `--` as the end of its options: the restore works; an
+    image recorded as `--privileged` is refused before ctr runs."""
+    id = start_counter(containerd, ids)
+    n = wait_count(containerd, id, 3)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+    new = unique_id("rst")
+    ids.append(new)
+    done = restore_cli(containerd, str(store / "k"), new)
+    assert done.returncode == 0, done.stderr
+    assert wait_count(containerd, new, n) > n
+
+    metadata = json.loads((store / "k" / "stasis.json").read_text())
+    metadata["image"] = "--privileged"
+    rewrite(store / "k", "stasis.json", json.dumps(metadata).encode())
+    evil = unique_id("rst")
+    ids.append(evil)
+    r = restore_cli(containerd, str(store / "k"), evil)
+    assert r.returncode != 0
+    assert "image: '--privileged' starts with '-'" in r.stderr, r.stderr
+    assert task(containerd, evil) is None
