@@ -37,7 +37,7 @@ import os
 import sys
 import time
 
-from runtime.errors import FailedPrecondition, StasisError, Unavailable
+from runtime.errors import FailedPrecondition, InvalidArgument, StasisError, Unavailable
 
 TYPE_CHECKING = False  # typing's import costs every CLI ~5 ms; mypy treats this name as True
 if TYPE_CHECKING:
@@ -449,16 +449,22 @@ def _remove_checkpoint(ref: str) -> None:
 
 def restore(ns: argparse.Namespace) -> str:
     """Create and start NEW_ID from checkpoint REF; returns the container id."""
+    from runtime.metadata import restore_metadata
+
     with _open(ns.ref) as reader:
-        metadata, path = reader.metadata, reader.path
+        metadata, path = restore_metadata(reader), reader.path
     image = ns.image or str(metadata.get("image") or "")
     if not image:
         raise FailedPrecondition(f"checkpoint {ns.ref} records no image: pass --image")
+    for what, value in (("image", image), ("container id", ns.new_id)):
+        if value.startswith("-"):  # ctr would take it for an option
+            raise InvalidArgument(f"restore: {what} {value!r} starts with '-'")
     # An absolute reference: the shim may run with another default store.
     ref = f"file://{path}" if not ns.ref.startswith(("s3://", "file://")) else ns.ref
     _progress(f"restoring {ns.ref} as {ns.new_id} ...")
+    # "--": what follows are positional values, never options.
     _ctr(ns, "run", "-d", "--runtime", RUNTIME, "--annotation",
-         f"stasis.dev/restore-from={ref}", image, ns.new_id)  # fmt: skip
+         f"stasis.dev/restore-from={ref}", "--", image, ns.new_id)  # fmt: skip
     return str(ns.new_id)
 
 
@@ -473,12 +479,13 @@ def demo(ns: argparse.Namespace) -> int:
     first = f"stasis-demo-{uuid.uuid4().hex[:6]}"
     second = f"{first}-restored"
     script = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
-    _ctr(ns, "run", "-d", "--runtime", RUNTIME, ns.image, first, "sh", "-c", script)
+    _ctr(ns, "run", "-d", "--runtime", RUNTIME, "--", ns.image, first, "sh", "-c", script)
     created: list[str] = [first]
     ref = ""
     try:
         time.sleep(ns.seconds)
-        before = _ctr(ns, "task", "exec", "--exec-id", "count", first, "cat", "/tmp/count").strip()
+        before = _ctr(ns, "task", "exec", "--exec-id", "count", "--", first, "cat", "/tmp/count")
+        before = before.strip()
         print(f"{first} counted to {before}; checkpointing it (and stopping it)")
         ckpt = checkpoint(
             argparse.Namespace(
@@ -493,7 +500,8 @@ def demo(ns: argparse.Namespace) -> int:
         restore(argparse.Namespace(**{**vars(ns), "ref": ref, "new_id": second, "image": None}))
         created.append(second)
         time.sleep(1.0)
-        after = _ctr(ns, "task", "exec", "--exec-id", "count", second, "cat", "/tmp/count").strip()
+        after = _ctr(ns, "task", "exec", "--exec-id", "count", "--", second, "cat", "/tmp/count")
+        after = after.strip()
         print(f"{second} restored from the checkpoint, counting on: {after}")
         if int(after) <= int(before):
             raise StasisError(f"restored counter at {after}, not past {before}")
@@ -569,12 +577,12 @@ def _spool_url(spool: str) -> str:
 
 
 def _remove(ns: argparse.Namespace, id: str) -> None:
-    _ctr(ns, "task", "kill", "-s", "KILL", id, check=False)
+    _ctr(ns, "task", "kill", "-s", "KILL", "--", id, check=False)
     for _ in range(50):
-        if "not found" in _ctr(ns, "task", "rm", id, check=False) or not _task_exists(ns, id):
+        if "not found" in _ctr(ns, "task", "rm", "--", id, check=False) or not _task_exists(ns, id):
             break
         time.sleep(0.1)
-    _ctr(ns, "containers", "rm", id, check=False)
+    _ctr(ns, "containers", "rm", "--", id, check=False)
 
 
 def _task_exists(ns: argparse.Namespace, id: str) -> bool:
@@ -821,9 +829,10 @@ def _run(ns: argparse.Namespace) -> int:
         from runtime import config
         from runtime.store import default_store, import_tar
 
-        store = default_store(config.load())
+        cfg = config.load()
+        store = default_store(cfg)
         name = ns.name or os.path.basename(ns.file).removesuffix(".tar")
-        print(import_tar(store, ns.file, name).name)
+        print(import_tar(store, ns.file, name, cfg.limits).name)
     return 0
 
 

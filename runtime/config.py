@@ -25,6 +25,13 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
     allow_setuid = true    # setuid/setgid files and file capabilities
     allow_devices = true   # device nodes
 
+    [limits]
+    # What an archive or a rootfs diff may expand to; beyond either, or beyond
+    # the free space of the target less reserve_bytes, nothing is written.
+    max_import_bytes = 274877906944   # `stasis import`: 256 GiB
+    max_diff_bytes = 68719476736      # a restore's rootfs diff: 64 GiB
+    reserve_bytes = 1073741824        # free space always left: 1 GiB
+
 Every key is optional. Environment variables override the file:
 ``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
@@ -108,12 +115,22 @@ class RestorePolicy:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """How far untrusted input may make Stasis write (bytes)."""
+
+    max_import_bytes: int = 256 << 30
+    max_diff_bytes: int = 64 << 30
+    reserve_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole Stasis configuration."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     restore: RestorePolicy = field(default_factory=RestorePolicy)
+    limits: Limits = field(default_factory=Limits)
 
 
 # TOML key -> S3Config field, and the environment variable that overrides it.
@@ -159,7 +176,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], path: str) -> Config:
-    _only(data, {"storage", "encryption", "restore"}, path, "")
+    _only(data, {"storage", "encryption", "restore", "limits"}, path, "")
     storage = _table(data, "storage", path, "")
     _only(storage, {"url", "s3", "restore_sources"}, path, "storage.")
     s3 = _table(storage, "s3", path, "storage.")
@@ -201,11 +218,27 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
                     f"not {type(restore[key]).__name__}"
                 )
             policy[key] = restore[key]
+    limits = _table(data, "limits", path, "")
+    _only(limits, set(_LIMIT_KEYS), path, "limits.")
+    sizes: dict[str, int] = {}
+    for key in _LIMIT_KEYS:
+        if key in limits:
+            value = limits[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(
+                    f"config file {path}: limits.{key} must be a number of bytes (>= 0), "
+                    f"not {value!r}"
+                )
+            sizes[key] = value
     return Config(
         StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields)), restore_sources=sources),
         EncryptionConfig(key_file=key_file),
         RestorePolicy(**policy),
+        Limits(**sizes),
     )
+
+
+_LIMIT_KEYS = ("max_import_bytes", "max_diff_bytes", "reserve_bytes")
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
@@ -224,8 +257,10 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     encryption = config.encryption
     if value := env.get(_KEY_FILE_ENV):
         encryption = EncryptionConfig(_key_file(value, f"environment variable {_KEY_FILE_ENV}"))
-    return Config(
-        StorageConfig(url=url, s3=s3, restore_sources=sources), encryption, config.restore
+    return replace(
+        config,
+        storage=StorageConfig(url=url, s3=s3, restore_sources=sources),
+        encryption=encryption,
     )
 
 

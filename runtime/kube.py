@@ -537,11 +537,11 @@ def read_pod_checkpoint(ref: str, config: Any = None) -> tuple[str, dict[str, An
         if POD_FILE not in reader.manifest.files:
             raise InvalidArgument(f"{ref!r} is a container checkpoint, not a pod checkpoint")
         reader.verify()
-        with open(reader.file(POD_FILE), "rb") as f:
-            try:
-                record = json.loads(f.read())
-            except ValueError as e:
-                raise InvalidArgument(f"pod checkpoint {ref}: {POD_FILE}: {e}") from e
+        from runtime import boundedjson
+
+        record = boundedjson.load_file(
+            reader.file(POD_FILE), f"pod checkpoint {ref}: {POD_FILE}", error=InvalidArgument
+        )
         return reader.info.ref, record
 
 

@@ -37,17 +37,21 @@ carried, and apply refuses them. The upperdir's root itself (the container's
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import json
 import os
+import re
 import stat
+import sys
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from runtime.budget import Budget
 from runtime.errors import (
     DataLoss,
     FailedPrecondition,
@@ -81,6 +85,10 @@ _OPAQUE = "trusted.overlay.opaque"
 _CAPABILITY = "security.capability"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_CACHE = 64
+# deleted.files is untrusted: one path (JSON-escaped) may be at most this long
+# (PATH_MAX is 4096), and the list at most this many paths.
+_MAX_DELETED_ENTRY = 32 << 10
+_MAX_DELETED = 1 << 19
 
 
 @dataclass(frozen=True)
@@ -434,6 +442,8 @@ def apply(
     *,
     allow_devices: bool = True,
     allow_setuid: bool = True,
+    max_bytes: int | None = None,
+    reserve_bytes: int = 0,
 ) -> DiffStats:
     """Write a captured diff into the fresh ``upperdir`` of a new container, before mounting it.
 
@@ -453,6 +463,12 @@ def apply(
     outside ``upperdir``; after a refusal the upperdir may hold part of the
     diff and should be discarded. A tar or list that cannot be parsed raises
     :class:`DataLoss`.
+
+    Before anything is written, the tar's regular files (a sparse one at its
+    full size: it is written out whole) must add up to at most ``max_bytes``
+    and fit the upperdir's free space less ``reserve_bytes``; else
+    :class:`ResourceExhausted`. ``deleted.files`` is read a path at a time,
+    each at most 32 KiB, at most 524,288 of them.
     """
     deleted = _read_deleted(deleted_path)
     try:
@@ -470,10 +486,17 @@ def apply(
         except OSError as e:
             raise _os_error(f"apply: open {tar_path}", e) from e
         if raw is not None:
+            budget = Budget(
+                upperdir,
+                f"rootfs diff {tar_path}",
+                limit=sys.maxsize if max_bytes is None else max_bytes,
+                reserve=reserve_bytes,
+                setting="limits.max_diff_bytes",
+            )
             with raw:
-                _extract(raw, tar_path, ex)
-        for parts in deleted:
-            ex.delete(parts)
+                _extract(raw, tar_path, ex, budget)
+        for joined in deleted:
+            ex.delete(tuple(joined.split("\0")))
         ex.finish()
         ex.counts.deleted = len(deleted)
         return ex.counts.frozen()
@@ -482,12 +505,15 @@ def apply(
         os.close(root_fd)
 
 
-def _extract(raw: IO[bytes], tar_path: str, ex: _Apply) -> None:
+def _extract(raw: IO[bytes], tar_path: str, ex: _Apply, budget: Budget) -> None:
     try:
         with tarfile.open(
             fileobj=raw, mode="r:", encoding="utf-8", errors="surrogateescape"
         ) as tar:
-            for member in tar:
+            # Headers only (the data is skipped by seeking): what it expands to.
+            members = tar.getmembers()
+            budget.take(sum(m.size for m in members if m.isreg()))
+            for member in members:
                 ex.member(tar, member)
             # tarfile stops quietly at a truncated or bad header after the first: only
             # the end-of-archive block (zeros) tells a complete tar from a cut one.
@@ -513,29 +539,124 @@ def _parts(name: str, what: str) -> tuple[str, ...]:
     return parts
 
 
-def _read_deleted(path: str) -> list[tuple[str, ...]]:
+def _read_deleted(path: str) -> list[str]:
+    """The deleted paths, their components joined by NUL (compact: one string each),
+    sorted so that a directory comes before what is under it (NUL sorts first, as
+    tuples of components would): a path under a whiteout is then skipped."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except FileNotFoundError:
         return []
     except OSError as e:
         raise _os_error(f"apply: read {path}", e) from e
+    out: set[str] = set()
     try:
-        paths = json.loads(raw) if raw.strip() else []
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise DataLoss(f"apply: {path} is not valid JSON: {e}") from e
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise InvalidArgument(f"apply: {path} is not a JSON array of paths")
-    out: set[tuple[str, ...]] = set()
-    for p in paths:
-        what = f"deleted path {p!r}"
-        parts = _parts(p.removeprefix("/"), what)
-        if not parts:
-            raise InvalidArgument(f"{what}: the root cannot be deleted")
-        out.add(parts)
-    # Sorted, a directory comes before what is under it: a path under a whiteout is skipped.
+        with f:
+            for p in _json_strings(f, path):
+                what = f"deleted path {p!r}"
+                parts = _parts(p.removeprefix("/"), what)
+                if not parts:
+                    raise InvalidArgument(f"{what}: the root cannot be deleted")
+                out.add("\0".join(parts))
+                if len(out) > _MAX_DELETED:
+                    raise ResourceExhausted(
+                        f"apply: {path} lists more than {_MAX_DELETED} deleted paths"
+                    )
+    except OSError as e:
+        raise _os_error(f"apply: read {path}", e) from e
     return sorted(out)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_CONTROL = re.compile("[\x00-\x1f]")  # not allowed unescaped in a JSON string
+# One array entry and what follows it: the fast path, a match per path.
+_ENTRY = re.compile(r'[ \t\n\r]*("[^"\\]*(?:\\.[^"\\]*)*")[ \t\n\r]*([,\]])', re.DOTALL)
+
+
+def _json_strings(f: IO[bytes], path: str) -> Iterator[str]:
+    """The strings of a JSON array of strings, read a chunk at a time: memory is
+    bounded by one entry (at most ``_MAX_DELETED_ENTRY`` characters), not the file.
+    An empty file is an empty array."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof = "", 0, False
+    not_json = f"apply: {path} is not valid JSON"
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        chunk = f.read(_CHUNK)
+        eof = not chunk
+        try:
+            text = decoder.decode(chunk, final=eof)
+        except UnicodeDecodeError as e:
+            raise DataLoss(f"{not_json}: {e}") from e
+        buf, pos = buf[pos:] + text, 0
+        return True
+
+    def peek() -> str:
+        nonlocal pos
+        while True:
+            m = _WS.match(buf, pos)
+            assert m is not None  # it matches the empty string
+            pos = m.end()
+            if pos < len(buf):
+                return buf[pos]
+            if not fill():
+                return ""
+
+    def string() -> str:
+        """The string token at ``pos`` (after a peek found its quote), read whole."""
+        nonlocal pos
+        while (m := _STRING.match(buf, pos)) is None:
+            if len(buf) - pos > _MAX_DELETED_ENTRY:
+                raise InvalidArgument(too_long)
+            if not fill():
+                raise DataLoss(f"{not_json}: unterminated string at the end")
+        pos = m.end()
+        return m.group()
+
+    too_long = f"apply: {path}: an entry longer than {_MAX_DELETED_ENTRY} characters"
+    c = peek()
+    if not c:
+        return
+    if c != "[":
+        raise InvalidArgument(f"apply: {path} is not a JSON array of paths")
+    pos += 1
+    if peek() == "]":
+        pos += 1
+    else:
+        while True:
+            m = _ENTRY.match(buf, pos)
+            if m is not None:  # a whole entry and its separator in the buffer
+                token, sep = m.group(1, 2)
+                pos = m.end()
+            else:  # at the buffer's end, or malformed
+                c = peek()
+                if not c:
+                    raise DataLoss(f"{not_json}: it ends inside the array")
+                if c != '"':
+                    raise InvalidArgument(f"apply: {path} is not a JSON array of paths")
+                token = string()
+                sep = peek()
+                pos += 1
+                if sep not in (",", "]"):
+                    raise DataLoss(f"{not_json}: expected ',' or ']', found {sep[:1]!r}")
+            if "\\" not in token and not _CONTROL.search(token):
+                value = token[1:-1]  # nothing to decode (the common case, and fast)
+            else:
+                try:
+                    value = json.loads(token)  # one string token: no nesting
+                except ValueError as e:
+                    raise DataLoss(f"{not_json}: {e}") from e
+            if len(value) > _MAX_DELETED_ENTRY:
+                raise InvalidArgument(too_long)
+            yield value
+            if sep == "]":
+                break
+    if peek():
+        raise DataLoss(f"{not_json}: data after the array")
 
 
 class _Apply:

@@ -801,7 +801,10 @@ class S3Store:
         def info(name: str) -> CheckpointInfo | None:
             try:
                 remote = self._load(name)
-            except (NotFound, DataLoss):
+            except NotFound:
+                return None
+            except DataLoss as e:
+                log.warning("stasis: warning: %s: skipping checkpoint %s: %s", self.url, name, e)
                 return None
             m = remote.manifest
             return CheckpointInfo(name, f"{self.url}/{name}", m.created, m.size, remote.metadata)

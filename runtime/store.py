@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from runtime import boundedjson
 from runtime.digest import KnownDigest
 from runtime.errors import (
     AlreadyExists,
@@ -52,7 +53,7 @@ from runtime.errors import (
 )
 
 if TYPE_CHECKING:
-    from runtime.config import Config
+    from runtime.config import Config, Limits
     from runtime.crypt import Key, Sealer
 
 MANIFEST = "manifest.json"
@@ -66,7 +67,8 @@ _NAME = re.compile(NAME_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARALLEL_MIN = 8 << 20  # files this big are hashed on a thread pool (hashlib drops the GIL)
 _MAX_WORKERS = 4
-_MAX_SMALL_JSON = 64 << 20  # manifest.json / stasis.json read into memory
+_MAX_SMALL_JSON = 16 << 20  # manifest.json / stasis.json read into memory
+_MAX_FILES = 100_000  # files one manifest may list (a CRIU dump of 1,000 processes: ~10,000)
 _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 _HEX = re.compile(r"[0-9a-f]+")
@@ -164,10 +166,7 @@ class Manifest:
     @classmethod
     def parse(cls, data: bytes, where: str) -> Manifest:
         """Parse and check ``manifest.json``; anything malformed is DataLoss naming ``where``."""
-        try:
-            doc = json.loads(data)
-        except ValueError as e:  # includes UnicodeDecodeError
-            raise DataLoss(f"{where}: {MANIFEST} is not valid JSON: {e}") from e
+        doc = boundedjson.loads(data, f"{where}: {MANIFEST}", max_bytes=_MAX_SMALL_JSON)
         if not isinstance(doc, dict):
             raise DataLoss(f"{where}: {MANIFEST} is not a JSON object")
         if doc.get("version") != MANIFEST_VERSION:
@@ -185,6 +184,8 @@ class Manifest:
             raise DataLoss(f"{where}: {MANIFEST}: 'created' is not a timestamp") from e
         if not isinstance(files, dict):
             raise DataLoss(f"{where}: {MANIFEST}: 'files' is not an object")
+        if len(files) > _MAX_FILES:
+            raise DataLoss(f"{where}: {MANIFEST} lists {len(files)} files (at most {_MAX_FILES})")
         entries: dict[str, FileEntry] = {}
         for rel, entry in files.items():
             if _safe_rel(rel) != rel or rel == MANIFEST:
@@ -641,12 +642,21 @@ def _stasis_json(
                 with open(path, "rb") as f:
                     sealer.decrypt(f, out, METADATA_FILE, directory)
                 data = out.getvalue()
-            doc = json.loads(data)
+            doc = boundedjson.loads(data, METADATA_FILE, max_bytes=1 << 20)
         except (OSError, ValueError, _NotRegular, DataLoss):
             return metadata
         if isinstance(doc, dict):
             metadata.update(doc)
     return metadata
+
+
+def _skipped(name: str, url: str, e: StasisError) -> None:
+    """``list`` leaves out a broken checkpoint and says so (on stderr, for the CLI)."""
+    import logging  # only on this path: most commands never log
+
+    logging.getLogger("stasis.store").warning(
+        "stasis: warning: %s: skipping checkpoint %s: %s", url, name, e
+    )
 
 
 def _problems_message(what: str, problems: list[str]) -> str:
@@ -1151,7 +1161,9 @@ class LocalStore:
         except OSError as e:
             raise _storage_error(e, f"reading {where}", self.url) from e
         except (ValueError, _NotRegular) as e:
-            raise DataLoss(f"{where}: {MANIFEST} is not a small regular file") from e
+            raise DataLoss(
+                f"{where}: {MANIFEST} is not a regular file of at most {_MAX_SMALL_JSON} bytes"
+            ) from e
         return Manifest.parse(data, where)
 
     def _complete(self, name: str) -> bool:
@@ -1210,7 +1222,10 @@ class LocalStore:
         for name in names:
             try:
                 manifest = self._load(name)
-            except (NotFound, DataLoss):
+            except NotFound:
+                continue  # removed meanwhile
+            except StasisError as e:
+                _skipped(name, self.url, e)
                 continue
             d = self._dir(name)
             infos.append(
@@ -1405,8 +1420,8 @@ class MemoryStore:
             metadata = dict(stored.manifest.metadata)
             raw = stored.files.get(METADATA_FILE) if stored.manifest.encryption is None else None
             try:
-                doc = json.loads(raw) if raw is not None else None
-            except ValueError:
+                doc = boundedjson.loads(raw, METADATA_FILE) if raw is not None else None
+            except DataLoss:
                 doc = None
             if isinstance(doc, dict):
                 metadata.update(doc)
@@ -1623,7 +1638,7 @@ def _iso_ns(value: object) -> int:
 
 def _json_object(reader: CheckpointReader, rel: str) -> dict[str, Any] | None:
     try:
-        data = json.loads(_read_small(reader.file(rel)))
+        data = boundedjson.loads(_read_small(reader.file(rel)), rel)
     except (OSError, ValueError, StasisError, _NotRegular):
         return None
     return data if isinstance(data, dict) else None
@@ -1792,16 +1807,25 @@ def _member_rel(name: str, tar_path: str) -> str | None:
     return "/".join(parts) or None
 
 
-def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
+def import_tar(
+    store: Store, tar_path: str, name: str, limits: Limits | None = None
+) -> CheckpointInfo:
     """Store a checkpoint archive (as ``export_tar`` or Podman/CRI-O write them) as ``name``.
 
     Absolute paths, ``..``, symlinks, devices and FIFOs, and hard links that do
     not point at an earlier file of the archive are refused (InvalidArgument).
     With a ``manifest.json`` every file must match it (DataLoss otherwise);
-    without one, a manifest is built.
+    without one, a manifest is built. Each file's size is checked before it is
+    written (ResourceExhausted): all of them together must stay within
+    ``limits.max_import_bytes`` and each must fit the free space less
+    ``limits.reserve_bytes``.
     """
     import tarfile
 
+    from runtime.budget import Budget
+    from runtime.config import Limits
+
+    limits = limits or Limits()
     check_name(name)
     try:
         tar = tarfile.open(tar_path, "r:*")  # noqa: SIM115 - closed by the with below
@@ -1812,6 +1836,7 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
     except OSError as e:
         raise Unavailable(f"cannot read {tar_path}: {e.strerror or e}") from e
     with tar, store.begin(name) as writer:
+        budget: Budget | None = None
         seen: dict[str, FileEntry] = {}
         dirs: set[str] = set()
         manifest_data: bytes | None = None
@@ -1841,6 +1866,8 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
                             "which is not an earlier file of the archive"
                         )
                     assert target_rel is not None
+                    if budget is not None:  # the link is stored as a copy
+                        budget.take(seen[target_rel].size, rel)
                     writer.add_file(rel, writer.path(target_rel))
                     seen[rel] = seen[target_rel]
                 elif m.isreg():
@@ -1857,6 +1884,15 @@ def import_tar(store: Store, tar_path: str, name: str) -> CheckpointInfo:
                             if rel not in imported.files:
                                 continue  # export_tar's addition for containerd/checkpointctl
                         target = writer.path(rel)
+                        if budget is None:
+                            budget = Budget(
+                                os.path.dirname(target),
+                                f"archive {tar_path}",
+                                limit=limits.max_import_bytes,
+                                reserve=limits.reserve_bytes,
+                                setting="limits.max_import_bytes",
+                            )
+                        budget.take(m.size, rel)
                         try:
                             with _open_new(target) as dst:
                                 seen[rel] = _copy(src, dst)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from runtime import ceiling, cgroups, rootfs, upload
+from runtime import boundedjson, ceiling, cgroups, rootfs, upload
 from runtime.config import Config
 from runtime.digest import TailDigester
 from runtime.errors import (
@@ -32,6 +32,7 @@ from runtime.errors import (
     PermissionDenied,
     StasisError,
 )
+from runtime.metadata import restore_metadata
 from runtime.runc import CheckpointOpts
 from runtime.store import (
     CheckpointReader,
@@ -387,10 +388,12 @@ def prepare_restore(
                 raise InvalidArgument(
                     f"container {container_name!r}: {member!r} is a pod checkpoint"
                 )
-        if reader.metadata.get("gpu"):  # GPU state restores only onto the same GPUs
+        # Every field the restore acts on, checked before anything runs.
+        metadata = restore_metadata(reader)
+        if metadata.get("gpu"):  # GPU state restores only onto the same GPUs
             from runtime import gpu
 
-            gpu.check_restore(reader.metadata)
+            gpu.check_restore(metadata)
         # Local images are hashed while CRIU restores them (RestoreGate); a
         # remote store verifies as it downloads, before CRIU can read anything.
         pending = defer_images and isinstance(store, LocalStore) and not reader.manifest.encryption
@@ -406,6 +409,8 @@ def prepare_restore(
                 upperdir,
                 allow_devices=config.restore.allow_devices,
                 allow_setuid=config.restore.allow_setuid,
+                max_bytes=config.limits.max_diff_bytes,
+                reserve_bytes=config.limits.reserve_bytes,
             )
     except StasisError as e:
         if reader is not None:
@@ -415,6 +420,14 @@ def prepare_restore(
         if reader is not None:
             reader.close()
         raise FailedPrecondition(f"restore from checkpoint {ref!r}: {e}") from e
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        # Checkpoint data that got past the checks above: still an error the
+        # caller can act on (restore-policy fresh starts fresh), not a crash.
+        if reader is not None:
+            reader.close()
+        raise DataLoss(
+            f"restore from checkpoint {ref!r}: malformed ({type(e).__name__}: {e})"
+        ) from e
     return RestorePlan(ref, reader, pending)
 
 
@@ -443,9 +456,12 @@ def _pod_member(reader: CheckpointReader, container_name: str | None) -> str | N
             f"(annotation {CRI_CONTAINER_NAME}) can be restored from it"
         )
     reader.verify()  # pod.json is small: check it (and the manifest) now
+    doc = boundedjson.load_file(
+        reader.file(POD_FILE),
+        f"{POD_FILE} of pod checkpoint {reader.name!r}",
+        max_bytes=POD_FILE_MAX,
+    )
     try:
-        with open(reader.file(POD_FILE), "rb") as f:
-            doc = json.loads(f.read(POD_FILE_MAX))
         containers = doc["containers"]
         member = containers.get(container_name)
     except (KeyError, AttributeError, TypeError, ValueError) as e:

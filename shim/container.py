@@ -218,7 +218,8 @@ class Container:
         init.io.started(asyncio.get_running_loop())
         self._watch(init)
         metadata = getattr(self.restore_source, "metadata", None) or {}
-        self.adopt_restored(metadata.get("execs") or [])
+        execs = metadata.get("execs")
+        self.adopt_restored(execs if isinstance(execs, list) else [])
 
     async def _after_restore(self, init: InitProcess) -> None:
         """Once runc restore returned: give restored CUDA processes their GPU state."""
@@ -248,7 +249,11 @@ class Container:
             return
         by_ns_pid = _ns_pids(self.init.pid)
         for rec in records:
-            id, pid = str(rec.get("id", "")), by_ns_pid.get(int(rec.get("pid", 0)), 0)
+            # Checked before the restore (runtime.metadata); still, a bad record
+            # costs only its exec, never the restore.
+            id = str(rec.get("id", "")) if isinstance(rec, dict) else ""
+            ns = rec.get("pid") if isinstance(rec, dict) else None
+            pid = by_ns_pid.get(ns, 0) if isinstance(ns, int) else 0
             if not pid or not _ID.match(id) or id in self.execs:
                 log.warning("exec %r of the checkpoint was not restored in %s", id, self.id)
                 continue

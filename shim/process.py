@@ -115,9 +115,21 @@ class _CreatedCheckpoint(_State):
     status = Status.CREATED
 
     async def start(self) -> None:
-        await self.p._do_restore()
+        try:
+            await self.p._do_restore()
+        except BaseException:
+            # A step after runc restore (adopting execs, GPU state, loopback) may
+            # have failed with the restored tree running: a failed Start leaves
+            # nothing running; its exit then moves this process to stopped.
+            await self.p._kill_restored()
+            raise
         if self.p._state is self:
             self.p._transition(_Running)
+
+    async def kill(self, sig: int, all: bool) -> None:
+        if not self.p.pid:
+            raise self._refuse("kill")  # nothing restored, nothing runs
+        await self.p._do_kill(sig, all)
 
     async def delete(self) -> None:
         await self.p._destroy()
@@ -315,6 +327,9 @@ class Process:
     async def _do_restore(self) -> None:
         raise FailedPrecondition(f"cannot restore exec process {self.describe()}")
 
+    async def _kill_restored(self) -> None:
+        pass  # only an init is restored
+
     async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
         raise FailedPrecondition(f"cannot checkpoint exec process {self.describe()}")
 
@@ -383,6 +398,18 @@ class InitProcess(Process):
             await self.after_restore(self)
         if netns.owns_netns(self.bundle):
             await netns.ensure_loopback(self.runc.spawner, self.pid)
+
+    async def _kill_restored(self) -> None:
+        """SIGKILL whatever a failed restore left of the container (no error if nothing)."""
+        try:
+            await self.runc.kill(self.container_id, signal.SIGKILL, all=True)
+        except StasisError as e:
+            log.debug("after the failed restore of %s: %s", self.container_id, e)
+            if self.pid:
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGKILL)
+        else:
+            log.warning("restore of %s failed after runc restore: killed it", self.container_id)
 
     async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
         try:

@@ -14,14 +14,25 @@ types. Only unary calls are implemented (the shim API has no streaming RPCs).
 
 Everything runs on the event loop of the caller: no threads, stdlib plus
 protobuf only, because the shim is one long-lived process per pod.
+
+The server stays up whatever its clients do: it holds at most
+``max_connections`` connections (more are closed at once), drops a connection
+that sends no complete request within ``first_request_timeout`` or stalls in
+the middle of a frame for ``frame_timeout`` (a connection that has made a
+request may then stay idle as long as it likes: containerd keeps one open for
+the shim's lifetime), and when accept fails for lack of descriptors it backs
+off instead of spinning. Such complaints are logged at most once a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -71,6 +82,17 @@ _READ_LIMIT = 256 << 10
 # close() forever.
 _CLOSE_GRACE_S = 1.0
 
+# containerd holds one connection per shim (two with the sandbox API) and the
+# stasis CLI one per command: a cap far above that costs nobody.
+MAX_CONNECTIONS = 128
+FIRST_REQUEST_TIMEOUT_S = 60.0
+FRAME_TIMEOUT_S = 60.0
+# accept() failing (out of descriptors, EMFILE, say): retry after a pause, growing up to 1 s.
+_ACCEPT_BACKOFF_S = (0.01, 1.0)
+# The peer gave up before we accepted: nothing to do but accept the next.
+_ACCEPT_TRANSIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.EINTR, errno.EAGAIN, errno.EPROTO})
+_COMPLAINT_INTERVAL_S = 60.0
+
 
 @dataclass
 class RequestContext:
@@ -102,6 +124,10 @@ Handler: TypeAlias = Callable[[bytes, RequestContext], Awaitable[bytes]]
 
 class _ProtocolError(Exception):
     """The peer broke the framing rules; the connection cannot be trusted."""
+
+
+class _Stalled(Exception):
+    """The peer sent no request in time, or stopped in the middle of a frame."""
 
 
 def _status_response(code: Code, message: str) -> bytes:
@@ -189,50 +215,81 @@ class _ServerConnection:
         self._write_lock = asyncio.Lock()
         self._handlers: set[asyncio.Task[None]] = set()
         self._last_stream_id = 0
+        self._requested = False  # a complete request came: idle is fine from now on
         self._tearing_down = False
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Serve requests until the peer leaves, breaks the protocol or we close."""
+        complain = self._server._complain
         try:
             await self._read_loop()
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
-                log.warning("ttrpc: connection closed in the middle of a frame")
+                complain("partial", "ttrpc: connection closed in the middle of a frame")
         except ConnectionError:
             pass  # The peer went away; nothing to answer.
         except _ProtocolError as exc:
-            log.warning("ttrpc: closing connection: %s", exc)
+            complain("protocol", f"ttrpc: closing connection: {exc}")
+        except _Stalled as exc:
+            complain("stalled", f"ttrpc: closing connection: {exc}")
         except Exception:
             log.exception("ttrpc: connection failed")
         finally:
             await self._teardown()
 
+    async def _read_frame_start(self) -> tuple[bytes, float]:
+        """The frame's first byte, and the deadline for the rest of it."""
+        loop = asyncio.get_running_loop()
+        server = self._server
+        if self._requested:
+            lead = await self._reader.readexactly(1)  # idle as long as it likes
+            return lead, loop.time() + server.frame_timeout
+        deadline = loop.time() + server.first_request_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                lead = await self._reader.readexactly(1)
+        except TimeoutError:
+            raise _Stalled(f"no request within {server.first_request_timeout:g} s") from None
+        return lead, min(deadline, loop.time() + server.frame_timeout)
+
     async def _read_loop(self) -> None:
+        while True:
+            lead, deadline = await self._read_frame_start()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    request = await self._read_frame(lead)
+            except TimeoutError:
+                raise _Stalled("the rest of a frame did not come in time") from None
+            if request is not None:
+                self._requested = True
+                await self._on_request(*request)
+
+    async def _read_frame(self, lead: bytes) -> tuple[int, bytes] | None:
+        """The rest of one frame: (stream id, payload) of a request to serve, or None."""
         reader = self._reader
         limit = self._server.max_message_size
-        while True:
-            header = await reader.readexactly(HEADER.size)
-            length, stream_id, mtype, _flags = HEADER.unpack(header)
-            if mtype not in (TYPE_REQUEST, TYPE_DATA):
-                raise _ProtocolError(f"unexpected message type {mtype} on stream {stream_id}")
-            if stream_id % 2 != 1:
-                raise _ProtocolError(f"stream id {stream_id} is not odd (client initiated)")
-            if length > limit:
-                # Skip the payload so the next frame is read from its start,
-                # then answer this stream only: the connection stays usable.
-                await _discard(reader, length)
-                if mtype == TYPE_REQUEST:
-                    message = oversized_message(length, limit)
-                    await self._send_status(stream_id, Code.RESOURCE_EXHAUSTED, message)
-                continue
-            payload = await reader.readexactly(length) if length else b""
-            if mtype == TYPE_DATA:
-                # No streaming methods exist here, so no stream can take data;
-                # the request that opened it was already answered.
-                log.debug("ttrpc: ignoring data frame for stream %d", stream_id)
-                continue
-            await self._on_request(stream_id, payload)
+        header = lead + await reader.readexactly(HEADER.size - 1)
+        length, stream_id, mtype, _flags = HEADER.unpack(header)
+        if mtype not in (TYPE_REQUEST, TYPE_DATA):
+            raise _ProtocolError(f"unexpected message type {mtype} on stream {stream_id}")
+        if stream_id % 2 != 1:
+            raise _ProtocolError(f"stream id {stream_id} is not odd (client initiated)")
+        if length > limit:
+            # Skip the payload so the next frame is read from its start,
+            # then answer this stream only: the connection stays usable.
+            await _discard(reader, length)
+            if mtype == TYPE_REQUEST:
+                message = oversized_message(length, limit)
+                await self._send_status(stream_id, Code.RESOURCE_EXHAUSTED, message)
+            return None
+        payload = await reader.readexactly(length) if length else b""
+        if mtype == TYPE_DATA:
+            # No streaming methods exist here, so no stream can take data;
+            # the request that opened it was already answered.
+            log.debug("ttrpc: ignoring data frame for stream %d", stream_id)
+            return None
+        return stream_id, payload
 
     async def _on_request(self, stream_id: int, payload: bytes) -> None:
         if stream_id <= self._last_stream_id:
@@ -352,14 +409,28 @@ class Server:
     """A ttrpc server: register services, then :meth:`serve` listening sockets.
 
     ``max_message_size`` bounds both the requests it reads and the responses
-    it writes (ttrpc's 4 MiB by default).
+    it writes (ttrpc's 4 MiB by default); ``max_connections``,
+    ``first_request_timeout`` and ``frame_timeout`` are described in the
+    module's docstring.
     """
 
-    def __init__(self, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_connections: int = MAX_CONNECTIONS,
+        first_request_timeout: float = FIRST_REQUEST_TIMEOUT_S,
+        frame_timeout: float = FRAME_TIMEOUT_S,
+    ) -> None:
         self.max_message_size = max_message_size
+        self.max_connections = max_connections
+        self.first_request_timeout = first_request_timeout
+        self.frame_timeout = frame_timeout
         self._services: dict[str, dict[str, Handler]] = {}
-        self._listeners: list[asyncio.Server] = []
+        self._accepting: list[asyncio.Task[None]] = []
         self._connections: set[_ServerConnection] = set()
+        # complaint -> (when last logged, how many left unlogged since)
+        self._complaints: dict[str, tuple[float, int]] = {}
         self._closing = False
         self._closed = asyncio.Event()
         self._close_task: asyncio.Task[None] | None = None
@@ -388,15 +459,66 @@ class Server:
         if self._closing:
             sock.close()
             return
-        listener = await asyncio.start_unix_server(
-            self._on_connection, sock=sock, limit=_READ_LIMIT
+        sock.setblocking(False)
+        accepting = asyncio.get_running_loop().create_task(
+            self._accept_loop(sock), name="ttrpc accept"
         )
-        self._listeners.append(listener)
+        self._accepting.append(accepting)
         try:
             await self._closed.wait()
         finally:
-            listener.close()
-            await listener.wait_closed()
+            accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await accepting
+            sock.close()
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.0
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:
+                if e.errno in _ACCEPT_TRANSIENT_ERRORS:
+                    continue
+                # Out of descriptors (or worse): the pending connection stays
+                # queued and the socket readable, so retrying at once would spin.
+                low, high = _ACCEPT_BACKOFF_S
+                backoff = min(max(backoff * 2, low), high)
+                self._complain(
+                    "accept", f"ttrpc: cannot accept connections: {e.strerror}; retrying"
+                )
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
+            if len(self._connections) >= self.max_connections:
+                conn.close()
+                self._complain(
+                    "cap",
+                    f"ttrpc: {len(self._connections)} connections open, the most allowed: "
+                    "refusing new ones",
+                )
+                continue
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=conn, limit=_READ_LIMIT)
+            except OSError as e:
+                conn.close()
+                self._complain("accept", f"ttrpc: cannot serve a connection: {e}")
+                continue
+            self._on_connection(reader, writer)
+
+    def _complain(self, kind: str, message: str) -> None:
+        """Log a warning about clients, at most once a minute per kind (a flood of
+        bad connections must not become a flood of log lines)."""
+        now = time.monotonic()
+        last, unlogged = self._complaints.get(kind, (-math.inf, 0))
+        if now - last < _COMPLAINT_INTERVAL_S:
+            self._complaints[kind] = (last, unlogged + 1)
+            return
+        if unlogged:
+            message += f" ({unlogged} more like it not logged)"
+        log.warning("%s", message)
+        self._complaints[kind] = (now, 0)
 
     def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback (not a coroutine) so the connection task is ours to
@@ -427,8 +549,8 @@ class Server:
 
     async def _close(self) -> None:
         self._closing = True
-        for listener in self._listeners:
-            listener.close()
+        for accepting in self._accepting:
+            accepting.cancel()
         connections = list(self._connections)
         for conn in connections:
             conn.abort()

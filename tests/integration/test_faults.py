@@ -1,12 +1,14 @@
 """Checkpoints under contention and restores from where they may not come from:
 concurrent checkpoints of one container (serialized, never interleaved), many
 containers checkpointed at once, and restore-from references outside the
-configured stores (refused, nothing starts).
+configured stores (refused, nothing starts), and checkpoints whose metadata was
+tampered with (refused before anything of them runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -302,3 +304,86 @@ def test_shim_killed_during_restore_leaves_nothing_running(
                    f"stasis.dev/restore-from={store / 'k'}", IMAGE, again)  # fmt: skip
     ids.append(again)
     wait_count(containerd, again, 5)
+
+
+# -- malformed checkpoint metadata -----------------------------------------------------------
+
+
+def rewrite(checkpoint: Path, rel: str, data: bytes) -> None:
+    """Replace a file of a checkpoint and make its manifest agree (as anyone who can
+    write the store can): only the checks of the content itself stand in the way."""
+    (checkpoint / rel).write_bytes(data)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "execs", [["junk"], [{"id": "x", "pid": "1"}], [{"id": "-x", "pid": 1}]], ids=str
+)
+def test_malformed_execs_record_leaves_nothing_running(
+    containerd: Containerd, ids: list[str], tmp_path: Path, execs: list[object]
+) -> None:
+    id = start_counter(containerd, ids)
+    wait_count(containerd, id, 3)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+    metadata = json.loads((store / "k" / "stasis.json").read_text())
+    metadata["execs"] = execs
+    rewrite(store / "k", "stasis.json", json.dumps(metadata).encode())
+
+    new = unique_id("rst")
+    ids.append(new)
+    r = containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME, "--annotation",
+        f"stasis.dev/restore-from={store / 'k'}", IMAGE, new, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "execs[0]" in r.stderr, r.stderr
+    # Nothing of the checkpoint runs, now or a moment later ...
+    time.sleep(1)
+    assert cgroup_procs(containerd, new) == []
+    state = task(containerd, new)
+    assert state is None or state[1] == "STOPPED", state
+    # ... and what containerd kept of it goes with a plain rm.
+    if state is not None:
+        containerd.ctr("task", "rm", new)
+    containerd.ctr("containers", "rm", new)
+    assert not mounts_under(bundle(containerd, new))
+
+
+def restore_cli(c: Containerd, ref: str, new: str) -> subprocess.CompletedProcess[str]:
+    """`stasis restore`, with this containerd's ctr first on PATH."""
+    env = {**os.environ, "PATH": f"{c.bin_dir}:{os.environ.get('PATH', '')}"}
+    return subprocess.run(
+        [*stasis_argv(c), "restore", ref, new],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+
+
+def test_stasis_restore_passes_the_image_after_dashdash(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    """ctr (urfave/cli) takes `--` as the end of its options: the restore works; an
+    image recorded as `--privileged` is refused before ctr runs."""
+    id = start_counter(containerd, ids)
+    n = wait_count(containerd, id, 3)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+    new = unique_id("rst")
+    ids.append(new)
+    done = restore_cli(containerd, str(store / "k"), new)
+    assert done.returncode == 0, done.stderr
+    assert wait_count(containerd, new, n) > n
+
+    metadata = json.loads((store / "k" / "stasis.json").read_text())
+    metadata["image"] = "--privileged"
+    rewrite(store / "k", "stasis.json", json.dumps(metadata).encode())
+    evil = unique_id("rst")
+    ids.append(evil)
+    r = restore_cli(containerd, str(store / "k"), evil)
+    assert r.returncode != 0
+    assert "image: '--privileged' starts with '-'" in r.stderr, r.stderr
+    assert task(containerd, evil) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -170,9 +171,9 @@ def listen(path: str) -> socket.socket:
 
 @contextlib.asynccontextmanager
 async def serving(
-    path: str, harness: Harness, *, max_message_size: int = MAX_MESSAGE_SIZE
+    path: str, harness: Harness, *, max_message_size: int = MAX_MESSAGE_SIZE, **options: Any
 ) -> AsyncIterator[Server]:
-    server = Server(max_message_size=max_message_size)
+    server = Server(max_message_size=max_message_size, **options)
     server.register(SERVICE, harness.methods())
     serve_task = asyncio.create_task(server.serve(listen(path)))
     await asyncio.sleep(0)  # Let serve() start listening.
@@ -927,3 +928,105 @@ def test_fuzzed_frames_never_stop_the_server_serving_others(
         run(body())
     finally:
         shutil.rmtree(directory)
+
+
+# --------------------------------------------------------------------------- connection limits
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "stasis.ttrpc" and r.levelno == logging.WARNING and text in r.getMessage()
+    ]
+
+
+def test_connections_beyond_the_cap_are_closed_and_complained_about_once(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with serving(sock_path, Harness(), max_connections=2) as server:
+            first, second = await Raw.open(sock_path), await Raw.open(sock_path)
+            await eventually(lambda: server.connection_count == 2)
+            extra = [await Raw.open(sock_path) for _ in range(20)]
+            for raw in extra:
+                await raw.expect_closed()
+                await raw.close()
+            assert server.connection_count == 2
+            await assert_echo_works(first, 1)
+            await second.close()
+            await eventually(lambda: server.connection_count == 1)
+            third = await Raw.open(sock_path)  # a slot is free again
+            await assert_echo_works(third, 1)
+            await first.close()
+            await third.close()
+        assert len(warnings_of(caplog, "refusing new ones")) == 1
+
+    run(body())
+
+
+def test_a_connection_that_sends_no_request_is_dropped(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with serving(sock_path, Harness(), first_request_timeout=0.2) as server:
+            silent = [await Raw.open(sock_path) for _ in range(5)]
+            partial = await Raw.open(sock_path)
+            await partial.send(b"\x00\x00")  # the start of a header, and no more
+            for raw in [*silent, partial]:
+                await raw.expect_closed()
+                await raw.close()
+            await eventually(lambda: server.connection_count == 0)
+        assert len(warnings_of(caplog, "no request within 0.2 s")) == 1
+
+    run(body())
+
+
+def test_a_connection_idle_after_its_first_request_is_kept(sock_path: str) -> None:
+    """containerd's one connection to the shim is idle for hours between calls."""
+
+    async def body() -> None:
+        async with serving(
+            sock_path, Harness(), first_request_timeout=0.1, frame_timeout=0.1
+        ) as server:
+            raw = await Raw.open(sock_path)
+            await assert_echo_works(raw, 1)
+            await asyncio.sleep(0.5)
+            assert server.connection_count == 1
+            await assert_echo_works(raw, 3)
+            # but a frame, once begun, must be finished in time
+            await raw.send(HEADER.pack(10, 5, REQUEST, 0)[:4])
+            await raw.expect_closed()
+            await raw.close()
+
+    run(body())
+
+
+def test_accept_backs_off_when_out_of_descriptors(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.sock_accept
+        attempts = 0
+        failing = True
+
+        async def accept(sock: socket.socket) -> tuple[socket.socket, Any]:
+            nonlocal attempts
+            if failing:
+                attempts += 1
+                await asyncio.sleep(0)
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return await real(sock)
+
+        loop.sock_accept = accept  # type: ignore[method-assign]
+        async with serving(sock_path, Harness()):
+            await asyncio.sleep(1.0)
+            assert 3 <= attempts <= 12, attempts  # backing off, not spinning
+            failing = False
+            raw = await Raw.open(sock_path)
+            await assert_echo_works(raw, 1)  # it recovers once descriptors are back
+            await raw.close()
+        assert len(warnings_of(caplog, "Too many open files")) == 1
+
+    run(body())
