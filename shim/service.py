@@ -343,6 +343,7 @@ class TaskService:
                     config.load(),
                     defer_images=policy == "fail",
                     container_name=member,
+                    target=checkpointing.RestoreTarget.of(self.namespace, annotations),
                 )
             )
         except StasisError as e:
