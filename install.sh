@@ -26,6 +26,9 @@
 # default store (/var/lib/stasis/checkpoints), stopped, and restored as a new
 # container that goes on counting.
 #
+# Creates the node's checkpoint signing key, /etc/stasis/signing.key (env
+# STASIS_SIGNING_KEY_FILE), when there is none; --uninstall keeps it unless --purge.
+#
 # Every file and link it adds is listed in /opt/stasis/install/manifest; a file whose
 # content would not change is left alone, so a second run changes nothing. Packages
 # installed through apt/dpkg are listed there too and stay at --uninstall.
@@ -148,10 +151,12 @@ if [ "$UNINSTALL" = 1 ]; then
         if [ "$(configure_containerd unconfigure)" = changed ]; then restart_containerd; fi
     fi
     # Links and files first, then trees, then directories deepest first.
-    for kind in link file tree dir; do
+    for kind in link file key tree dir; do
         while IFS= read -r path; do
             case $kind in
             link) if [ -L "$path" ]; then rm -f "$path"; fi ;;
+            # The signing key goes with the checkpoints it signed (--purge) only.
+            key) if [ "$PURGE" = 1 ]; then rm -f "$path"; else log "kept $path (--purge removes it)"; fi ;;
             file) [ "$path" = "$STATE/containerd-config.orig" ] || rm -f "$path" ;;
             tree) rm -rf "$path" ;;
             dir) if [ -d "$path" ]; then rmdir "$path" 2>/dev/null || log "kept $path (not empty)"; fi ;;
@@ -288,6 +293,22 @@ if [ ! -x "$venv/bin/stasis-exec-shepherd" ] && [ -n "$SHEPHERD" ] && [ -f "$SHE
 fi
 put_link "$venv/bin/containerd-shim-stasis-v2" "$BIN_DIR/containerd-shim-stasis-v2"
 put_link "$venv/bin/stasis" "$BIN_DIR/stasis"
+
+# -- the node's checkpoint signing key (runtime/signing.py) -----------------------------
+# Made once; an existing key (a cluster's shared one, say) is never touched or listed.
+SIGNING_KEY=${STASIS_SIGNING_KEY_FILE:-/etc/stasis/signing.key}
+if [ ! -e "$SIGNING_KEY" ]; then
+    keydir=$(dirname "$SIGNING_KEY")
+    if [ ! -d "$keydir" ]; then
+        make_dir "$(dirname "$keydir")"
+        mkdir -m 0700 "$keydir"
+        record dir "$keydir"
+    fi
+    "$venv/bin/stasis" keygen --signing "$SIGNING_KEY" >/dev/null 2>&1
+    record key "$SIGNING_KEY"
+    record key "$SIGNING_KEY.pub"
+    log "created the checkpoint signing key $SIGNING_KEY"
+fi
 
 # -- containerd's CRI: the `stasis` runtime handler -------------------------------------
 make_dir "$(dirname "$CONFIG")"

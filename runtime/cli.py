@@ -6,7 +6,10 @@
   stasis inspect REF [--json]        a checkpoint's metadata and files
   stasis rm REF                      remove a checkpoint
   stasis export REF FILE.tar         the checkpoint as a containerd/Podman-style archive
-  stasis import FILE.tar [--name N]  an archive into the default store
+  stasis import FILE.tar [--name N] [--trust]
+                                     an archive into the default store; one not signed
+                                     by a trusted key only with --trust (then signed
+                                     by this node, and logged)
   stasis gc [--store STORE] [--grace SECONDS]
                                      remove partial leftovers older than SECONDS (3600);
                                      for an S3 store, also the local spools its failed
@@ -16,6 +19,8 @@
                                      (to the store it was meant for, by default)
   stasis demo                        a counter checkpointed, killed and restored
   stasis keygen FILE                 a new checkpoint encryption key (encryption.key_file)
+  stasis keygen --signing FILE       a new checkpoint signing key (signing.key_file),
+                                     its public key in FILE.pub
   stasis kube checkpoint NAMESPACE/POD [--to STORE] [--name NAME] [--leave-running]
                      [--snapshot-volumes] [--snapshot-class C] [--json]
                      [--kubeconfig F] [--address CONTAINERD_SOCK]
@@ -23,7 +28,8 @@
                                      (run on its node); stops (deletes) the pod unless
                                      --leave-running; prints the pod checkpoint's REF
   stasis kube restore REF [--name NEW] [--namespace NS] [--node NODE]
-                     [--policy fail|fresh] [--no-wait] [--kubeconfig F]
+                     [--policy fail|fresh] [--allow-cross-namespace] [--no-wait]
+                     [--kubeconfig F]
                                      create the pod again, restored; prints its name
   stasis kube install [--kubeconfig F]
                                      register the `stasis` RuntimeClass (idempotent)
@@ -645,6 +651,10 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
         im = sub.add_parser("import", help="read a checkpoint archive into the default store")
         im.add_argument("file")
         im.add_argument("--name")
+        im.add_argument(
+            "--trust", action="store_true",
+            help="import an archive not signed by a trusted key (it is signed by this node)",
+        )  # fmt: skip
     if want("gc"):
         g = sub.add_parser("gc", help="remove partial checkpoints, stray objects and kept spools")
         g.add_argument("--store", default="", help="default: the configured store")
@@ -670,6 +680,10 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     if want("keygen"):
         kg = sub.add_parser("keygen", help="write a new checkpoint encryption key (mode 0600)")
         kg.add_argument("file", metavar="FILE", help="the key file to create (never overwritten)")
+        kg.add_argument(
+            "--signing", action="store_true",
+            help="an Ed25519 signing key (PEM) instead, its public key in FILE.pub",
+        )  # fmt: skip
     if want("kube"):
         _kube_parser(sub)
     return p
@@ -720,6 +734,8 @@ def _kube_parser(sub: Any) -> None:
     kr.add_argument("--node", default=None, help="bind it to this node (skip the scheduler)")
     kr.add_argument("--policy", choices=("fail", "fresh"), default="fail",
                     help="stasis.dev/restore-policy of the pod")  # fmt: skip
+    kr.add_argument("--allow-cross-namespace", action="store_true",
+                    help="restore into another namespace than the checkpointed pod's")  # fmt: skip
     kr.add_argument("--no-wait", action="store_true", help="do not wait until it runs")
     kr.add_argument("--timeout", type=_seconds, default=120.0)
     kr.add_argument("--kubeconfig", default=None)
@@ -764,6 +780,7 @@ def kube(ns: argparse.Namespace) -> int:
                     custom=client.CustomObjectsApi(api),
                     wait=not ns.no_wait,
                     timeout=ns.timeout,
+                    allow_cross_namespace=ns.allow_cross_namespace,
                 )
             )
     finally:
@@ -784,6 +801,13 @@ def _run(ns: argparse.Namespace) -> int:
         return demo(ns)
     elif ns.command == "kube":
         return kube(ns)
+    elif ns.command == "keygen" and ns.signing:
+        from runtime.signing import PUBLIC_SUFFIX, key_id, write_private
+
+        kid = key_id(write_private(ns.file).public_key())
+        pub = ns.file + PUBLIC_SUFFIX
+        _progress(f"wrote {ns.file} and {pub}: set signing.key_file to it (key id {kid})")
+        print(kid)
     elif ns.command == "keygen":
         from runtime.crypt import write_key_file
 
@@ -821,18 +845,31 @@ def _run(ns: argparse.Namespace) -> int:
     elif ns.command == "rm":
         _remove_checkpoint(ns.ref)
     elif ns.command == "export":
-        from runtime.store import export_tar
+        from runtime import config
+        from runtime.store import export_tar, signing_for
 
+        cfg = config.load()
         with _open(ns.ref) as reader:
-            export_tar(reader, ns.file)
+            export_tar(reader, ns.file, signing_for(cfg))
     elif ns.command == "import":
+        import logging
+
         from runtime import config
         from runtime.store import default_store, import_tar
 
-        cfg = config.load()
-        store = default_store(cfg)
-        name = ns.name or os.path.basename(ns.file).removesuffix(".tar")
-        print(import_tar(store, ns.file, name, cfg.limits).name)
+        # --trust's warning goes to the log and, as one line, to stderr.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("stasis: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger = logging.getLogger("stasis.store")
+        logger.addHandler(handler)
+        try:
+            cfg = config.load()
+            store = default_store(cfg)
+            name = ns.name or os.path.basename(ns.file).removesuffix(".tar")
+            print(import_tar(store, ns.file, name, cfg.limits, trust=ns.trust).name)
+        finally:
+            logger.removeHandler(handler)
     return 0
 
 

@@ -19,11 +19,23 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
     # this key: 32 bytes, raw, hex or base64; mode 0600/0400 (`stasis keygen`).
     key_file = "/etc/stasis/checkpoint.key"
 
+    [signing]
+    # The node's Ed25519 key: signs every checkpoint it writes (PEM, mode
+    # 0600; created with its directory 0700 on first use if missing; `stasis
+    # keygen --signing FILE`). Its public key is always trusted.
+    key_file = "/etc/stasis/signing.key"
+    # Other keys whose checkpoints restore here: PEM public key files, or
+    # directories of *.pub / *.pem files.
+    trusted_keys = ["/etc/stasis/trusted.d"]
+
     [restore]
     # What a restored rootfs diff may contain (an image's own setuid binaries
     # and device nodes are normal, hence allowed by default).
     allow_setuid = true    # setuid/setgid files and file capabilities
     allow_devices = true   # device nodes
+    # Restore a checkpoint into another containerd or Kubernetes namespace
+    # than the one it was taken in (refused by default).
+    cross_namespace = false
 
     [limits]
     # What an archive or a rootfs diff may expand to; beyond either, or beyond
@@ -35,8 +47,9 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
 Every key is optional. Environment variables override the file:
 ``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
-``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``, and
-``STASIS_RESTORE_SOURCES``
+``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``,
+``STASIS_SIGNING_KEY_FILE``, ``STASIS_SIGNING_TRUSTED_KEYS`` (paths separated by
+commas, replacing the file's list) and ``STASIS_RESTORE_SOURCES``
 (URLs separated by commas, replacing the file's list); an empty variable counts
 as unset.
 A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
@@ -107,11 +120,26 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """Checkpoint signatures (``runtime.signing``): the node's key, the keys it trusts.
+
+    ``key_file`` None means ``runtime.signing.DEFAULT_KEY_FILE``
+    (``/etc/stasis/signing.key``), created on the first checkpoint; restores
+    always require a signature by a trusted key.
+    """
+
+    key_file: str | None = None
+    trusted_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class RestorePolicy:
-    """What a restore lets a checkpoint's rootfs diff put into a container."""
+    """What a restore lets a checkpoint's rootfs diff put into a container, and where
+    a checkpoint may be restored (``cross_namespace``)."""
 
     allow_setuid: bool = True
     allow_devices: bool = True
+    cross_namespace: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,7 @@ class Config:
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     restore: RestorePolicy = field(default_factory=RestorePolicy)
     limits: Limits = field(default_factory=Limits)
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
 
 # TOML key -> S3Config field, and the environment variable that overrides it.
@@ -144,6 +173,9 @@ _S3_KEYS: dict[str, tuple[str, str]] = {
 _STORAGE_URL_ENV = "STASIS_STORAGE_URL"
 _RESTORE_SOURCES_ENV = "STASIS_RESTORE_SOURCES"
 _KEY_FILE_ENV = "STASIS_ENCRYPTION_KEY_FILE"
+_SIGNING_KEY_ENV = "STASIS_SIGNING_KEY_FILE"
+_TRUSTED_KEYS_ENV = "STASIS_SIGNING_TRUSTED_KEYS"
+_RESTORE_FLAGS = ("allow_setuid", "allow_devices", "cross_namespace")
 
 
 def load(env: Mapping[str, str] | None = None) -> Config:
@@ -176,7 +208,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
 
 
 def _from_toml(data: dict[str, Any], path: str) -> Config:
-    _only(data, {"storage", "encryption", "restore", "limits"}, path, "")
+    _only(data, {"storage", "encryption", "restore", "limits", "signing"}, path, "")
     storage = _table(data, "storage", path, "")
     _only(storage, {"url", "s3", "restore_sources"}, path, "storage.")
     s3 = _table(storage, "s3", path, "storage.")
@@ -208,9 +240,9 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
         where = f"config file {path}: encryption.key_file"
         key_file = _key_file(_string(encryption["key_file"], where), where)
     restore = _table(data, "restore", path, "")
-    _only(restore, {"allow_setuid", "allow_devices"}, path, "restore.")
+    _only(restore, set(_RESTORE_FLAGS), path, "restore.")
     policy: dict[str, bool] = {}
-    for key in ("allow_setuid", "allow_devices"):
+    for key in _RESTORE_FLAGS:
         if key in restore:
             if not isinstance(restore[key], bool):
                 raise InvalidArgument(
@@ -235,7 +267,27 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
         EncryptionConfig(key_file=key_file),
         RestorePolicy(**policy),
         Limits(**sizes),
+        _signing_from_toml(data, path),
     )
+
+
+def _signing_from_toml(data: dict[str, Any], path: str) -> SigningConfig:
+    signing = _table(data, "signing", path, "")
+    _only(signing, {"key_file", "trusted_keys"}, path, "signing.")
+    key_file = None
+    if "key_file" in signing:
+        where = f"config file {path}: signing.key_file"
+        key_file = _key_file(_string(signing["key_file"], where), where)
+    trusted: tuple[str, ...] = ()
+    if "trusted_keys" in signing:
+        where = f"config file {path}: signing.trusted_keys"
+        value = signing["trusted_keys"]
+        if not isinstance(value, list):
+            raise InvalidArgument(f"{where} must be a list, not {type(value).__name__}")
+        trusted = tuple(
+            _absolute(_string(v, f"{where}[{i}]"), f"{where}[{i}]") for i, v in enumerate(value)
+        )
+    return SigningConfig(key_file, trusted)
 
 
 _LIMIT_KEYS = ("max_import_bytes", "max_diff_bytes", "reserve_bytes")
@@ -257,11 +309,27 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     encryption = config.encryption
     if value := env.get(_KEY_FILE_ENV):
         encryption = EncryptionConfig(_key_file(value, f"environment variable {_KEY_FILE_ENV}"))
+    signing = config.signing
+    if value := env.get(_SIGNING_KEY_ENV):
+        where = f"environment variable {_SIGNING_KEY_ENV}"
+        signing = replace(signing, key_file=_absolute(value, where))
+    if value := env.get(_TRUSTED_KEYS_ENV):
+        where = f"environment variable {_TRUSTED_KEYS_ENV}"
+        trusted = tuple(_absolute(v.strip(), where) for v in value.split(",") if v.strip())
+        signing = replace(signing, trusted_keys=trusted)
     return replace(
         config,
         storage=StorageConfig(url=url, s3=s3, restore_sources=sources),
         encryption=encryption,
+        signing=signing,
     )
+
+
+def _absolute(path: str, where: str) -> str:
+    """An absolute path (a key file, a trusted key); InvalidArgument else."""
+    if not path.startswith("/"):
+        raise InvalidArgument(f"{where}: {path!r} must be an absolute path")
+    return path
 
 
 def _key_file(path: str, where: str) -> str | None:

@@ -33,6 +33,7 @@ from runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     StasisError,
     Unavailable,
 )
@@ -48,6 +49,7 @@ HANDLER = "stasis"
 CRI_NAMESPACE = "k8s.io"  # containerd namespace of the CRI plugin
 RESTORE_FROM = "stasis.dev/restore-from"
 RESTORE_POLICY = "stasis.dev/restore-policy"
+RESTORE_GRANT = "stasis.dev/restore-grant"  # shim.checkpointing.RESTORE_GRANT
 POD_FILE = "pod.json"  # shim.checkpointing.POD_FILE
 POD_FORMAT = 1
 SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -55,6 +57,7 @@ SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 _DROPPED_ANNOTATIONS = (
     RESTORE_FROM,
     RESTORE_POLICY,
+    RESTORE_GRANT,
     "kubectl.kubernetes.io/last-applied-configuration",
 )
 # Waiting reasons after which a pod does not get to Running by itself.
@@ -557,17 +560,28 @@ def restore_pod(
     wait: bool = True,
     timeout: float = 120.0,
     config: Any = None,
+    allow_cross_namespace: bool = False,
 ) -> str:
     """Create the pod of pod checkpoint ``ref`` again (its volumes first), on
     RuntimeClass stasis with the restore annotation; with ``wait``, until it runs.
     Returns the pod's name. A pod that cannot start raises, naming the reason the
-    kubelet gives (the pod is left for inspection)."""
+    kubelet gives (the pod is left for inspection).
+
+    Into another namespace than the checkpointed pod's only with
+    ``allow_cross_namespace`` (or ``restore.cross_namespace`` in the config):
+    the pod then carries a grant signed with this node's key, which the shims
+    check (PermissionDenied otherwise)."""
     absolute, record = read_pod_checkpoint(ref, config)
     manifest = restore_manifest(
         record, absolute, name=name, namespace=namespace, node=node, policy=policy
     )
     meta = manifest["metadata"]
     pod_name, ns = meta["name"], meta["namespace"]
+    meta["annotations"].pop(RESTORE_GRANT, None)
+    if ns != record.get("namespace"):
+        meta["annotations"][RESTORE_GRANT] = _cross_namespace_grant(
+            absolute, str(record.get("namespace")), ns, allow_cross_namespace, config
+        )
     deadline = time.monotonic() + timeout
     records = record.get("volumes") or []
     if records:
@@ -586,6 +600,27 @@ def restore_pod(
     if wait:
         wait_running(core, ns, pod_name, max(deadline - time.monotonic(), 1.0))
     return str(pod_name)
+
+
+def _cross_namespace_grant(ref: str, recorded: str, ns: str, allowed: bool, config: Any) -> str:
+    """A grant (runtime.signing) to restore checkpoint ``ref`` of namespace ``recorded``
+    into ``ns``; PermissionDenied unless the caller or the config allows it."""
+    import hashlib
+
+    from runtime import config as config_mod
+    from runtime.store import resolve, signing_for
+
+    cfg = config if config is not None else config_mod.load()
+    if not (allowed or cfg.restore.cross_namespace):
+        raise PermissionDenied(
+            f"pod checkpoint {ref} was taken in namespace {recorded!r}, not {ns!r}: "
+            "restoring it there needs --allow-cross-namespace"
+        )
+    store, name = resolve(ref, cfg)
+    with store.open(name) as reader:  # verifies the signature again
+        digest = hashlib.sha256(reader.manifest.to_json()).hexdigest()
+    log.warning("pod checkpoint %s (namespace %s) restored into namespace %s", ref, recorded, ns)
+    return signing_for(cfg).grant(digest, ns)
 
 
 def _wait_name_free(core: k8s.CoreV1Api, ns: str, name: str, deadline: float) -> None:

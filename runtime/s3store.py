@@ -3,6 +3,7 @@
 Checkpoint ``N`` lives under ``prefix/N/``::
 
     prefix/N/data-<random>/checkpoint/pages-1.img.zst   one object per file
+    prefix/N/manifest.sig                               its signature (runtime.signing)
     prefix/N/manifest.json                              written LAST
 
 ``manifest.json`` is the local store's manifest (sha256 and size of every
@@ -54,6 +55,10 @@ ciphertext (objects stored with ``compression`` "none") and carries the
 ``encryption`` object and its MAC, and readers decrypt verified downloads
 into a private ``<name>-plain-*`` directory next to the cache.
 
+With a ``signing`` (stores built from the config have one), ``manifest.sig``,
+the node's signature over the manifest's bytes as uploaded, is put before the
+manifest, and ``open`` refuses a checkpoint whose signature does not verify.
+
 This module imports boto3 and zstandard when it first needs them (a client,
 a codec); ``runtime.store`` imports the module itself only for ``s3://``
 URLs. Writing a spool, and ``gc_spools``, need neither.
@@ -100,7 +105,9 @@ from runtime.errors import (
 from runtime.store import (
     _FULL,
     _NAME,
+    _SIG_MAX,
     MANIFEST,
+    MANIFEST_SIG,
     METADATA_FILE,
     NAME_PATTERN,
     CheckpointInfo,
@@ -125,6 +132,7 @@ from runtime.store import (
 
 if TYPE_CHECKING:
     from runtime.crypt import Key, Sealer
+    from runtime.signing import Signing
 
 log = logging.getLogger("stasis.s3")
 
@@ -464,6 +472,7 @@ class S3Store:
         part_attempts: int = 4,
         retry_delay: float = 0.5,
         key_file: str | None = None,
+        signing: Signing | None = None,
     ) -> None:
         self.bucket, self.prefix = parse_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
@@ -501,6 +510,9 @@ class S3Store:
             from runtime.crypt import load_key
 
             self.key = load_key(key_file)
+        # With signing, uploads put manifest.sig and open verifies it (the worker
+        # gets the key files' paths, in ``options``).
+        self.signing = signing
         self.endpoint = _show_endpoint(self._cfg.endpoint)
         self._base = f"{self.prefix}/" if self.prefix else ""
         self._client_lock = threading.Lock()
@@ -660,11 +672,17 @@ class S3Store:
     def _manifest_key(self, name: str) -> str:
         return f"{self._base}{name}/{MANIFEST}"
 
+    def _sig_key(self, name: str) -> str:
+        return f"{self._base}{name}/{MANIFEST_SIG}"
+
     def _get_manifest(self, name: str) -> bytes | None:
         """The raw manifest of ``name``; None if there is none (NotFound for a missing bucket)."""
+        return self._get_small(name, self._manifest_key(name), MANIFEST, _MAX_MANIFEST)
+
+    def _get_small(self, name: str, key: str, what: str, limit: int) -> bytes | None:
+        """A small object of checkpoint ``name`` (``what`` says which); None if there is none."""
         from botocore.exceptions import ClientError
 
-        key = self._manifest_key(name)
         s3 = self.client()
 
         def get() -> bytes | None:
@@ -675,9 +693,10 @@ class S3Store:
                     return None
                 raise
             with resp["Body"] as body:
-                if int(resp.get("ContentLength", 0)) > _MAX_MANIFEST:
-                    raise DataLoss(f"{self._where(name)}: {MANIFEST} is too large")
-                return cast(bytes, body.read())
+                data = cast(bytes, body.read(limit + 1))
+                if int(resp.get("ContentLength", 0)) > limit or len(data) > limit:
+                    raise DataLoss(f"{self._where(name)}: {what} is too large")
+                return data
 
         # No retries of our own: a manifest is small, botocore's suffice, and an
         # unreachable endpoint should fail fast.
@@ -754,6 +773,7 @@ class S3Store:
             "part_attempts": self._part_attempts,
             "retry_delay": self._retry_delay,
             "key_file": self.key_file,
+            "signing": None if self.signing is None else self.signing.options(),
         }
 
     @property
@@ -764,6 +784,9 @@ class S3Store:
     def open(self, name: str) -> S3Reader:
         """Read ``name``'s manifest (NotFound / DataLoss) and prepare a local cache."""
         remote = self._load(name)
+        if self.signing is not None:
+            sig = self._get_small(name, self._sig_key(name), MANIFEST_SIG, _SIG_MAX)
+            self.signing.verify(remote.raw, sig, self._where(name))
         sealer = remote.manifest.open_with(self.key, self._where(name))
         try:
             os.makedirs(self.cache_dir, 0o700, exist_ok=True)
@@ -887,7 +910,7 @@ class S3Store:
                 except DataLoss:
                     continue
                 if remote is not None:
-                    keep = {manifest_key} | {
+                    keep = {manifest_key, self._sig_key(name)} | {
                         self._dir_key(name) + s.key for s in remote.stored.values()
                     }
                     doomed += [k for k, t in objects if k not in keep and t <= deadline]
@@ -1073,8 +1096,20 @@ class S3Store:
             # Whoever published this name while we uploaded wins (no atomic rename in S3).
             if self._get_manifest(name) is not None:
                 raise AlreadyExists(f"{where} was written by someone else meanwhile")
-            key = self._manifest_key(name)
             s3 = self.client()
+            if self.signing is not None:
+                # Before the manifest: a checkpoint is never complete without it.
+                sig_key = self._sig_key(name)
+                self._retry(
+                    "put",
+                    sig_key,
+                    s3.put_object,
+                    Bucket=self.bucket,
+                    Key=sig_key,
+                    Body=self.signing.sign(data),
+                    ContentType="application/json",
+                )
+            key = self._manifest_key(name)
             manifest_sent = True
             self._retry(
                 "put",

@@ -7,6 +7,11 @@ written LAST. A checkpoint without a valid manifest does not exist: it is not
 listed and cannot be opened, so a crash or a full disk half-way through
 writing never leaves something that looks restorable.
 
+A store given a ``runtime.signing.Signing`` (every store built from the config:
+``open_store``, ``resolve``, ``default_store``) writes ``manifest.sig``, a
+signature over the manifest's bytes, before the manifest, and ``open`` refuses
+a checkpoint whose signature does not verify under a trusted key.
+
 The local store writes into a hidden ``<root>/.partial-<name>-<random>/``
 directory (CRIU and runc write there directly, through
 ``CheckpointWriter.path``), fsyncs every file and directory, writes the
@@ -27,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
@@ -55,8 +61,11 @@ from runtime.errors import (
 if TYPE_CHECKING:
     from runtime.config import Config, Limits
     from runtime.crypt import Key, Sealer
+    from runtime.signing import Signing
 
 MANIFEST = "manifest.json"
+MANIFEST_SIG = "manifest.sig"  # runtime.signing.SIG_FILE (signing loads cryptography)
+_SIG_MAX = 4096
 METADATA_FILE = "stasis.json"
 MANIFEST_VERSION = 1
 PARTIAL_PREFIX = ".partial-"
@@ -73,6 +82,8 @@ _FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 _HEX = re.compile(r"[0-9a-f]+")
 DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"  # decrypted copies (root); others: the temp dir
+
+log = logging.getLogger("stasis.store")
 
 
 # --------------------------------------------------------------------------- data
@@ -188,7 +199,7 @@ class Manifest:
             raise DataLoss(f"{where}: {MANIFEST} lists {len(files)} files (at most {_MAX_FILES})")
         entries: dict[str, FileEntry] = {}
         for rel, entry in files.items():
-            if _safe_rel(rel) != rel or rel == MANIFEST:
+            if _safe_rel(rel) != rel or rel in (MANIFEST, MANIFEST_SIG):
                 raise DataLoss(f"{where}: {MANIFEST} lists an unsafe path {rel!r}")
             digest = entry.get("sha256") if isinstance(entry, dict) else None
             size = entry.get("size") if isinstance(entry, dict) else None
@@ -755,7 +766,9 @@ class _DirReader:
         except OSError as e:
             raise _storage_error(e, f"reading {where}", self._url) from e
         expected = self._manifest.files
-        actual = {rel: size for rel, size in tree.files.items() if rel != MANIFEST}
+        actual = {
+            rel: size for rel, size in tree.files.items() if rel not in (MANIFEST, MANIFEST_SIG)
+        }
         problems = [f"{rel}: not a regular file" for rel in tree.others]
         problems += [f"{rel}: missing" for rel in sorted(expected.keys() - actual.keys())]
         problems += [f"{rel}: not in the manifest" for rel in sorted(actual.keys() - expected)]
@@ -953,12 +966,21 @@ class _StagingWriter(_LocalFiles):
 
     _durable = True  # fsync files and directories at commit
 
-    def __init__(self, name: str, staging: str, store_url: str, key: Key | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        staging: str,
+        store_url: str,
+        key: Key | None = None,
+        signing: Signing | None = None,
+    ) -> None:
         self._name = name
         self._staging = staging
         self._url = store_url
         self._state = "open"
         self._key = key  # with a key, _seal encrypts every file (runtime.crypt)
+        self._signing = signing  # with it, _seal writes manifest.sig (runtime.signing)
+        self._signature: bytes | None = None
         self._sealer: Sealer | None = None
         # An imported encrypted checkpoint: its files are stored as they came
         # and its authenticated manifest is kept verbatim (see import_tar).
@@ -973,8 +995,8 @@ class _StagingWriter(_LocalFiles):
 
     def _target(self, rel: str) -> str:
         check_rel(rel)
-        if rel == MANIFEST:
-            raise InvalidArgument(f"{MANIFEST} is written by commit, not by the caller")
+        if rel in (MANIFEST, MANIFEST_SIG):
+            raise InvalidArgument(f"{rel} is written by commit, not by the caller")
         return os.path.join(self._staging, rel)
 
     def commit(
@@ -1022,8 +1044,9 @@ class _StagingWriter(_LocalFiles):
         where = f"checkpoint {self._name} in {self._url}"
         if tree.others:
             raise InvalidArgument(f"{where}: {tree.others[0]} is not a regular file or directory")
-        if MANIFEST in tree.files:
-            raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
+        for own in (MANIFEST, MANIFEST_SIG):
+            if own in tree.files:
+                raise InvalidArgument(f"{where}: {own} was written by the caller")
         paths = {rel: os.path.join(self._staging, rel) for rel in tree.files}
         files: dict[str, FileEntry] = {}
         encryption: Encryption | None = None
@@ -1061,9 +1084,18 @@ class _StagingWriter(_LocalFiles):
             manifest = dataclasses.replace(
                 manifest, encryption=dataclasses.replace(encryption, mac=mac)
             )
+        data = manifest.to_json()
+        if self._signing is not None:
+            # The signature goes in before the manifest: no complete checkpoint without it.
+            self._signature = self._signing.sign(data)
+            with _open_new(os.path.join(self._staging, MANIFEST_SIG)) as f:
+                f.write(self._signature)
+                f.flush()
+                if self._durable:
+                    os.fsync(f.fileno())
         # The manifest goes in LAST: with it present the checkpoint is complete.
         with _open_new(os.path.join(self._staging, MANIFEST)) as f:
-            f.write(manifest.to_json())
+            f.write(data)
             f.flush()
             if self._durable:
                 os.fsync(f.fileno())
@@ -1126,11 +1158,13 @@ class LocalStore:
         create: bool = True,
         key: Key | None = None,
         cache_dir: str | None = None,
+        signing: Signing | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root
         self.key = key
         self.cache_dir = cache_dir
+        self.signing = signing
         if create:
             self._prepare()
 
@@ -1153,6 +1187,11 @@ class LocalStore:
 
     def _load(self, name: str) -> Manifest:
         """The manifest of complete checkpoint ``name``: NotFound, or DataLoss if malformed."""
+        return self._load_signed(name, check=False)
+
+    def _load_signed(self, name: str, *, check: bool = True) -> Manifest:
+        """``_load``; with ``check`` and a ``signing``, the manifest bytes parsed are the
+        ones whose ``manifest.sig`` was verified (PermissionDenied / DataLoss else)."""
         where = f"checkpoint {name} in {self.url}"
         try:
             data = _read_small(os.path.join(self._dir(name), MANIFEST))
@@ -1164,7 +1203,20 @@ class LocalStore:
             raise DataLoss(
                 f"{where}: {MANIFEST} is not a regular file of at most {_MAX_SMALL_JSON} bytes"
             ) from e
-        return Manifest.parse(data, where)
+        manifest = Manifest.parse(data, where)
+        if check and self.signing is not None:
+            try:
+                sig: bytes | None = _read_small(
+                    os.path.join(self._dir(name), MANIFEST_SIG), _SIG_MAX
+                )
+            except FileNotFoundError:
+                sig = None
+            except OSError as e:
+                raise _storage_error(e, f"reading {where}", self.url) from e
+            except (ValueError, _NotRegular) as e:
+                raise DataLoss(f"{where}: {MANIFEST_SIG} is not a small regular file") from e
+            self.signing.verify(data, sig, where)
+        return manifest
 
     def _complete(self, name: str) -> bool:
         try:
@@ -1198,8 +1250,9 @@ class LocalStore:
         return _LocalWriter(self, name, staging, lock)
 
     def open(self, name: str) -> _DirReader:
-        """Open complete checkpoint ``name`` in place (an encrypted one: authenticated)."""
-        manifest = self._load(name)
+        """Open complete checkpoint ``name`` in place (an encrypted one: authenticated;
+        with ``signing``, its signature verified)."""
+        manifest = self._load_signed(name)
         sealer = manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
         return _DirReader(
             name, self._dir(name), manifest, self.url, sealer=sealer, cache_dir=self.cache_dir
@@ -1319,7 +1372,7 @@ class _LocalWriter(_StagingWriter):
     """Writes ``<root>/.partial-<name>-<random>/`` and renames it to ``<root>/<name>``."""
 
     def __init__(self, store: LocalStore, name: str, staging: str, lock: int) -> None:
-        super().__init__(name, staging, store.url, store.key)
+        super().__init__(name, staging, store.url, store.key, store.signing)
         self._store = store
         self._lock: int | None = lock  # flock held while writing; gc skips locked partials
 
@@ -1357,6 +1410,7 @@ class _LocalWriter(_StagingWriter):
 class _Stored:
     manifest: Manifest
     files: dict[str, bytes]
+    signature: bytes | None = None
 
 
 class MemoryStore:
@@ -1367,9 +1421,10 @@ class MemoryStore:
     Readers get a private local copy, deleted by ``close``. ``key`` as for LocalStore.
     """
 
-    def __init__(self, key: Key | None = None) -> None:
+    def __init__(self, key: Key | None = None, signing: Signing | None = None) -> None:
         self.url = f"memory://{id(self):x}"
         self.key = key
+        self.signing = signing
         self._lock = threading.Lock()
         self._checkpoints: dict[str, _Stored] = {}  # guarded by _lock
 
@@ -1396,6 +1451,10 @@ class MemoryStore:
         import tempfile
 
         stored = self._get(name)
+        if self.signing is not None:
+            self.signing.verify(
+                stored.manifest.to_json(), stored.signature, f"checkpoint {name} in {self.url}"
+            )
         sealer = stored.manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
         copy = tempfile.mkdtemp(prefix=f"stasis-{name}-")
         try:
@@ -1460,7 +1519,7 @@ class _MemoryWriter(_StagingWriter):
     _durable = False  # the staging directory is thrown away anyway
 
     def __init__(self, store: MemoryStore, name: str, staging: str) -> None:
-        super().__init__(name, staging, store.url, store.key)
+        super().__init__(name, staging, store.url, store.key, store.signing)
         self._store = store
 
     def _publish(self, manifest: Manifest) -> None:
@@ -1468,7 +1527,7 @@ class _MemoryWriter(_StagingWriter):
         for rel in manifest.files:
             with open(os.path.join(self._staging, rel), "rb") as f:
                 files[rel] = f.read()
-        self._store._add(self._name, _Stored(manifest, files))
+        self._store._add(self._name, _Stored(manifest, files, self._signature))
         _rmtree(self._staging)
 
 
@@ -1486,10 +1545,15 @@ def open_store(url: str, config: Config | None = None) -> Store:
             from runtime.config import load
 
             config = load()
-        return S3Store(url, config.storage.s3, key_file=config.encryption.key_file)
+        return S3Store(
+            url,
+            config.storage.s3,
+            key_file=config.encryption.key_file,
+            signing=signing_for(config),
+        )
     path = _file_url_path(url) if url.startswith("file://") else url
     if path is not None and path.startswith("/"):
-        return LocalStore(path, key=_key(config))
+        return LocalStore(path, key=_key(config), signing=signing_for(config))
     raise InvalidArgument(
         f"{url!r} is not a store: give file:///absolute/path, /absolute/path or s3://bucket/prefix"
     )
@@ -1502,6 +1566,22 @@ def _key(config: Config | None) -> Key | None:
     from runtime.crypt import load_key
 
     return load_key(config.encryption.key_file)
+
+
+def signing_for(config: Config | None) -> Signing:
+    """The signing key and trusted keys ``config`` names (files are read when first used).
+
+    Without a config, the one ``runtime.config.load()`` reads: a store built
+    from the configuration always signs and verifies.
+    """
+    from runtime import signing
+
+    if config is None:
+        from runtime.config import load
+
+        config = load()
+    key_file = config.signing.key_file or signing.DEFAULT_KEY_FILE
+    return signing.Signing(key_file, config.signing.trusted_keys)
 
 
 def default_store(config: Config) -> Store:
@@ -1530,7 +1610,13 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
         from runtime.s3store import S3Store, split_ref  # boto3 only for S3 stores
 
         url, name = split_ref(ref)
-        return S3Store(url, config.storage.s3, key_file=config.encryption.key_file), name
+        store = S3Store(
+            url,
+            config.storage.s3,
+            key_file=config.encryption.key_file,
+            signing=signing_for(config),
+        )
+        return store, name
     if ref.startswith("file://"):
         path = _file_url_path(ref)
         if path is None:
@@ -1576,7 +1662,7 @@ def _by_path(path: str, ref: str, config: Config) -> tuple[Store, str]:
     parent, name = os.path.split(os.path.normpath(path))
     if not _NAME.fullmatch(name):
         raise InvalidArgument(f"{ref!r}: {name!r} is not a valid checkpoint name")
-    return LocalStore(parent, create=False, key=_key(config)), name
+    return LocalStore(parent, create=False, key=_key(config), signing=signing_for(config)), name
 
 
 def _unquote(s: str) -> str:
@@ -1694,7 +1780,7 @@ def _export_extras(reader: CheckpointReader) -> dict[str, bytes]:
     return {rel: json.dumps(extras[rel], indent=1).encode() for rel in missing}
 
 
-def export_tar(reader: CheckpointReader, tar_path: str) -> None:
+def export_tar(reader: CheckpointReader, tar_path: str, signing: Signing | None = None) -> None:
     """Write the checkpoint as a tar archive (gzip for ``.gz``/``.tgz``), mode 0600.
 
     Files sit at the top level (``checkpoint/...``, ``rootfs-diff.tar``,
@@ -1710,6 +1796,10 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
 
     An encrypted checkpoint is exported as stored, encrypted (no extras): only
     Stasis with its key can restore it; CRI restore needs an unencrypted one.
+
+    With ``signing``, ``manifest.sig`` follows the manifest: this node's
+    signature over the archive's manifest (it exports only what it opened, and
+    opening verified the checkpoint's own signature).
     """
     import tarfile
 
@@ -1738,6 +1828,9 @@ def export_tar(reader: CheckpointReader, tar_path: str) -> None:
         ):
             data = manifest.to_json()
             tar.addfile(member(MANIFEST, tarfile.REGTYPE, len(data)), _BytesReader(data))
+            if signing is not None:
+                sig = signing.sign(data)
+                tar.addfile(member(MANIFEST_SIG, tarfile.REGTYPE, len(sig)), _BytesReader(sig))
             dirs = sorted(
                 {
                     "/".join(rel.split("/")[:i])
@@ -1808,7 +1901,12 @@ def _member_rel(name: str, tar_path: str) -> str | None:
 
 
 def import_tar(
-    store: Store, tar_path: str, name: str, limits: Limits | None = None
+    store: Store,
+    tar_path: str,
+    name: str,
+    limits: Limits | None = None,
+    *,
+    trust: bool = False,
 ) -> CheckpointInfo:
     """Store a checkpoint archive (as ``export_tar`` or Podman/CRI-O write them) as ``name``.
 
@@ -1819,6 +1917,12 @@ def import_tar(
     written (ResourceExhausted): all of them together must stay within
     ``limits.max_import_bytes`` and each must fit the free space less
     ``limits.reserve_bytes``.
+
+    Into a store with a ``signing``, an archive must carry a ``manifest.sig``
+    that verifies under a trusted key (PermissionDenied, before anything is
+    extracted, when it is unsigned, has no manifest or names an unknown key;
+    DataLoss for a wrong signature), unless ``trust``: then it is imported,
+    logged as such, and signed by this node like every checkpoint it commits.
     """
     import tarfile
 
@@ -1835,19 +1939,50 @@ def import_tar(
         raise InvalidArgument(f"{tar_path} is not a tar archive: {e}") from e
     except OSError as e:
         raise Unavailable(f"cannot read {tar_path}: {e.strerror or e}") from e
+    signing: Signing | None = getattr(store, "signing", None)
     with tar, store.begin(name) as writer:
         budget: Budget | None = None
         seen: dict[str, FileEntry] = {}
         dirs: set[str] = set()
         manifest_data: bytes | None = None
+        sig_data: bytes | None = None
         imported: Manifest | None = None
+        checked = signing is None
+
+        def check_origin() -> None:
+            nonlocal checked
+            if checked:
+                return
+            checked = True
+            assert signing is not None
+            where = f"archive {tar_path}"
+            try:
+                if manifest_data is None:
+                    raise PermissionDenied(f"{where} is unsigned (it has no {MANIFEST})")
+                signing.verify(manifest_data, sig_data, where)
+            except PermissionDenied as e:
+                if not trust:
+                    raise PermissionDenied(
+                        f"{e}; `stasis import --trust` imports it, signed by this node"
+                    ) from e
+                log.warning(
+                    "importing %s as %s on the user's word (--trust): %s", tar_path, name, e
+                )
+
         try:
             for m in tar:
                 rel = _member_rel(m.name, tar_path)
                 if rel is None:
                     continue
-                if rel in seen or rel in dirs or (rel == MANIFEST and manifest_data is not None):
+                if (
+                    rel in seen
+                    or rel in dirs
+                    or (rel == MANIFEST and manifest_data is not None)
+                    or (rel == MANIFEST_SIG and sig_data is not None)
+                ):
                     raise InvalidArgument(f"{tar_path}: member {m.name!r} appears twice")
+                if rel not in (MANIFEST, MANIFEST_SIG):
+                    check_origin()  # export_tar puts both first: refused before extracting
                 if m.isdir():
                     writer.path(rel, directory=True)
                     dirs.add(rel)
@@ -1879,6 +2014,11 @@ def import_tar(
                             if len(manifest_data) > _MAX_SMALL_JSON:
                                 raise InvalidArgument(f"{tar_path}: {MANIFEST} is too large")
                             continue
+                        if rel == MANIFEST_SIG:
+                            sig_data = src.read(_SIG_MAX + 1)
+                            if len(sig_data) > _SIG_MAX:
+                                raise InvalidArgument(f"{tar_path}: {MANIFEST_SIG} is too large")
+                            continue
                         if rel in _EXPORT_EXTRAS and manifest_data is not None:
                             imported = imported or Manifest.parse(manifest_data, tar_path)
                             if rel not in imported.files:
@@ -1906,6 +2046,7 @@ def import_tar(
                     )
         except tarfile.TarError as e:
             raise InvalidArgument(f"{tar_path} is a damaged tar archive: {e}") from e
+        check_origin()
         metadata: dict[str, Any] = {}
         if manifest_data is not None:
             imported = imported or Manifest.parse(manifest_data, tar_path)

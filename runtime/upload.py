@@ -475,7 +475,13 @@ def _serve(request: dict[str, Any], events: _Events) -> int:
     from runtime.config import S3Config
     from runtime.s3store import PID_FILE, S3Store, new_spool
 
-    store = S3Store(str(request["url"]), S3Config(**request["s3"]), **request["options"])
+    options = dict(request["options"])
+    if options.get("signing") is not None:
+        from runtime.signing import Signing
+
+        signing = options["signing"]
+        options["signing"] = Signing(str(signing["key_file"]), tuple(signing["trusted"]))
+    store = S3Store(str(request["url"]), S3Config(**request["s3"]), **options)
     name = check_name(str(request["name"]))
     spool, lock = new_spool(store.spool_dir, name)  # held until this process ends
     committed = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,12 +36,14 @@ from runtime.errors import (
 from runtime.metadata import restore_metadata
 from runtime.runc import CheckpointOpts
 from runtime.store import (
+    METADATA_FILE,
     CheckpointReader,
     LocalStore,
     check_source,
     default_store,
     open_store,
     resolve,
+    signing_for,
 )
 from shim.container import Container
 from shim.main import RESTORE_ANNOTATION
@@ -54,6 +57,11 @@ RESTORE_POLICY = "stasis.dev/restore-policy"
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.containerd.image.name")
 CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+# The Kubernetes namespace of a CRI container, as containerd's CRI plugin sets it
+# (pod annotations reach the shim only as stasis.dev/*, so a pod cannot fake it).
+KUBE_NAMESPACE_ANNOTATIONS = ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace")
+RESTORE_GRANT = "stasis.dev/restore-grant"  # runtime.signing grant: `stasis kube restore`
+METADATA_MAX = 1 << 20
 POD_FILE = "pod.json"  # what makes a checkpoint a pod checkpoint (runtime/kube.py)
 POD_FILE_MAX = 4 << 20
 METADATA_NAME = "stasis.json"
@@ -142,6 +150,7 @@ async def _checkpoint(
     oci = _spec(container)
     annotations = oci.get("annotations") or {}
     annotated = next((annotations[k] for k in IMAGE_ANNOTATIONS if k in annotations), "")
+    kube_namespace = kube_namespace_of(annotations)
     started = time.monotonic()
     # Asked now, answered by the time the metadata is written (each a process, the
     # first time a shim checkpoints): not after the dump, when the caller waits.
@@ -223,6 +232,7 @@ async def _checkpoint(
             "format": FORMAT_VERSION,
             "container_id": container.id,
             "namespace": namespace,
+            **({"kube_namespace": kube_namespace} if kube_namespace else {}),
             "image": image,
             "runtime": RUNTIME,
             "runc": runc_version,
@@ -314,6 +324,34 @@ async def _criu_version(container: Container) -> str:
     return str(_VERSIONS["criu"])
 
 
+def kube_namespace_of(annotations: dict[str, Any]) -> str:
+    """The Kubernetes namespace a container's spec annotations name ("" outside CRI)."""
+    for key in KUBE_NAMESPACE_ANNOTATIONS:
+        value = annotations.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+@dataclass(frozen=True)
+class RestoreTarget:
+    """Where a restore puts a checkpoint: the shim's containerd namespace, the new
+    container's Kubernetes namespace ("" outside CRI), and a ``stasis kube restore``
+    grant for another Kubernetes namespace (its annotation's value, "" if none)."""
+
+    namespace: str
+    kube_namespace: str = ""
+    grant: str = ""
+
+    @classmethod
+    def of(cls, namespace: str, annotations: dict[str, Any]) -> RestoreTarget:
+        """The target of a new container in ``namespace`` with these spec annotations."""
+        grant = annotations.get(RESTORE_GRANT)
+        return cls(
+            namespace, kube_namespace_of(annotations), grant if isinstance(grant, str) else ""
+        )
+
+
 @dataclass(frozen=True)
 class RestorePlan:
     """A checkpoint to restore a new container from: verified, except the CRIU
@@ -358,6 +396,7 @@ def prepare_restore(
     defer_images: bool = False,
     container_name: str | None = None,
     spec: dict[str, Any] | None = None,
+    target: RestoreTarget | None = None,
 ) -> RestorePlan | None:
     """Open and verify a checkpoint and apply its rootfs diff into ``upperdir``.
 
@@ -371,12 +410,19 @@ def prepare_restore(
     With ``defer_images``, a local checkpoint's CRIU images are left for a
     ``RestoreGate`` to check during the restore. A checkpoint whose recorded
     security profile exceeds ``spec`` (the new container's) is refused here.
+
+    Opening verifies the checkpoint's signature; with ``target`` (the shim
+    always gives it), a checkpoint taken in another containerd or Kubernetes
+    namespace is refused (PermissionDenied), unless ``restore.cross_namespace``
+    or, for the Kubernetes namespace, a valid grant allows it.
     """
     reader: CheckpointReader | None = None
     try:
         check_source(ref, config)  # the annotation is not trusted input
         store, name = resolve(ref, config)
         reader = store.open(name)
+        # What a grant names: the checkpoint the annotation points at.
+        digest = hashlib.sha256(reader.manifest.to_json()).hexdigest()
         if POD_FILE in reader.manifest.files:
             member = _pod_member(reader, container_name)
             reader.close()
@@ -400,6 +446,8 @@ def prepare_restore(
         reader.verify(only=_not_images if pending else None)
         if spec is not None:
             _check_profile(reader, spec)
+        if target is not None:
+            _check_namespace(reader, target, config, digest)
         if reader.manifest.encryption:  # decrypt the images here, off the shim's event loop
             reader.file("checkpoint")
         if upperdir is not None and "rootfs-diff.tar" in reader.manifest.files:
@@ -446,6 +494,69 @@ def _check_profile(reader: CheckpointReader, spec: dict[str, Any]) -> None:
             f"refused: the checkpointed container held more than this container's spec "
             f"allows: {'; '.join(problems)}"
         )
+
+
+def signed_metadata(reader: CheckpointReader) -> dict[str, Any]:
+    """The checkpoint's ``stasis.json``, read once and checked against its (signed)
+    manifest entry: what it says is what the signer wrote. {} if it has none."""
+    entry = reader.manifest.files.get(METADATA_FILE)
+    if entry is None:
+        return {}
+    where = f"checkpoint {reader.name}: {METADATA_FILE}"
+    if entry.size > METADATA_MAX:
+        raise DataLoss(f"{where} is larger than {METADATA_MAX} bytes")
+    with open(reader.file(METADATA_FILE), "rb") as f:
+        data = f.read(METADATA_MAX + 1)
+    # An encrypted checkpoint's copy was checked as it was decrypted (its
+    # manifest lists the ciphertext's digest).
+    if not reader.manifest.encryption and (
+        len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256
+    ):
+        raise DataLoss(f"{where} does not match the manifest")
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise DataLoss(f"{where} is not valid JSON") from e
+    if not isinstance(doc, dict):
+        raise DataLoss(f"{where} is not a JSON object")
+    return doc
+
+
+def _check_namespace(
+    reader: CheckpointReader, target: RestoreTarget, config: Config, digest: str
+) -> None:
+    """PermissionDenied if the checkpoint was taken in another namespace than ``target``."""
+    recorded = signed_metadata(reader)
+    kube = recorded.get("kube_namespace") or ""
+    containerd = recorded.get("namespace") or ""
+    crossed = []
+    if isinstance(containerd, str) and containerd and containerd != target.namespace:
+        crossed.append(f"containerd namespace {containerd!r}, not {target.namespace!r}")
+    if isinstance(kube, str) and kube != target.kube_namespace:
+        crossed.append(
+            f"Kubernetes namespace {kube or '(none)'!r}, not {target.kube_namespace or '(none)'!r}"
+        )
+    if not crossed or config.restore.cross_namespace:
+        return
+    granted = (
+        len(crossed) == 1
+        and kube != target.kube_namespace
+        and target.grant
+        and signing_for(config).check_grant(target.grant, digest, target.kube_namespace)
+    )
+    if granted:
+        log.warning(
+            "checkpoint %s (namespace %s) restores into namespace %s by a signed grant",
+            reader.name,
+            kube,
+            target.kube_namespace,
+        )
+        return
+    raise PermissionDenied(
+        f"checkpoint {reader.name} was taken in {' and '.join(crossed)}: restoring it into "
+        "another namespace needs restore.cross_namespace = true in the Stasis config "
+        "(or `stasis kube restore --allow-cross-namespace`)"
+    )
 
 
 def _pod_member(reader: CheckpointReader, container_name: str | None) -> str | None:

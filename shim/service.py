@@ -344,6 +344,7 @@ class TaskService:
                     defer_images=policy == "fail",
                     container_name=member,
                     spec=cfg.spec,
+                    target=checkpointing.RestoreTarget.of(self.namespace, annotations),
                 )
             )
         except StasisError as e:

@@ -43,6 +43,12 @@ def storage_table(*extra: str) -> str:
     return f"[storage]\nrestore_sources = [{listed}]\n"
 
 
+def signing_table() -> str:
+    """The session config's [signing] table: a key of the session's own (created on
+    first use), never the machine's /etc/stasis/signing.key."""
+    return f'[signing]\nkey_file = "{os.environ["STASIS_TEST_SIGNING_KEY"]}"\n'
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Give shims and the CLI a Stasis config file of this session's own.
 
@@ -50,22 +56,28 @@ def pytest_configure(config: pytest.Config) -> None:
     fixture writes its endpoint and credentials into it. The machine's
     /etc/stasis/config.toml is never read by tests.
     """
-    if "STASIS_CONFIG" in os.environ:
-        return
     import tempfile
 
     directory = tempfile.mkdtemp(prefix="stasis-test-config-")
+    config.add_cleanup(lambda: _forget_config(directory))
+    os.environ["STASIS_TEST_SIGNING_KEY"] = str(Path(directory) / "signing" / "signing.key")
+    # What a Config() built in a test signs with: never the machine's key.
+    from runtime import signing
+
+    signing.DEFAULT_KEY_FILE = os.environ["STASIS_TEST_SIGNING_KEY"]
+    if "STASIS_CONFIG" in os.environ:
+        return
     path = Path(directory) / "config.toml"
-    path.write_text("# written by the test session\n" + storage_table())
+    path.write_text("# written by the test session\n" + storage_table() + signing_table())
     path.chmod(0o600)
     os.environ["STASIS_CONFIG"] = str(path)
-    config.add_cleanup(lambda: _forget_config(directory))
+    config.add_cleanup(lambda: os.environ.pop("STASIS_CONFIG", None))
 
 
 def _forget_config(directory: str) -> None:
     import shutil
 
-    os.environ.pop("STASIS_CONFIG", None)
+    os.environ.pop("STASIS_TEST_SIGNING_KEY", None)
     shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -116,7 +128,7 @@ def s3_server() -> Iterator[S3Server]:
                     raise
                 time.sleep(0.2)
         Path(os.environ["STASIS_CONFIG"]).write_text(
-            storage_table(f"s3://{server.bucket}") + "[storage.s3]\n"
+            storage_table(f"s3://{server.bucket}") + signing_table() + "[storage.s3]\n"
             f'access_key_id = "{server.access_key_id}"\n'
             f'secret_access_key = "{server.secret_access_key}"\n'
             'region = "us-east-1"\n'

@@ -18,6 +18,20 @@ if ! cmp -s /stasis/payload.sha256 "$HOST$STAGE/payload.sha256" 2>/dev/null; the
     rm -rf "$HOST$STAGE"
     mv "$HOST$STAGE.new" "$HOST$STAGE"
 fi
+# A cluster's shared checkpoint signing key (a Secret mounted at $SIGNING_SECRET_DIR):
+# installed as the host's key, 0600 in a 0700 directory, when it differs from it.
+SIGNING_KEY=/etc/stasis/signing.key
+if [ -n "${SIGNING_SECRET_DIR:-}" ] && [ -f "$SIGNING_SECRET_DIR/signing.key" ]; then
+    if ! cmp -s "$SIGNING_SECRET_DIR/signing.key" "$HOST$SIGNING_KEY" 2>/dev/null; then
+        log "installing the cluster's signing key as $SIGNING_KEY on the host"
+        mkdir -p "$HOST/etc/stasis"
+        chmod 0700 "$HOST/etc/stasis"
+        (umask 077 && cp "$SIGNING_SECRET_DIR/signing.key" "$HOST$SIGNING_KEY.new")
+        chmod 0600 "$HOST$SIGNING_KEY.new"
+        mv "$HOST$SIGNING_KEY.new" "$HOST$SIGNING_KEY"
+        rm -f "$HOST$SIGNING_KEY.pub" # derived from the old key; `stasis keygen` made it
+    fi
+fi
 chroot "$HOST" /usr/bin/env \
     STASIS_PREFIX="$PREFIX" STASIS_BIN_DIR="${STASIS_BIN_DIR:-/usr/local/bin}" \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -5,14 +5,16 @@ order against a recording fake of the shims, and the shim's restore side
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from runtime import kube
-from runtime.config import Config, StorageConfig
+from runtime.config import Config, SigningConfig, StorageConfig
 from runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, StasisError
+from runtime.signing import Signing
 from runtime.store import LocalStore
 from shim import checkpointing
 
@@ -213,9 +215,15 @@ def write(store: LocalStore, name: str, files: dict[str, bytes]) -> str:
         return w.commit({}).ref
 
 
+def signing_key(store: str) -> str:
+    """The signing key a test store beside ``store`` uses (created on first use)."""
+    return os.path.join(os.path.dirname(store), "keys", "signing.key")
+
+
 @pytest.fixture
 def pod_ref(tmp_path: Path) -> str:
-    store = LocalStore(str(tmp_path / "store"))
+    root = str(tmp_path / "store")
+    store = LocalStore(root, signing=Signing(signing_key(root)))
     write(store, "p.a", {"checkpoint/pages-1.img": b"x" * 100, "stasis.json": b"{}"})
     doc = {"format": 1, "containers": {"a": "p.a"}, "volumes": []}
     return write(store, "p", {"pod.json": json.dumps(doc).encode()})
@@ -224,7 +232,10 @@ def pod_ref(tmp_path: Path) -> str:
 def config(ref: str) -> Config:
     """A config whose restores may read the store holding ``ref``."""
     store = ref.removeprefix("file://").rsplit("/", 1)[0]
-    return Config(StorageConfig(url="/nonexistent", restore_sources=(f"file://{store}",)))
+    return Config(
+        StorageConfig(url="/nonexistent", restore_sources=(f"file://{store}",)),
+        signing=SigningConfig(key_file=signing_key(store)),
+    )
 
 
 def test_restore_request_skips_the_sandbox() -> None:
