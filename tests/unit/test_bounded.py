@@ -83,7 +83,7 @@ def make(store: LocalStore, name: str, meta: dict[str, Any], stasis: bytes | Non
 def test_list_skips_a_broken_entry_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     make(store, "good", {"image": "a"})
     bad = make(store, "bad", {})
     (bad / "manifest.json").write_bytes(DEEP)
@@ -96,6 +96,13 @@ def test_list_skips_a_broken_entry_with_a_warning(
     assert len(warned) == 1 and "skipping checkpoint bad" in warned[0], warned
 
 
+def signed_store(root: Path) -> LocalStore:
+    """A store whose checkpoints a restore accepts: signed with the session's key."""
+    from runtime import signing
+
+    return LocalStore(str(root), signing=signing.Signing(signing.DEFAULT_KEY_FILE))
+
+
 def restore_config(root: Path, limits: Limits | None = None) -> Config:
     return Config(StorageConfig(url=f"file://{root}"), limits=limits or Limits())
 
@@ -103,7 +110,7 @@ def restore_config(root: Path, limits: Limits | None = None) -> Config:
 def test_restore_with_deep_stasis_json_is_dataloss(tmp_path: Path) -> None:
     from shim import checkpointing
 
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     make(store, "deep", {}, stasis=DEEP)
     with pytest.raises(DataLoss, match=r"stasis.json nests deeper"):
         checkpointing.prepare_restore(
@@ -166,7 +173,7 @@ def test_wellformed_metadata_passes() -> None:
 def test_restore_of_malformed_execs_is_refused_before_anything_runs(tmp_path: Path) -> None:
     from shim import checkpointing
 
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     make(store, "k", {"execs": [{"id": "x", "pid": "abc"}]})
     upper = tmp_path / "upper"
     upper.mkdir()
@@ -181,7 +188,7 @@ def test_restore_policy_fresh_starts_fresh_on_malformed_metadata(tmp_path: Path)
     """What the shim's restore-policy fresh catches: every failure is a StasisError."""
     from shim import checkpointing
 
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     make(store, "gpu", {"gpu": {"inventory": "x"}})
     make(store, "deep", {}, stasis=b'{"gpu":' + DEEP + b"}")
     for name in ("gpu", "deep"):
@@ -264,13 +271,13 @@ def test_import_refuses_what_expands_past_the_limit_before_writing(tmp_path: Pat
     archive = tmp_path / "bomb.tar.gz"
     archive.write_bytes(tar_bytes([reg("checkpoint/a.img", 1 << 20), reg("big", 8 << 20)], gz=True))
     assert archive.stat().st_size < 64 << 10
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     with pytest.raises(
         ResourceExhausted, match=rf"archive {archive} .* over the limit limits.max_import_bytes"
     ):
-        import_tar(store, str(archive), "x", Limits(max_import_bytes=4 << 20))
+        import_tar(store, str(archive), "x", Limits(max_import_bytes=4 << 20), trust=True)
     assert os.listdir(tmp_path / "s") == []  # the partial import went
-    import_tar(store, str(archive), "x", Limits(max_import_bytes=16 << 20))
+    import_tar(store, str(archive), "x", Limits(max_import_bytes=16 << 20), trust=True)
 
 
 def test_import_refuses_what_would_not_fit_the_free_space(
@@ -278,11 +285,11 @@ def test_import_refuses_what_would_not_fit_the_free_space(
 ) -> None:
     archive = tmp_path / "a.tar"
     archive.write_bytes(tar_bytes([reg("checkpoint/a.img", 1 << 20)]))
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     free = os.statvfs(tmp_path)
     reserve = free.f_bavail * free.f_frsize - (512 << 10)  # leaves 512 KiB for us
     with pytest.raises(ResourceExhausted, match=r"do not fit .* kept in reserve"):
-        import_tar(store, str(archive), "x", Limits(reserve_bytes=reserve))
+        import_tar(store, str(archive), "x", Limits(reserve_bytes=reserve), trust=True)
     assert os.listdir(tmp_path / "s") == []
 
 
@@ -433,7 +440,7 @@ def test_restore_puts_dashdash_before_ctrs_positional_values(
 
     from runtime import cli
 
-    store = LocalStore(str(tmp_path / "s"))
+    store = signed_store(tmp_path / "s")
     make(store, "ok", {"image": "docker.io/x:1"})
     make(store, "evil", {"image": "--privileged"})
     calls: list[tuple[str, ...]] = []
