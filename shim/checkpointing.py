@@ -28,10 +28,9 @@ from runtime.runc import CheckpointOpts
 from runtime.store import (
     CheckpointReader,
     LocalStore,
-    check_source,
     default_store,
     open_store,
-    resolve,
+    resolve_source,
 )
 from shim.container import Container
 from shim.main import RESTORE_ANNOTATION
@@ -359,8 +358,9 @@ def prepare_restore(
     """
     reader: CheckpointReader | None = None
     try:
-        check_source(ref, config)  # the annotation is not trusted input
-        store, name = resolve(ref, config)
+        # The annotation is not trusted input: checked and resolved in one step,
+        # and the store opens the checkpoint through what it checked.
+        store, name = resolve_source(ref, config)
         reader = store.open(name)
         if POD_FILE in reader.manifest.files:
             member = _pod_member(reader, container_name)
