@@ -1217,11 +1217,12 @@ class _Anchor:
 class LocalStore:
     """Checkpoints as directories under ``root``, on any POSIX filesystem (a NAS mount too).
 
-    With ``create`` (the default, for Stasis's own store), the root is created
-    0700 and tightened to 0700 if it is looser. ``resolve`` passes
-    ``create=False`` for a directory a user named: Stasis never changes the
-    mode of a directory it does not own (think ``/tmp``). Checkpoint
-    directories are 0700 and their files 0600 either way.
+    With ``create`` (the default, for Stasis's own store), ``begin`` creates a
+    missing root 0700; ``resolve`` passes ``create=False`` for a directory a
+    user named. Nothing is created or changed before a write, and Stasis sets
+    the mode only of a directory it has just made itself: never one that
+    exists (think ``stasis list --store /tmp``), never through a symlink.
+    Checkpoint directories are 0700 and their files 0600 either way.
 
     A checkpoint is opened once, through no symlink below the root (a name that
     is a symlink in the store is refused, PermissionDenied), and read through
@@ -1249,22 +1250,33 @@ class LocalStore:
         self.key = key
         self.cache_dir = cache_dir
         self._anchor = anchor
-        if create:
-            self._prepare()
+        self._create = create
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
     def _prepare(self) -> None:
+        """Create the root 0700 if it is missing (before a write); leave an existing one
+        as it is."""
+        parent = os.path.dirname(self.root)
         try:
-            os.makedirs(self.root, 0o700, exist_ok=True)
-            st = os.stat(self.root)
-            if not stat.S_ISDIR(st.st_mode):
+            os.makedirs(parent, exist_ok=True)
+            try:
+                os.mkdir(self.root, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                # Ours: 0700 whatever the umask, through a descriptor of what
+                # mkdir made (O_NOFOLLOW: never a symlink put in its place).
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, 0o700)
+                finally:
+                    os.close(fd)
+            if not os.path.isdir(self.root):
                 raise Unavailable(f"storage {self.url}: not a directory")
-            if stat.S_IMODE(st.st_mode) & 0o077 or stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
-                os.chmod(self.root, 0o700)
         except OSError as e:
-            raise _storage_error(e, "preparing the store directory (0700)", self.url) from e
+            raise _storage_error(e, "creating the store directory (0700)", self.url) from e
 
     def _dir(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
@@ -1347,6 +1359,8 @@ class LocalStore:
     def begin(self, name: str) -> _LocalWriter:
         """Start writing ``name`` in ``<root>/.partial-<name>-<random>/``."""
         check_name(name)
+        if self._create:
+            self._prepare()
         if self._complete(name):
             raise AlreadyExists(f"checkpoint {name} in {self.url} exists already")
         staging = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-{_token()}")
@@ -1659,9 +1673,10 @@ class _MemoryWriter(_StagingWriter):
 
 
 def open_store(url: str, config: Config | None = None) -> Store:
-    """The store at ``url``: ``file:///abs/dir`` or ``/abs/dir`` (created 0700 if missing),
-    or ``s3://bucket/prefix`` (credentials and endpoint from ``config.storage.s3``;
-    without ``config``, from ``runtime.config.load()``)."""
+    """The store at ``url``: ``file:///abs/dir`` or ``/abs/dir`` (made 0700 by the first
+    write if missing; nothing is created or changed before), or ``s3://bucket/prefix``
+    (credentials and endpoint from ``config.storage.s3``; without ``config``, from
+    ``runtime.config.load()``)."""
     if url.startswith("s3://"):
         from runtime.s3store import S3Store  # boto3 is imported only for S3 stores
 

@@ -424,7 +424,7 @@ def test_crash_leftovers_do_not_exist(local: LocalStore, root: Path, tmp_path: P
 
 
 def test_commit_over_incomplete_directory(local: LocalStore, root: Path) -> None:
-    (root / "x").mkdir()
+    (root / "x").mkdir(parents=True)
     (root / "x" / "junk").write_bytes(b"junk")
     with local.begin("x") as w:
         w.write_bytes("f", b"new")
@@ -478,7 +478,7 @@ def test_remove(store: Store, root: Path, tmp_path: Path) -> None:
 
 
 def test_remove_incomplete_directory(local: LocalStore, root: Path) -> None:
-    (root / "half").mkdir()
+    (root / "half").mkdir(parents=True)
     (root / "half" / "f").write_bytes(b"")
     local.remove("half")
     assert not (root / "half").exists()
@@ -655,21 +655,61 @@ def test_verify_memory_store_copy(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- permissions
 
 
-def test_root_created_private(tmp_path: Path) -> None:
+def test_root_created_private_by_the_first_write(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        LocalStore(str(tmp_path / "a" / "root"))
+        s = LocalStore(str(tmp_path / "a" / "root"))
+        assert s.list() == [] and s.gc(0) == []
+        with pytest.raises(NotFound):
+            s.open("x")
+        assert not (tmp_path / "a").exists()  # reading creates nothing
+        make(s, "x", tmp_path)
     finally:
         os.umask(old)
     assert mode(tmp_path / "a" / "root") == 0o700
 
 
-def test_root_tightened(tmp_path: Path) -> None:
+def test_existing_root_keeps_its_mode(tmp_path: Path) -> None:
+    """Only a directory Stasis has just made is chmodded: not one named for a read
+    (``stasis list --store /tmp``), not one written into, not one behind a symlink."""
     loose = tmp_path / "loose"
     loose.mkdir()
-    os.chmod(loose, 0o755)
-    LocalStore(str(loose))
-    assert mode(loose) == 0o700
+    os.chmod(loose, 0o1777)
+    s = open_store(str(loose))
+    assert s.list() == []
+    with pytest.raises(NotFound):
+        s.open("x")
+    assert mode(loose) == 0o1777
+    make(s, "x", tmp_path)
+    with s.open("x") as r:
+        export_tar(r, str(tmp_path / "x.tar"))
+    assert mode(loose) == 0o1777
+    link = tmp_path / "link"
+    link.symlink_to(loose)
+    via_link = LocalStore(str(link))
+    make(via_link, "y", tmp_path)
+    assert [i.name for i in via_link.list()] == ["x", "y"]
+    assert mode(loose) == 0o1777
+
+
+def test_cli_list_leaves_the_named_store_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime import cli
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    (tmp_path / "config.toml").write_text(f'[storage]\nurl = "file://{tmp_path}/default"\n')
+    monkeypatch.setenv("STASIS_CONFIG", str(tmp_path / "config.toml"))
+    for store in (shared, link):
+        assert cli.main(["list", "--store", str(store)]) == 0
+    assert cli.main(["list"]) == 0
+    assert cli.main(["inspect", "nothing"]) == 1
+    assert mode(shared) == 0o1777
+    assert not (tmp_path / "default").exists()  # nor is the default store made by reading
 
 
 def test_files_0600_dirs_0700(local: LocalStore, root: Path, tmp_path: Path) -> None:
@@ -787,7 +827,10 @@ def test_resolve_name_uses_default_store(config: Config, tmp_path: Path) -> None
     assert isinstance(s, LocalStore)
     assert s.root == f"{tmp_path}/default"
     assert s.url == f"file://{tmp_path}/default"
-    assert mode(tmp_path / "default") == 0o700  # Stasis's own store is created private
+    assert not (tmp_path / "default").exists()  # resolving creates nothing ...
+    with s.begin(name) as w:
+        w.commit()
+    assert mode(tmp_path / "default") == 0o700  # ... Stasis's own store is made private by a write
 
 
 def test_resolve_absolute_path(config: Config, tmp_path: Path) -> None:
