@@ -14,8 +14,11 @@ manifest, and renames the directory to ``<root>/<name>`` in one step.
 ``gc`` removes partial directories that crashed writers left behind.
 
 ``resolve`` turns what a user typed (a name, an absolute path, a ``file://``
-URL) into a store and a name; ``export_tar`` / ``import_tar`` move checkpoints
-in and out as archives laid out like the Kubernetes/Podman checkpoint archive.
+URL) into a store and a name; ``resolve_source`` does it for a restore, only
+within the stores restores may read. A local checkpoint is opened once,
+through no symlink below its store (``runtime.fsresolve``), and read through
+that descriptor. ``export_tar`` / ``import_tar`` move checkpoints in and out
+as archives laid out like the Kubernetes/Podman checkpoint archive.
 """
 
 from __future__ import annotations
