@@ -19,8 +19,11 @@ manifest, and renames the directory to ``<root>/<name>`` in one step.
 ``gc`` removes partial directories that crashed writers left behind.
 
 ``resolve`` turns what a user typed (a name, an absolute path, a ``file://``
-URL) into a store and a name; ``export_tar`` / ``import_tar`` move checkpoints
-in and out as archives laid out like the Kubernetes/Podman checkpoint archive.
+URL) into a store and a name; ``resolve_source`` does it for a restore, only
+within the stores restores may read. A local checkpoint is opened once,
+through no symlink below its store (``runtime.fsresolve``), and read through
+that descriptor. ``export_tar`` / ``import_tar`` move checkpoints in and out
+as archives laid out like the Kubernetes/Podman checkpoint archive.
 """
 
 from __future__ import annotations
@@ -38,13 +41,13 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from runtime import boundedjson
+from runtime import boundedjson, fsresolve
 from runtime.digest import KnownDigest
 from runtime.errors import (
     AlreadyExists,
@@ -513,13 +516,14 @@ class _NotRegular(Exception):
     pass
 
 
-def _digest(path: str, *, seal: bool = False) -> FileEntry:
+def _digest(path: str, *, seal: bool = False, dir_fd: int | None = None) -> FileEntry:
     """sha256 and size of the regular file ``path``, read in 1 MiB chunks.
 
-    With ``seal``: also make it 0600 and fsync it (the commit path).
+    With ``seal``: also make it 0600 and fsync it (the commit path). With
+    ``dir_fd``: ``path`` is relative to it, opened beneath it through no symlink.
     """
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(path, flags)
+    fd = os.open(path, flags) if dir_fd is None else fsresolve.open_beneath(dir_fd, path, flags)
     with open(fd, "rb", buffering=0) as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -555,9 +559,10 @@ def _seal_known(path: str, known: KnownDigest, *, durable: bool) -> bool:
 
 
 def _digest_all(
-    paths: dict[str, str], sizes: dict[str, int], *, seal: bool
+    paths: dict[str, str], sizes: dict[str, int], *, seal: bool, dir_fd: int | None = None
 ) -> dict[str, FileEntry | BaseException]:
-    """Digest many files: the large ones on a small thread pool, the rest inline.
+    """Digest many files: the large ones on a small thread pool, the rest inline
+    (``dir_fd`` as for ``_digest``).
 
     Returns each file's entry, or the exception digesting it raised.
     """
@@ -568,24 +573,23 @@ def _digest_all(
 
         workers = min(_MAX_WORKERS, len(big), os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stasis-digest") as pool:
-            futures = {rel: pool.submit(_digest, paths[rel], seal=seal) for rel in big}
+            futures = {rel: pool.submit(_try_digest, paths[rel], seal, dir_fd) for rel in big}
             for rel in paths:
                 if rel not in futures:
-                    out[rel] = _try_digest(paths[rel], seal)
+                    out[rel] = _try_digest(paths[rel], seal, dir_fd)
             for rel, fut in futures.items():
-                try:
-                    out[rel] = fut.result()
-                except Exception as e:
-                    out[rel] = e
+                out[rel] = fut.result()
     else:
         for rel, p in paths.items():
-            out[rel] = _try_digest(p, seal)
+            out[rel] = _try_digest(p, seal, dir_fd)
     return {rel: out[rel] for rel in paths}
 
 
-def _try_digest(path: str, seal: bool) -> FileEntry | BaseException:
+def _try_digest(path: str, seal: bool, dir_fd: int | None = None) -> FileEntry | BaseException:
     try:
-        return _digest(path, seal=seal)
+        if dir_fd is None:  # the writers' call, as it was (tests wrap _digest)
+            return _digest(path, seal=seal)
+        return _digest(path, seal=seal, dir_fd=dir_fd)
     except Exception as e:
         return e
 
@@ -617,8 +621,36 @@ def _scan(top: str) -> _Tree:
     return tree
 
 
-def _read_small(path: str, limit: int = _MAX_SMALL_JSON) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+def _scan_at(dir_fd: int) -> _Tree:
+    """Every entry beneath directory ``dir_fd``, each directory opened through no symlink."""
+    tree = _Tree()
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop(0)
+        flags = os.O_RDONLY | os.O_DIRECTORY
+        fd = fsresolve.open_beneath(dir_fd, rel_dir, flags) if rel_dir else os.dup(dir_fd)
+        try:
+            with os.scandir(fd) as it:
+                entries = sorted(it, key=lambda e: e.name)
+                for e in entries:
+                    rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+                    if e.is_dir(follow_symlinks=False):
+                        tree.dirs.append(rel)
+                        pending.append(rel)
+                    elif e.is_file(follow_symlinks=False):
+                        tree.files[rel] = e.stat(follow_symlinks=False).st_size
+                    else:
+                        tree.others.append(rel)
+        finally:
+            os.close(fd)
+    return tree
+
+
+def _read_small(path: str, limit: int = _MAX_SMALL_JSON, *, dir_fd: int | None = None) -> bytes:
+    """The whole of regular file ``path`` if it holds at most ``limit`` bytes
+    (``dir_fd`` as for ``_digest``)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags) if dir_fd is None else fsresolve.open_beneath(dir_fd, path, flags)
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _NotRegular(path)
@@ -629,28 +661,37 @@ def _read_small(path: str, limit: int = _MAX_SMALL_JSON) -> bytes:
 
 
 def _stasis_json(
-    directory: str, manifest: Manifest, sealer: Sealer | None = None
+    directory: str, manifest: Manifest, sealer: Sealer | None = None, dir_fd: int | None = None
 ) -> dict[str, Any]:
     """Commit metadata updated with ``stasis.json``; a bad ``stasis.json`` is ignored here
     (``verify`` is what reports corruption).
 
     An encrypted checkpoint's ``stasis.json`` is read only with its ``sealer``
     (without, the manifest's metadata, authenticated but not encrypted, is all).
+    With ``dir_fd`` (the checkpoint directory), it is read beneath that, through no symlink.
     """
     metadata = dict(manifest.metadata)
     entry = manifest.files.get(METADATA_FILE)
     if entry is not None:
-        path = os.path.join(directory, METADATA_FILE)
+        path = os.path.join(directory, METADATA_FILE) if dir_fd is None else METADATA_FILE
         try:
             if manifest.encryption is None:
-                data = _read_small(path, 1 << 20)
+                data = _read_small(path, 1 << 20, dir_fd=dir_fd)
             elif sealer is None or entry.size > 2 << 20:
                 return metadata
             else:
                 import io
 
                 out = io.BytesIO()
-                with open(path, "rb") as f:
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                fd = (
+                    os.open(path, flags)
+                    if dir_fd is None
+                    else fsresolve.open_beneath(dir_fd, path, flags)
+                )
+                with open(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise _NotRegular(path)
                     sealer.decrypt(f, out, METADATA_FILE, directory)
                 data = out.getvalue()
             doc = boundedjson.loads(data, METADATA_FILE, max_bytes=1 << 20)
@@ -687,7 +728,15 @@ def _default_cache_dir() -> str:
 
 
 class _DirReader:
-    """A complete checkpoint in a local directory (the store's own, or a local copy)."""
+    """A complete checkpoint in a local directory (the store's own, or a local copy).
+
+    What the reader reads itself (manifest, ``stasis.json``, the files it hashes
+    or decrypts) it opens beneath one descriptor of the checkpoint directory,
+    ``dir_fd``, through no symlink: the directory checked when the checkpoint
+    was opened is the one read, whatever is renamed or linked afterwards.
+    ``file`` hands out paths (runc, CRIU and tar need them), only for files
+    with no symlink on the way beneath that directory.
+    """
 
     def __init__(
         self,
@@ -698,6 +747,7 @@ class _DirReader:
         cleanup: Callable[[], None] | None = None,
         sealer: Sealer | None = None,
         cache_dir: str | None = None,
+        dir_fd: int | None = None,
     ) -> None:
         self._name = name
         self._path = path
@@ -710,7 +760,23 @@ class _DirReader:
         self._cache_dir = cache_dir
         self._plain: str | None = None
         self._decrypted: set[str] = set()
-        self._metadata = _stasis_json(path, manifest, sealer)
+        # The reader owns ``dir_fd`` once made (without one: ``path``, a private
+        # copy, is opened). close() must not close it under a thread still using
+        # it (the restore gate verifies on a thread): the number could name
+        # another directory by then. Guarded by _fd_lock: _fd, _fd_users, _fd_orphan.
+        given = dir_fd
+        if dir_fd is None:
+            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._metadata = _stasis_json(path, manifest, sealer, dir_fd)
+        except BaseException:
+            if given is None:
+                os.close(dir_fd)
+            raise
+        self._fd_lock = threading.Lock()
+        self._fd: int | None = dir_fd
+        self._fd_users = 0
+        self._fd_orphan: int | None = None
 
     @property
     def name(self) -> str:
@@ -746,15 +812,46 @@ class _DirReader:
     def _where(self) -> str:
         return f"checkpoint {self._name} in {self._url}"
 
+    @contextlib.contextmanager
+    def _at(self) -> Iterator[int]:
+        """The checkpoint directory's descriptor, kept open while the block runs."""
+        with self._fd_lock:
+            if self._fd is None:
+                raise FailedPrecondition(f"{self._where()}: reader is closed")
+            self._fd_users += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._fd_lock:
+                self._fd_users -= 1
+                orphan = self._fd_orphan if self._fd_users == 0 else None
+                if orphan is not None:
+                    self._fd_orphan = None
+            if orphan is not None:
+                os.close(orphan)
+
+    def _close_fd(self) -> None:
+        with self._fd_lock:
+            fd, self._fd = self._fd, None
+            if fd is not None and self._fd_users:
+                self._fd_orphan, fd = fd, None  # the last user closes it
+        if fd is not None:
+            os.close(fd)
+
     def verify(self, only: Callable[[str], bool] | None = None) -> None:
         """Check sha256 and size of every file in the manifest, and that no file is extra
         (with ``only``, hash just the files it selects).
 
         Raises DataLoss naming the checkpoint and each file at fault.
         """
+        with self._at() as dir_fd:
+            self._verify(dir_fd, only)
+
+    def _verify(self, dir_fd: int, only: Callable[[str], bool] | None) -> None:
         where = self._where()
         try:
-            on_disk = Manifest.parse(_read_small(os.path.join(self._path, MANIFEST)), where)
+            on_disk = Manifest.parse(_read_small(MANIFEST, dir_fd=dir_fd), where)
         except FileNotFoundError:
             raise DataLoss(f"{where}: {MANIFEST} is missing") from None
         except (OSError, ValueError, _NotRegular) as e:
@@ -762,7 +859,7 @@ class _DirReader:
         if on_disk != self._manifest:
             raise DataLoss(f"{where}: {MANIFEST} changed since the checkpoint was opened")
         try:
-            tree = _scan(self._path)
+            tree = _scan_at(dir_fd)
         except OSError as e:
             raise _storage_error(e, f"reading {where}", self._url) from e
         expected = self._manifest.files
@@ -777,8 +874,8 @@ class _DirReader:
             if actual[rel] != expected[rel].size:
                 problems.append(f"{rel}: size {actual[rel]}, manifest says {expected[rel].size}")
             elif only is None or only(rel):
-                to_hash[rel] = os.path.join(self._path, rel)
-        for rel, got in _digest_all(to_hash, actual, seal=False).items():
+                to_hash[rel] = rel
+        for rel, got in _digest_all(to_hash, actual, seal=False, dir_fd=dir_fd).items():
             if isinstance(got, BaseException):
                 problems.append(f"{rel}: cannot be read: {got}")
             elif got != expected[rel]:
@@ -803,16 +900,30 @@ class _DirReader:
             raise _storage_error(e, f"decrypting {rel} of {self._where()}", self._url) from e
 
     def stored_file(self, rel: str) -> str:
-        """Local path of ``rel`` as stored (encrypted, for an encrypted checkpoint)."""
+        """Local path of ``rel`` as stored (encrypted, for an encrypted checkpoint).
+
+        InvalidArgument if a symlink is on the way to it beneath the checkpoint.
+        """
         check_rel(rel)
         files = self._manifest.files
         if rel not in files and not any(f.startswith(rel + "/") for f in files):
             raise NotFound(f"{self._where()}: no file {rel}")
-        path = os.path.join(self._path, rel)
-        real_root = os.path.realpath(self._path)
-        if not os.path.realpath(path).startswith(real_root + os.sep):
-            raise InvalidArgument(f"{self._where()}: {rel} leads out of the checkpoint")
-        return path
+        # A path, not a descriptor, leaves here (for runc, CRIU, tar): ``_path``
+        # is the kernel's name for the directory checked at open (LocalStore.open),
+        # and beneath it ``rel`` has no symlink now. The store is writable only by
+        # root, so what is checked here is what the path names when it is used.
+        with self._at() as dir_fd:
+            try:
+                os.close(fsresolve.open_beneath(dir_fd, rel, os.O_PATH))
+            except FileNotFoundError:
+                pass  # verify names it missing; the caller's open fails
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise InvalidArgument(
+                        f"{self._where()}: {rel} leads out of the checkpoint (a symlink)"
+                    ) from e
+                raise _storage_error(e, f"reading {rel} of {self._where()}", self._url) from e
+        return os.path.join(self._path, rel)
 
     def _decrypt(self, rel: str) -> str:
         assert self._sealer is not None
@@ -829,10 +940,11 @@ class _DirReader:
                 continue
             target = os.path.join(self._plain, f)
             os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
-            src_fd = os.open(
-                os.path.join(self._path, f), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            )
+            with self._at() as dir_fd:
+                src_fd = fsresolve.open_beneath(dir_fd, f, os.O_RDONLY | os.O_NONBLOCK)
             with open(src_fd, "rb") as src, _open_new(target) as dst:
+                if not stat.S_ISREG(os.fstat(src_fd).st_mode):
+                    raise DataLoss(f"{self._where()}: {f}: not a regular file")
                 hashing = _HashingReader(src)
                 self._sealer.decrypt(hashing, dst, f, self._where())  # type: ignore[arg-type]
                 if hashing.read(1) or hashing.sha256.hexdigest() != files[f].sha256:
@@ -842,6 +954,7 @@ class _DirReader:
 
     def close(self) -> None:
         """Release the local copy, if the store made one, and any decrypted files."""
+        self._close_fd()
         plain, self._plain = self._plain, None
         self._decrypted.clear()
         if plain is not None:
@@ -1137,14 +1250,30 @@ class _StagingWriter(_LocalFiles):
 # --------------------------------------------------------------------------- local store
 
 
+@dataclass(frozen=True)
+class _Anchor:
+    """Where a store named by a restore reference must be reached from."""
+
+    root: str  # an allowed store's directory, realpath'd (trusted configuration)
+    allowed: str  # the allowed stores, for messages
+
+
 class LocalStore:
     """Checkpoints as directories under ``root``, on any POSIX filesystem (a NAS mount too).
 
-    With ``create`` (the default, for Stasis's own store), the root is created
-    0700 and tightened to 0700 if it is looser. ``resolve`` passes
-    ``create=False`` for a directory a user named: Stasis never changes the
-    mode of a directory it does not own (think ``/tmp``). Checkpoint
-    directories are 0700 and their files 0600 either way.
+    With ``create`` (the default, for Stasis's own store), ``begin`` creates a
+    missing root 0700; ``resolve`` passes ``create=False`` for a directory a
+    user named. Nothing is created or changed before a write, and Stasis sets
+    the mode only of a directory it has just made itself: never one that
+    exists (think ``stasis list --store /tmp``), never through a symlink.
+    Checkpoint directories are 0700 and their files 0600 either way.
+
+    A checkpoint is opened once, through no symlink below the root (a name that
+    is a symlink in the store is refused, PermissionDenied), and read through
+    that descriptor (``_DirReader``). The root itself may be reached through
+    symlinks: it is trusted configuration, or a path a user typed. With
+    ``anchor`` (``resolve_source``), the root is opened beneath an allowed
+    store's directory through no symlink as well.
 
     With ``key`` (``runtime.crypt``), new checkpoints are encrypted and
     encrypted ones can be opened (decrypted copies go under ``cache_dir``);
@@ -1159,45 +1288,101 @@ class LocalStore:
         key: Key | None = None,
         cache_dir: str | None = None,
         signing: Signing | None = None,
+        anchor: _Anchor | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root
         self.key = key
         self.cache_dir = cache_dir
         self.signing = signing
-        if create:
-            self._prepare()
+        self._anchor = anchor
+        self._create = create
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
     def _prepare(self) -> None:
+        """Create the root 0700 if it is missing (before a write); leave an existing one
+        as it is."""
+        parent = os.path.dirname(self.root)
         try:
-            os.makedirs(self.root, 0o700, exist_ok=True)
-            st = os.stat(self.root)
-            if not stat.S_ISDIR(st.st_mode):
+            os.makedirs(parent, exist_ok=True)
+            try:
+                os.mkdir(self.root, 0o700)
+            except FileExistsError:
+                pass
+            else:
+                # Ours: 0700 whatever the umask, through a descriptor of what
+                # mkdir made (O_NOFOLLOW: never a symlink put in its place).
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fchmod(fd, 0o700)
+                finally:
+                    os.close(fd)
+            if not os.path.isdir(self.root):
                 raise Unavailable(f"storage {self.url}: not a directory")
-            if stat.S_IMODE(st.st_mode) & 0o077 or stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
-                os.chmod(self.root, 0o700)
         except OSError as e:
-            raise _storage_error(e, "preparing the store directory (0700)", self.url) from e
+            raise _storage_error(e, "creating the store directory (0700)", self.url) from e
 
     def _dir(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
 
-    def _load(self, name: str) -> Manifest:
-        """The manifest of complete checkpoint ``name``: NotFound, or DataLoss if malformed."""
-        return self._load_signed(name, check=False)
+    def _root_fd(self) -> int:
+        """An ``O_PATH`` descriptor of the root; OSError as opening says."""
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+        if self._anchor is None:
+            return os.open(self.root, flags)
+        top = os.open(self._anchor.root, flags)
+        rel = os.path.relpath(self.root, self._anchor.root)
+        if rel == ".":
+            return top
+        try:
+            return fsresolve.open_beneath(top, rel, flags)
+        finally:
+            os.close(top)
 
-    def _load_signed(self, name: str, *, check: bool = True) -> Manifest:
-        """``_load``; with ``check`` and a ``signing``, the manifest bytes parsed are the
-        ones whose ``manifest.sig`` was verified (PermissionDenied / DataLoss else)."""
+    def _open_dir(self, name: str) -> int:
+        """A descriptor of checkpoint directory ``name``, reached through no symlink.
+
+        NotFound if it is missing; PermissionDenied if a symlink (or ``..``) is
+        on the way from the root (from the anchor, with one).
+        """
+        check_name(name)
         where = f"checkpoint {name} in {self.url}"
         try:
-            data = _read_small(os.path.join(self._dir(name), MANIFEST))
+            root = self._root_fd()
+            try:
+                return fsresolve.open_beneath(root, name, os.O_RDONLY | os.O_DIRECTORY)
+            finally:
+                os.close(root)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{where} does not exist") from None
         except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.EXDEV):
+                raise _storage_error(e, f"opening {where}", self.url) from e
+            if self._anchor is None:
+                raise PermissionDenied(
+                    f"{where} is a symlink: a checkpoint is read only from a real "
+                    "directory of its store"
+                ) from e
+            raise PermissionDenied(
+                f"{where}: a symlink is on the way to it from {self._anchor.root}; restores "
+                "read only real directories of the stores they may read "
+                f"(storage.url, storage.restore_sources: {self._anchor.allowed})"
+            ) from e
+
+    def _load_at(self, dir_fd: int, name: str, *, check: bool = False) -> Manifest:
+        """The manifest in checkpoint directory ``dir_fd``: NotFound, or DataLoss if
+        malformed; with ``check`` and a ``signing``, the bytes parsed are the ones whose
+        ``manifest.sig`` was verified (PermissionDenied / DataLoss else)."""
+        where = f"checkpoint {name} in {self.url}"
+        try:
+            data = _read_small(MANIFEST, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise NotFound(f"{where} does not exist") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DataLoss(f"{where}: {MANIFEST} is a symlink") from e
             raise _storage_error(e, f"reading {where}", self.url) from e
         except (ValueError, _NotRegular) as e:
             raise DataLoss(
@@ -1206,28 +1391,39 @@ class LocalStore:
         manifest = Manifest.parse(data, where)
         if check and self.signing is not None:
             try:
-                sig: bytes | None = _read_small(
-                    os.path.join(self._dir(name), MANIFEST_SIG), _SIG_MAX
-                )
+                sig: bytes | None = _read_small(MANIFEST_SIG, _SIG_MAX, dir_fd=dir_fd)
             except FileNotFoundError:
                 sig = None
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise DataLoss(f"{where}: {MANIFEST_SIG} is a symlink") from e
                 raise _storage_error(e, f"reading {where}", self.url) from e
             except (ValueError, _NotRegular) as e:
                 raise DataLoss(f"{where}: {MANIFEST_SIG} is not a small regular file") from e
             self.signing.verify(data, sig, where)
         return manifest
 
+    def _load(self, name: str) -> Manifest:
+        """The manifest of complete checkpoint ``name``: NotFound, PermissionDenied (a
+        symlink), or DataLoss if malformed."""
+        fd = self._open_dir(name)
+        try:
+            return self._load_at(fd, name)
+        finally:
+            os.close(fd)
+
     def _complete(self, name: str) -> bool:
         try:
             self._load(name)
-        except (NotFound, DataLoss):
-            return False
+        except (NotFound, DataLoss, PermissionDenied):
+            return False  # a symlink under the name is no checkpoint either
         return True
 
     def begin(self, name: str) -> _LocalWriter:
         """Start writing ``name`` in ``<root>/.partial-<name>-<random>/``."""
         check_name(name)
+        if self._create:
+            self._prepare()
         if self._complete(name):
             raise AlreadyExists(f"checkpoint {name} in {self.url} exists already")
         staging = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-{_token()}")
@@ -1251,12 +1447,25 @@ class LocalStore:
 
     def open(self, name: str) -> _DirReader:
         """Open complete checkpoint ``name`` in place (an encrypted one: authenticated;
-        with ``signing``, its signature verified)."""
-        manifest = self._load_signed(name)
-        sealer = manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
-        return _DirReader(
-            name, self._dir(name), manifest, self.url, sealer=sealer, cache_dir=self.cache_dir
-        )
+        with ``signing``, its signature verified).
+
+        The reader reads through the directory descriptor checked here; its
+        ``path`` is the kernel's name for that directory (no symlink in it).
+        """
+        fd = self._open_dir(name)
+        try:
+            manifest = self._load_at(fd, name, check=True)
+            sealer = manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
+            try:
+                path = fsresolve.fd_path(fd)
+            except OSError as e:
+                raise _storage_error(e, f"opening checkpoint {name}", self.url) from e
+            return _DirReader(
+                name, path, manifest, self.url, sealer=sealer, cache_dir=self.cache_dir, dir_fd=fd
+            )
+        except BaseException:
+            os.close(fd)
+            raise
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """The complete checkpoints (valid manifest), oldest first; partials are never listed."""
@@ -1274,20 +1483,25 @@ class LocalStore:
         infos = []
         for name in names:
             try:
-                manifest = self._load(name)
+                fd = self._open_dir(name)
+            except NotFound:
+                continue  # removed meanwhile
+            except StasisError as e:  # a symlink under the name, say
+                _skipped(name, self.url, e)
+                continue
+            try:
+                manifest = self._load_at(fd, name)
+                metadata = _stasis_json(self._dir(name), manifest, dir_fd=fd)
             except NotFound:
                 continue  # removed meanwhile
             except StasisError as e:
                 _skipped(name, self.url, e)
                 continue
-            d = self._dir(name)
+            finally:
+                os.close(fd)
             infos.append(
                 CheckpointInfo(
-                    name,
-                    _ref(self.url, name),
-                    manifest.created,
-                    manifest.size,
-                    _stasis_json(d, manifest),
+                    name, _ref(self.url, name), manifest.created, manifest.size, metadata
                 )
             )
         return sorted(infos, key=lambda i: (i.created, i.name))
@@ -1535,9 +1749,10 @@ class _MemoryWriter(_StagingWriter):
 
 
 def open_store(url: str, config: Config | None = None) -> Store:
-    """The store at ``url``: ``file:///abs/dir`` or ``/abs/dir`` (created 0700 if missing),
-    or ``s3://bucket/prefix`` (credentials and endpoint from ``config.storage.s3``;
-    without ``config``, from ``runtime.config.load()``)."""
+    """The store at ``url``: ``file:///abs/dir`` or ``/abs/dir`` (made 0700 by the first
+    write if missing; nothing is created or changed before), or ``s3://bucket/prefix``
+    (credentials and endpoint from ``config.storage.s3``; without ``config``, from
+    ``runtime.config.load()``)."""
     if url.startswith("s3://"):
         from runtime.s3store import S3Store  # boto3 is imported only for S3 stores
 
@@ -1632,30 +1847,77 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
     )
 
 
-def check_source(ref: str, config: Config) -> None:
-    """Refuse (PermissionDenied) a restore reference outside the configured store
-    and ``storage.restore_sources``: a restore-from annotation comes from whoever
-    may create pods, and the restore runs as root."""
-    if _NAME.fullmatch(ref):
-        return  # a name in the configured store
-    if ref.startswith("s3://"):
-        target = ref.rstrip("/")
-    else:
-        path = _file_url_path(ref) if ref.startswith("file://") else ref
-        if path is None or not path.startswith("/"):
-            return  # not a reference at all: resolve() says why
-        target = "file://" + os.path.realpath(path)  # no way out through .. or symlinks
-    for source in (config.storage.url, *config.storage.restore_sources):
-        root = source.rstrip("/")
-        if root.startswith("file://"):
-            root = "file://" + os.path.realpath(root[len("file://") :])
-        if target.startswith(root + "/"):
-            return
-    allowed = ", ".join((config.storage.url, *config.storage.restore_sources))
-    raise PermissionDenied(
+def resolve_source(ref: str, config: Config) -> tuple[Store, str]:
+    """``resolve`` for a restore: the reference is checked and resolved in one step.
+
+    A restore-from annotation comes from whoever may create pods, and the
+    restore runs as root: ``ref`` must lie in the configured store or in
+    ``storage.restore_sources`` (PermissionDenied naming it and the allowed
+    stores otherwise). A path reference must begin with an allowed store's
+    directory (as configured, or its realpath) and go on without ``..``; the
+    store returned opens the rest beneath that directory through no symlink
+    (``LocalStore``'s anchor), so what is read is what was checked. A name is
+    opened in the configured store the same way.
+    """
+    sources = (config.storage.url, *config.storage.restore_sources)
+    allowed = ", ".join(sources)
+    outside = PermissionDenied(
         f"{ref!r} is outside the stores restores may read ({allowed}); "
         "add its store to storage.restore_sources in the Stasis config to allow it"
     )
+    if _NAME.fullmatch(ref):
+        return resolve(ref, config)  # a name in the configured store
+    if ref.startswith("s3://"):
+        target = ref.rstrip("/")
+        if any(target.startswith(src.rstrip("/") + "/") for src in sources):
+            return resolve(ref, config)
+        raise outside
+    path = _file_url_path(ref) if ref.startswith("file://") else ref
+    if path is None or not path.startswith("/"):
+        return resolve(ref, config)  # not a reference at all: resolve says why
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:  # refused, not normalized: the kernel would take it after a symlink
+        raise PermissionDenied(
+            f"{ref!r} has a '..' component: restores read only paths that go straight "
+            f"down from the stores they may read (storage.url, storage.restore_sources: {allowed})"
+        )
+    candidates = []
+    for src in sources:
+        root = _file_url_path(src) if src.startswith("file://") else src
+        if root is None or not root.startswith("/"):
+            continue  # s3
+        real = os.path.realpath(root)  # trusted configuration: its symlinks are the admin's
+        for prefix in {os.path.normpath(root), real}:
+            top = [p for p in prefix.split("/") if p]
+            if len(parts) > len(top) and parts[: len(top)] == top:
+                candidates.append((len(top), real, parts[len(top) :]))
+    if not candidates:
+        raise outside
+    _, real, rest = max(candidates, key=lambda c: c[0])  # the most specific store
+    name = rest[-1]
+    if not _NAME.fullmatch(name):
+        raise InvalidArgument(f"{ref!r}: {name!r} is not a valid checkpoint name")
+    store = LocalStore(
+        os.path.join(real, *rest[:-1]),
+        create=False,
+        key=_key(config),
+        signing=signing_for(config),
+        anchor=_Anchor(real, allowed),
+    )
+    return store, name
+
+
+def check_source(ref: str, config: Config) -> None:
+    """Refuse (PermissionDenied) a restore reference outside the configured store and
+    ``storage.restore_sources``, or reached through ``..`` or a symlink below them.
+
+    Only a check: a restore uses ``resolve_source``, whose store opens the
+    checkpoint through the very descriptors it checks.
+    """
+    store, name = resolve_source(ref, config)
+    if isinstance(store, LocalStore):
+        with contextlib.suppress(NotFound):
+            os.close(store._open_dir(name))
 
 
 def _by_path(path: str, ref: str, config: Config) -> tuple[Store, str]:

@@ -39,10 +39,9 @@ from runtime.store import (
     METADATA_FILE,
     CheckpointReader,
     LocalStore,
-    check_source,
     default_store,
     open_store,
-    resolve,
+    resolve_source,
     signing_for,
 )
 from shim.container import Container
@@ -418,8 +417,9 @@ def prepare_restore(
     """
     reader: CheckpointReader | None = None
     try:
-        check_source(ref, config)  # the annotation is not trusted input
-        store, name = resolve(ref, config)
+        # The annotation is not trusted input: checked and resolved in one step,
+        # and the store opens the checkpoint through what it checked.
+        store, name = resolve_source(ref, config)
         reader = store.open(name)
         # What a grant names: the checkpoint the annotation points at.
         digest = hashlib.sha256(reader.manifest.to_json()).hexdigest()

@@ -134,6 +134,93 @@ def test_restore_from_outside_the_configured_stores_is_refused(
     assert task(containerd, new) is None
 
 
+# -- a reference that walks out of the store through a symlink the container made -------
+
+
+@pytest.fixture
+def only_the_store(tmp_path: Path) -> Iterator[Path]:
+    """The session config narrowed to one store, ``tmp_path/store``: nothing else may be
+    restored from (the bed otherwise allows /run/stasis-test, where rootfses live)."""
+    config = Path(os.environ["STASIS_CONFIG"])
+    saved = config.read_text()
+    store = tmp_path / "store"
+    config.write_text(f'[storage]\nurl = "file://{store}"\nrestore_sources = []\n')
+    try:
+        yield store
+    finally:
+        config.write_text(saved)
+
+
+def refused_restore(c: Containerd, ref: str) -> str:
+    """``ctr run`` restoring from ``ref``: it must fail and start nothing; its stderr."""
+    new = unique_id("evil")
+    r = c.ctr(
+        "run", "-d", "--runtime", RUNTIME, "--annotation", f"stasis.dev/restore-from={ref}",
+        IMAGE, new, check=False,
+    )  # fmt: skip
+    started = task(c, new)
+    remove(c, new)
+    assert r.returncode != 0, f"restore from {ref} was not refused"
+    assert started is None, f"restore from {ref} started a task"
+    return r.stderr
+
+
+def restores(c: Containerd, ids: list[str], ref: str) -> None:
+    new = unique_id("rst")
+    c.ctr("run", "-d", "--runtime", RUNTIME, "--annotation",
+          f"stasis.dev/restore-from={ref}", IMAGE, new)  # fmt: skip
+    ids.append(new)
+    wait_count(c, new, 5)
+
+
+def test_restore_ref_through_a_container_symlink_is_refused(
+    containerd: Containerd, ids: list[str], only_the_store: Path
+) -> None:
+    """``<rootfs>/lnk/../evil``, ``lnk`` -> a checkpoint in the store (made by the
+    container), ``evil`` a checkpoint the container wrote: the check's realpath said
+    ``<store>/evil``, the open's normpath read ``<rootfs>/evil``."""
+    c, store = containerd, only_the_store
+    id = start_counter(c, ids)
+    wait_count(c, id, 5)
+    assert checkpoint(c, id, store, "good").returncode == 0
+    attacker = start_counter(c, ids)
+    wait_count(c, attacker, 1)
+    c.ctr("task", "exec", "--exec-id", "ln", attacker, "ln", "-s", str(store / "good"), "/lnk")
+    rootfs = bundle(c, attacker) / "rootfs"
+    assert os.readlink(rootfs / "lnk") == str(store / "good")
+    # What the container could write itself: a restorable checkpoint (here, a copy).
+    subprocess.run(["cp", "-a", str(store / "good"), str(rootfs / "evil")], check=True)
+
+    ref = f"{rootfs}/lnk/../evil"
+    err = refused_restore(c, ref)
+    assert ref in err and "'..' component" in err and f"file://{store}" in err, err
+    err = refused_restore(c, f"file://{ref}")
+    assert ref in err and "'..' component" in err, err
+    err = refused_restore(c, f"{rootfs}/evil")  # and the plain path: outside
+    assert "restore_sources" in err, err
+    restores(c, ids, str(store / "good"))  # the store itself still restores by path
+
+
+def test_restore_by_a_name_that_is_a_symlink_in_the_store_is_refused(
+    containerd: Containerd, ids: list[str], only_the_store: Path, tmp_path: Path
+) -> None:
+    """A name skipped the source check, and its open followed a symlink out of the store."""
+    c, store = containerd, only_the_store
+    id = start_counter(c, ids)
+    wait_count(c, id, 5)
+    assert checkpoint(c, id, store, "good").returncode == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    subprocess.run(["cp", "-a", str(store / "good"), str(outside / "evil")], check=True)
+    os.symlink(outside / "evil", store / "alias")
+
+    err = refused_restore(c, "alias")
+    assert "'alias'" in err and "is a symlink" in err, err
+    inspect = stasis(c, "inspect", "alias", check=False)
+    assert inspect.returncode != 0 and "is a symlink" in inspect.stderr, inspect.stderr
+    restores(c, ids, "good")  # a real name still restores
+
+
 # -- the shim killed, containerd restarted, in the middle of a checkpoint -------------------
 
 MEM_MIB = 384  # memory the container holds, so that the dump takes a while

@@ -424,7 +424,7 @@ def test_crash_leftovers_do_not_exist(local: LocalStore, root: Path, tmp_path: P
 
 
 def test_commit_over_incomplete_directory(local: LocalStore, root: Path) -> None:
-    (root / "x").mkdir()
+    (root / "x").mkdir(parents=True)
     (root / "x" / "junk").write_bytes(b"junk")
     with local.begin("x") as w:
         w.write_bytes("f", b"new")
@@ -478,7 +478,7 @@ def test_remove(store: Store, root: Path, tmp_path: Path) -> None:
 
 
 def test_remove_incomplete_directory(local: LocalStore, root: Path) -> None:
-    (root / "half").mkdir()
+    (root / "half").mkdir(parents=True)
     (root / "half" / "f").write_bytes(b"")
     local.remove("half")
     assert not (root / "half").exists()
@@ -655,21 +655,61 @@ def test_verify_memory_store_copy(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- permissions
 
 
-def test_root_created_private(tmp_path: Path) -> None:
+def test_root_created_private_by_the_first_write(tmp_path: Path) -> None:
     old = os.umask(0)
     try:
-        LocalStore(str(tmp_path / "a" / "root"))
+        s = LocalStore(str(tmp_path / "a" / "root"))
+        assert s.list() == [] and s.gc(0) == []
+        with pytest.raises(NotFound):
+            s.open("x")
+        assert not (tmp_path / "a").exists()  # reading creates nothing
+        make(s, "x", tmp_path)
     finally:
         os.umask(old)
     assert mode(tmp_path / "a" / "root") == 0o700
 
 
-def test_root_tightened(tmp_path: Path) -> None:
+def test_existing_root_keeps_its_mode(tmp_path: Path) -> None:
+    """Only a directory Stasis has just made is chmodded: not one named for a read
+    (``stasis list --store /tmp``), not one written into, not one behind a symlink."""
     loose = tmp_path / "loose"
     loose.mkdir()
-    os.chmod(loose, 0o755)
-    LocalStore(str(loose))
-    assert mode(loose) == 0o700
+    os.chmod(loose, 0o1777)
+    s = open_store(str(loose))
+    assert s.list() == []
+    with pytest.raises(NotFound):
+        s.open("x")
+    assert mode(loose) == 0o1777
+    make(s, "x", tmp_path)
+    with s.open("x") as r:
+        export_tar(r, str(tmp_path / "x.tar"))
+    assert mode(loose) == 0o1777
+    link = tmp_path / "link"
+    link.symlink_to(loose)
+    via_link = LocalStore(str(link))
+    make(via_link, "y", tmp_path)
+    assert [i.name for i in via_link.list()] == ["x", "y"]
+    assert mode(loose) == 0o1777
+
+
+def test_cli_list_leaves_the_named_store_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime import cli
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    (tmp_path / "config.toml").write_text(f'[storage]\nurl = "file://{tmp_path}/default"\n')
+    monkeypatch.setenv("STASIS_CONFIG", str(tmp_path / "config.toml"))
+    for store in (shared, link):
+        assert cli.main(["list", "--store", str(store)]) == 0
+    assert cli.main(["list"]) == 0
+    assert cli.main(["inspect", "nothing"]) == 1
+    assert mode(shared) == 0o1777
+    assert not (tmp_path / "default").exists()  # nor is the default store made by reading
 
 
 def test_files_0600_dirs_0700(local: LocalStore, root: Path, tmp_path: Path) -> None:
@@ -787,7 +827,10 @@ def test_resolve_name_uses_default_store(config: Config, tmp_path: Path) -> None
     assert isinstance(s, LocalStore)
     assert s.root == f"{tmp_path}/default"
     assert s.url == f"file://{tmp_path}/default"
-    assert mode(tmp_path / "default") == 0o700  # Stasis's own store is created private
+    assert not (tmp_path / "default").exists()  # resolving creates nothing ...
+    with s.begin(name) as w:
+        w.commit()
+    assert mode(tmp_path / "default") == 0o700  # ... Stasis's own store is made private by a write
 
 
 def test_resolve_absolute_path(config: Config, tmp_path: Path) -> None:
@@ -1200,6 +1243,159 @@ def test_restore_references_outside_the_configured_stores_are_refused(tmp_path: 
     ):
         with pytest.raises(PermissionDenied, match="restore_sources"):
             check_source(bad, cfg)
+
+
+# --------------------------------------------------------------------------- one resolution
+
+
+@pytest.fixture
+def attack(tmp_path: Path) -> tuple[Config, Path, Path]:
+    """A store with checkpoint ``good``, and a "container rootfs" outside it holding a
+    restorable checkpoint ``evil`` and ``lnk`` -> ``<store>/good``."""
+    store, rootfs = tmp_path / "store", tmp_path / "rootfs"
+    make(LocalStore(str(store)), "good", tmp_path)
+    make(LocalStore(str(rootfs)), "evil", tmp_path, {"by": "the container"})
+    (rootfs / "lnk").symlink_to(store / "good")
+    return Config(StorageConfig(url=f"file://{store}")), store, rootfs
+
+
+def _restore(ref: str, config: Config) -> None:
+    from shim import checkpointing
+
+    plan = checkpointing.prepare_restore(ref, None, config)
+    if plan is not None:
+        plan.reader.close()
+
+
+def test_restore_ref_up_from_a_symlink_into_the_store_is_refused(
+    attack: tuple[Config, Path, Path],
+) -> None:
+    """``<rootfs>/lnk/../evil``: realpath says ``<store>/evil``, normpath ``<rootfs>/evil``."""
+    from runtime.errors import PermissionDenied
+
+    config, store, rootfs = attack
+    for ref in (f"{rootfs}/lnk/../evil", f"file://{rootfs}/lnk/../evil"):
+        with pytest.raises(PermissionDenied) as caught:
+            _restore(ref, config)
+        message = str(caught.value)
+        assert f"restore from checkpoint {ref!r}" in message and f"file://{store}" in message
+    # '..' is refused even where it would stay inside the store
+    with pytest.raises(PermissionDenied, match=r"'\.\.' component.*restore_sources"):
+        _restore(f"{store}/good/../good", config)
+    _restore(f"{store}/good", config)  # the straight path is fine
+    _restore("good", config)
+
+
+def test_restore_ref_through_a_symlink_below_the_store_is_refused(
+    attack: tuple[Config, Path, Path],
+) -> None:
+    from runtime.errors import PermissionDenied
+    from runtime.store import check_source, resolve_source
+
+    config, store, rootfs = attack
+    (store / "sub").symlink_to(rootfs)  # a directory of the store leading out
+    ref = f"{store}/sub/evil"
+    with pytest.raises(PermissionDenied, match=f"from {store}.*restore_sources"):
+        check_source(ref, config)
+    s, name = resolve_source(ref, config)  # lexically inside: the open is what refuses
+    with pytest.raises(PermissionDenied, match="a symlink is on the way"):
+        s.open(name)
+    with pytest.raises(PermissionDenied, match=f"restore from checkpoint {ref!r}"):
+        _restore(ref, config)
+
+
+def test_name_that_is_a_symlink_in_the_store_is_refused(
+    attack: tuple[Config, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from runtime import cli
+    from runtime.errors import PermissionDenied
+
+    config, store, rootfs = attack
+    (store / "alias").symlink_to(rootfs / "evil")
+    with pytest.raises(PermissionDenied, match=r"restore from checkpoint 'alias'.*is a symlink"):
+        _restore("alias", config)
+    with pytest.raises(PermissionDenied, match=f"checkpoint alias in file://{store} is a symlink"):
+        LocalStore(str(store)).open("alias")
+    assert [i.name for i in LocalStore(str(store)).list()] == ["good"]
+    # stasis inspect / export / restore, by name and by path, open the same way
+    (store.parent / "config.toml").write_text(f'[storage]\nurl = "file://{store}"\n')
+    monkeypatch.setenv("STASIS_CONFIG", str(store.parent / "config.toml"))
+    capsys.readouterr()
+    for ref in ("alias", str(store / "alias")):
+        assert cli.main(["inspect", ref]) == 1
+        assert "is a symlink" in capsys.readouterr().err
+    # a pod checkpoint's member names are names in the same store
+    pod = {"format": 1, "containers": {"a": "alias"}, "volumes": []}
+    with LocalStore(str(store)).begin("pod") as w:
+        w.write_bytes("pod.json", json.dumps(pod).encode())
+        w.commit()
+    from shim import checkpointing
+
+    with pytest.raises(PermissionDenied, match=r"alias .* is a symlink"):
+        checkpointing.prepare_restore("pod", None, config, container_name="a")
+
+
+def test_restore_ref_through_the_configured_root_symlink(tmp_path: Path) -> None:
+    """The store's own directory is configuration: a symlink there is the admin's."""
+    real = tmp_path / "real"
+    make(LocalStore(str(real)), "c1", tmp_path)
+    (tmp_path / "link").symlink_to(real)
+    config = Config(StorageConfig(url=f"file://{tmp_path}/link"))
+    for ref in ("c1", f"{tmp_path}/link/c1", f"{real}/c1", f"file://{real}/c1"):
+        _restore(ref, config)
+
+
+def test_reader_reads_the_directory_it_checked(
+    local: LocalStore, root: Path, tmp_path: Path
+) -> None:
+    """A checkpoint swapped after it was opened is not what the reader reads."""
+    make(local, "x", tmp_path, {"which": "original"})
+    make(local, "other", tmp_path, {"which": "swapped in"})
+    with local.open("x") as r:
+        assert r.path == str(root / "x")
+        os.rename(root / "x", root / "x-moved")
+        os.rename(root / "other", root / "x")
+        r.verify()  # the original's manifest and files, through the descriptor
+        assert r.metadata["which"] == "original"
+        assert r.info.metadata["which"] == "original"
+
+
+def test_reader_refuses_symlinks_inside_the_checkpoint(
+    local: LocalStore, root: Path, tmp_path: Path
+) -> None:
+    make(local, "x", tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"image": "evil"}')
+    os.unlink(root / "x" / "stasis.json")
+    (root / "x" / "stasis.json").symlink_to(outside)
+    with local.open("x") as r:
+        assert r.metadata.get("image") != "evil"  # not followed
+        with pytest.raises(InvalidArgument, match=r"stasis\.json leads out"):
+            r.file("stasis.json")
+        with pytest.raises(DataLoss, match=r"stasis\.json: not a regular file"):
+            r.verify()
+    assert local.list()[0].metadata.get("image") != "evil"
+    manifest = root / "x" / MANIFEST
+    (tmp_path / "m.json").write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    manifest.symlink_to(tmp_path / "m.json")
+    with pytest.raises(DataLoss, match=r"manifest\.json is a symlink"):
+        local.open("x")
+    assert local.list() == []
+
+
+def test_closed_reader_refuses_and_keeps_no_descriptor(local: LocalStore, tmp_path: Path) -> None:
+    make(local, "x", tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    r = local.open("x")
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    r.close()
+    r.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(FailedPrecondition, match="reader is closed"):
+        r.verify()
 
 
 # --------------------------------------------------------------------------- encryption at rest
