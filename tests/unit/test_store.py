@@ -1248,13 +1248,20 @@ def test_restore_references_outside_the_configured_stores_are_refused(tmp_path: 
 # --------------------------------------------------------------------------- one resolution
 
 
+def signed(root: Path) -> LocalStore:
+    """A store whose checkpoints a restore accepts: signed with the session's key."""
+    from runtime import signing
+
+    return LocalStore(str(root), signing=signing.Signing(signing.DEFAULT_KEY_FILE))
+
+
 @pytest.fixture
 def attack(tmp_path: Path) -> tuple[Config, Path, Path]:
     """A store with checkpoint ``good``, and a "container rootfs" outside it holding a
     restorable checkpoint ``evil`` and ``lnk`` -> ``<store>/good``."""
     store, rootfs = tmp_path / "store", tmp_path / "rootfs"
-    make(LocalStore(str(store)), "good", tmp_path)
-    make(LocalStore(str(rootfs)), "evil", tmp_path, {"by": "the container"})
+    make(signed(store), "good", tmp_path)
+    make(signed(rootfs), "evil", tmp_path, {"by": "the container"})
     (rootfs / "lnk").symlink_to(store / "good")
     return Config(StorageConfig(url=f"file://{store}")), store, rootfs
 
@@ -1328,7 +1335,7 @@ def test_name_that_is_a_symlink_in_the_store_is_refused(
         assert "is a symlink" in capsys.readouterr().err
     # a pod checkpoint's member names are names in the same store
     pod = {"format": 1, "containers": {"a": "alias"}, "volumes": []}
-    with LocalStore(str(store)).begin("pod") as w:
+    with signed(store).begin("pod") as w:
         w.write_bytes("pod.json", json.dumps(pod).encode())
         w.commit()
     from shim import checkpointing
@@ -1340,7 +1347,7 @@ def test_name_that_is_a_symlink_in_the_store_is_refused(
 def test_restore_ref_through_the_configured_root_symlink(tmp_path: Path) -> None:
     """The store's own directory is configuration: a symlink there is the admin's."""
     real = tmp_path / "real"
-    make(LocalStore(str(real)), "c1", tmp_path)
+    make(signed(real), "c1", tmp_path)
     (tmp_path / "link").symlink_to(real)
     config = Config(StorageConfig(url=f"file://{tmp_path}/link"))
     for ref in ("c1", f"{tmp_path}/link/c1", f"{real}/c1", f"file://{real}/c1"):
