@@ -8,7 +8,6 @@ tampered with (refused before anything of them runs).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, mounts_under, unique_id
+from bed.tamper import rewrite
 from bed.workload import (
     COUNTER,
     IMAGE,
@@ -394,15 +394,6 @@ def test_shim_killed_during_restore_leaves_nothing_running(
 
 
 # -- malformed checkpoint metadata -----------------------------------------------------------
-
-
-def rewrite(checkpoint: Path, rel: str, data: bytes) -> None:
-    """Replace a file of a checkpoint and make its manifest agree (as anyone who can
-    write the store can): only the checks of the content itself stand in the way."""
-    (checkpoint / rel).write_bytes(data)
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(

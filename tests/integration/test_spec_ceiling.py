@@ -7,8 +7,10 @@ equally privileged container."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 from bed import criu_images
 from bed.containerd import Containerd, unique_id
-from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
+from bed.tamper import edit_metadata, rehash
+from bed.workload import IMAGE, RUNTIME, remove, stasis, stasis_argv, task, wait_count
 
 pytestmark = pytest.mark.integration
 
@@ -60,25 +63,6 @@ def restore(c: Containerd, ids: list[str], ref: Path, *flags: str) -> tuple[str,
     return new, r.stderr, r.returncode
 
 
-def rehash(ckpt: Path, rel: str) -> None:
-    """Record the edited ``rel`` in the manifest as its writer would have."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    data = (ckpt / rel).read_bytes()
-    manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
-def edit_metadata(ckpt: Path, change: object) -> None:
-    """Edit stasis.json and the copy of it the manifest carries."""
-    meta = json.loads((ckpt / "stasis.json").read_text())
-    change(meta)  # type: ignore[operator]
-    (ckpt / "stasis.json").write_text(json.dumps(meta, indent=1))
-    rehash(ckpt, "stasis.json")
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    change(manifest["metadata"])  # type: ignore[operator]
-    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
 def assert_nothing_ran(c: Containerd, id: str) -> None:
     """The refused restore left no task running (and it can be removed)."""
     t = task(c, id)
@@ -117,16 +101,20 @@ def test_kernel_view_refuses_what_the_recorded_profile_hides(
     assert_nothing_ran(containerd, new)
 
 
-def test_edited_creds_in_the_images_are_refused_by_the_kernel_view(
+def test_creds_edited_archive_is_untrusted_and_then_refused_by_the_kernel_view(
     containerd: Containerd, ids: list[str], tmp_path: Path
 ) -> None:
-    # An unprivileged checkpoint whose core image was edited to full capabilities,
-    # restored into the very spec it was taken with: only the kernel's view of the
-    # restored process can tell.
+    # An unprivileged checkpoint, exported; its core image edited to every
+    # capability (nothing privileged needed), the manifest made to agree, the
+    # signature gone: the archive is refused as untrusted. Imported on the user's
+    # word (--trust) it is signed by this node, and restored into the very spec it
+    # was taken with only the kernel's view of the restored process can tell.
     ckpt = checkpoint(containerd, ids, tmp_path / "store")
-    cores = sorted((ckpt / "checkpoint").glob("core-*.img"))
-    assert cores
-
+    archive = tmp_path / "ck.tar"
+    stasis(containerd, "export", str(ckpt), str(archive))
+    work = tmp_path / "unpacked"
+    with tarfile.open(archive) as tar:
+        tar.extractall(work, filter="data")
     full = host_bounding()
 
     def escalate(entry: object) -> None:
@@ -134,11 +122,36 @@ def test_edited_creds_in_the_images_are_refused_by_the_kernel_view(
         for caps in (creds.cap_bnd, creds.cap_prm, creds.cap_eff):
             caps[:] = [full & 0xFFFFFFFF, full >> 32]
 
+    cores = sorted((work / "checkpoint").glob("core-*.img"))
+    assert cores
     for core in cores:
         criu_images.edit_core(core, tmp_path / "pb", escalate)
-        rehash(ckpt, f"checkpoint/{core.name}")
+        rehash(work, f"checkpoint/{core.name}")
+    (work / "manifest.sig").unlink()
+    edited = tmp_path / "edited.tar"
+    with tarfile.open(edited, "w") as tar:
+        for rel in (
+            "manifest.json",
+            *sorted(json.loads((work / "manifest.json").read_text())["files"]),
+        ):
+            tar.add(work / rel, arcname=rel)
 
-    new, err, rc = restore(containerd, ids, ckpt)
+    store = tmp_path / "imported"
+    env = {**os.environ, "STASIS_STORAGE_URL": f"file://{store}"}
+
+    def import_(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*stasis_argv(containerd), "import", str(edited), "--name", "edited", *flags],
+            capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    refused = import_()
+    assert refused.returncode != 0 and "--trust" in refused.stderr, refused.stderr
+    assert not (store / "edited").exists()
+    trusted = import_("--trust")
+    assert trusted.returncode == 0, trusted.stderr
+
+    new, err, rc = restore(containerd, ids, store / "edited")
     assert rc != 0
     assert "CapBnd" in err and "CAP_SYS_ADMIN" in err and "killed before they ran" in err, err
     assert_nothing_ran(containerd, new)
