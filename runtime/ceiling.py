@@ -400,7 +400,11 @@ def check_mounts(c: Ceiling, mounts: Sequence[MountEntry], exists: Any = None) -
                 problems.append("mount /: read-write; the spec's root is read-only")
             continue
         if rule is not None:
-            if rule.readonly and "ro" not in m.options:
+            # runc restores a cgroup v1 mount as a read-write tmpfs holding the
+            # read-only hierarchies (runc's own restore does the same): only the
+            # hierarchies below it are held to "ro".
+            v1_cgroup_root = rule.type == "cgroup" and m.fstype == "tmpfs"
+            if rule.readonly and "ro" not in m.options and not v1_cgroup_root:
                 problems.append(f"mount {point} ({m.fstype}): read-write; the spec mounts it ro")
             missing = sorted(rule.flags - m.options)
             if missing:

@@ -195,3 +195,17 @@ def test_a_process_outside_the_containers_cgroup_is_refused(tmp_path: Path) -> N
         Ceiling.from_spec(spec()), 1, {"memory": "/ns/other", "": "/ns/c"}, proc
     )
     assert problems == ["process 1: cgroup memory:/ns/c, outside the container's /ns/other"]
+
+
+def test_a_restored_cgroup_v1_tmpfs_may_be_read_write_but_not_its_hierarchies() -> None:
+    # runc restores a cgroup v1 mount as a read-write tmpfs (its own restore too);
+    # the hierarchies below it stay held to the spec's "ro".
+    text = MOUNTINFO.replace(
+        "/sys/fs/cgroup ro,relatime - tmpfs tmpfs ro", "/sys/fs/cgroup rw,relatime - tmpfs tmpfs rw"
+    )
+    c = Ceiling.from_spec(spec())
+    assert ceiling.check_mounts(c, ceiling.parse_mountinfo(text), lambda p: True) == []
+    text = text.replace("/sys/fs/cgroup/memory ro,relatime", "/sys/fs/cgroup/memory rw,relatime")
+    text = text.replace("cgroup cgroup ro,memory", "cgroup cgroup rw,memory")
+    problems = ceiling.check_mounts(c, ceiling.parse_mountinfo(text), lambda p: True)
+    assert problems == ["mount /sys/fs/cgroup/memory (cgroup): read-write under ro /sys/fs/cgroup"]
