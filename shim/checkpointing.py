@@ -602,24 +602,27 @@ _GATE_SCRIPT = """#!/bin/sh
 # against the new container's spec. Anything but "ok" fails it: CRIU aborts at
 # post-restore; it ignores a failing pre-resume script, so there the shim (or, with
 # no verdict, this script) kills the tree first, and CRIU fails to resume it.
+# The images take a while to hash; the tree's check takes milliseconds.
 case "$CRTOOLS_SCRIPT_ACTION" in
-post-restore) stage=images ;;
-pre-resume) stage=ceiling ;;
+post-restore) stage=images nap=0.005 polls={polls} ;;
+pre-resume) stage=ceiling nap=0.001 polls={polls_fast} ;;
 *) exit 0 ;;
 esac
-echo "$CRTOOLS_INIT_PID" > {dir}/$stage.tmp && mv {dir}/$stage.tmp {dir}/$stage.held
+# One write of a whole line: the shim takes the PID once it ends in a newline.
+echo "$CRTOOLS_INIT_PID" > {dir}/$stage.held
 i=0
 while [ ! -e {dir}/$stage.verdict ]; do
     i=$((i + 1))
     # No verdict ever comes from a dead shim.
-    if [ "$i" -gt {polls} ] || ! kill -0 {shim} 2>/dev/null; then
+    if [ "$i" -gt "$polls" ] || ! kill -0 {shim} 2>/dev/null; then
         # At pre-resume CRIU traces the tree: only with CRIU ($PPID) gone can it die.
         [ "$stage" = images ] || kill -KILL "$CRTOOLS_INIT_PID" "$PPID"
         exit 1
     fi
-    sleep 0.005
+    sleep $nap
 done
 read -r verdict < {dir}/$stage.verdict
+: > {dir}/$stage.done
 [ "$verdict" = ok ]
 """
 
@@ -665,7 +668,10 @@ class RestoreGate:
         _write_atomic(
             script,
             _GATE_SCRIPT.format(
-                dir=shlex.quote(self.dir), polls=int(self.timeout / 0.005), shim=os.getpid()
+                dir=shlex.quote(self.dir),
+                polls=int(self.timeout / 0.005),
+                polls_fast=int(self.timeout / 0.001),
+                shim=os.getpid(),
             ),
             0o700,
         )
@@ -702,10 +708,13 @@ class RestoreGate:
         while not self._done.is_set():
             try:
                 with open(held, "rb") as f:
-                    pid = int(f.read(32))
-                break
+                    line = f.read(32)
+                if line.endswith(b"\n"):  # the script's write is whole
+                    pid = int(line)
+                    break
             except (OSError, ValueError):
-                self._done.wait(0.001)
+                pass
+            self._done.wait(0.001)
         else:
             return None  # the restore ended before pre-resume: outcome() decides
         began = time.monotonic()
@@ -743,11 +752,11 @@ class RestoreGate:
         """Whether CRIU ran the gate at ``stage`` ("images" or "ceiling")."""
         return os.path.exists(self._file(stage, "held"))
 
-    def held_seconds(self) -> float | None:
-        """How long CRIU waited at post-restore for the images (None: it did not)."""
+    def held_seconds(self, stage: str = "images") -> float | None:
+        """How long CRIU waited at ``stage`` for its verdict (None: it did not)."""
         try:
-            verdict = os.stat(self._file("images", "verdict")).st_mtime
-            return max(0.0, verdict - os.stat(self._file("images", "held")).st_mtime)
+            done = os.stat(self._file(stage, "done")).st_mtime
+            return max(0.0, done - os.stat(self._file(stage, "held")).st_mtime)
         except OSError:
             return None
 
