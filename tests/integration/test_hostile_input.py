@@ -1,0 +1,96 @@
+"""Hostile input against a real shim on real containerd, runc and CRIU: a flood of idle
+connections on the shim's socket, and a checkpoint whose deleted.files lists more
+paths than any restore reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bed.containerd import Containerd, unique_id
+from bed.tamper import rewrite
+from bed.workload import IMAGE, RUNTIME, bundle, remove, stasis, task, wait_count
+
+pytestmark = pytest.mark.integration
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
+FLOOD = 400  # idle connections, well past the shim's cap (128)
+
+
+@pytest.fixture
+def ids(containerd: Containerd) -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for id in made:
+        remove(containerd, id)
+
+
+def counter(c: Containerd, ids: list[str]) -> str:
+    id = unique_id("hst")
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", COUNTER)
+    ids.append(id)
+    wait_count(c, id, 2)
+    return id
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_connection_flood_leaves_the_shim_serving(
+    containerd: Containerd, ids: list[str]
+) -> None:
+    id = counter(containerd, ids)
+    b = bundle(containerd, id)
+    address = (b / "address").read_text().strip().removeprefix("unix://")
+    shim = int((b / "shim.pid").read_text())
+    before = open_fds(shim)
+    flood: list[socket.socket] = []
+    try:
+        refused = 0
+        for _ in range(FLOOD):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            flood.append(s)
+            s.setblocking(False)
+            try:
+                s.connect(address)
+            except BlockingIOError:  # the backlog is full: the shim is not accepting
+                refused += 1
+        time.sleep(1.0)  # let the shim accept (and refuse) them all
+        # The shim holds no more than its cap of them, and still serves containerd.
+        assert open_fds(shim) - before <= 130, (before, open_fds(shim))
+        out = containerd.ctr("task", "exec", "--exec-id", "e1", id, "cat", "/proc/1/comm")
+        assert out.stdout.strip() == "sh"
+    finally:
+        for s in flood:
+            s.close()
+    assert task(containerd, id) is not None
+
+
+def test_deleted_files_beyond_any_restore_is_refused_early(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = counter(containerd, ids)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+    # 600,000 paths (~9 MB): read whole, the shim once spent 20 s and 150 MB on 8 MB.
+    paths = [f"/d/{i:07d}" for i in range(600_000)]
+    rewrite(store / "k", "deleted.files", json.dumps(paths).encode())
+
+    new = unique_id("rst")
+    ids.append(new)
+    began = time.monotonic()
+    r = containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME, "--annotation",
+        f"stasis.dev/restore-from={store / 'k'}", IMAGE, new, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "deleted.files" in r.stderr and "524288" in r.stderr, r.stderr
+    assert time.monotonic() - began < 30
+    assert task(containerd, new) is None or task(containerd, new)[1] != "RUNNING"  # type: ignore[index]
