@@ -24,14 +24,16 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
     # and device nodes are normal, hence allowed by default).
     allow_setuid = true    # setuid/setgid files and file capabilities
     allow_devices = true   # device nodes
+    # How long `runc restore` (CRIU) may take before it is killed and the task's
+    # Start fails (seconds).
+    timeout_seconds = 600
 
 Every key is optional. Environment variables override the file:
 ``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
-``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``, and
-``STASIS_RESTORE_SOURCES``
-(URLs separated by commas, replacing the file's list); an empty variable counts
-as unset.
+``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``,
+``STASIS_RESTORE_SOURCES`` (URLs separated by commas, replacing the file's list)
+and ``STASIS_RESTORE_TIMEOUT_SECONDS``; an empty variable counts as unset.
 A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
 exist. Unknown keys, wrong types and bad values are errors naming the file (or
 variable) and the key, so a typo never silently falls back to a default.
@@ -49,6 +51,9 @@ from runtime.errors import InvalidArgument
 DEFAULT_PATH = "/etc/stasis/config.toml"
 PATH_ENV = "STASIS_CONFIG"
 DEFAULT_STORAGE_URL = "file:///var/lib/stasis/checkpoints"
+DEFAULT_RESTORE_TIMEOUT_S = 600.0
+# A day: a longer "timeout" is no bound at all, and asyncio wants a finite number.
+MAX_RESTORE_TIMEOUT_S = 86400.0
 
 Checksum = Literal["when_supported", "when_required"]
 CHECKSUMS: tuple[Checksum, ...] = ("when_supported", "when_required")
@@ -101,10 +106,12 @@ class EncryptionConfig:
 
 @dataclass(frozen=True)
 class RestorePolicy:
-    """What a restore lets a checkpoint's rootfs diff put into a container."""
+    """What a restore lets a checkpoint's rootfs diff put into a container, and how
+    long ``runc restore`` may run (``timeout_seconds``) before the shim kills it."""
 
     allow_setuid: bool = True
     allow_devices: bool = True
+    timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ _S3_KEYS: dict[str, tuple[str, str]] = {
 _STORAGE_URL_ENV = "STASIS_STORAGE_URL"
 _RESTORE_SOURCES_ENV = "STASIS_RESTORE_SOURCES"
 _KEY_FILE_ENV = "STASIS_ENCRYPTION_KEY_FILE"
+_RESTORE_TIMEOUT_ENV = "STASIS_RESTORE_TIMEOUT_SECONDS"
 
 
 def load(env: Mapping[str, str] | None = None) -> Config:
@@ -191,8 +199,8 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
         where = f"config file {path}: encryption.key_file"
         key_file = _key_file(_string(encryption["key_file"], where), where)
     restore = _table(data, "restore", path, "")
-    _only(restore, {"allow_setuid", "allow_devices"}, path, "restore.")
-    policy: dict[str, bool] = {}
+    _only(restore, {"allow_setuid", "allow_devices", "timeout_seconds"}, path, "restore.")
+    policy: dict[str, Any] = {}
     for key in ("allow_setuid", "allow_devices"):
         if key in restore:
             if not isinstance(restore[key], bool):
@@ -201,6 +209,9 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
                     f"not {type(restore[key]).__name__}"
                 )
             policy[key] = restore[key]
+    if "timeout_seconds" in restore:
+        where = f"config file {path}: restore.timeout_seconds"
+        policy["timeout_seconds"] = _timeout(restore["timeout_seconds"], where)
     return Config(
         StorageConfig(url=url, s3=S3Config(**cast(Any, s3_fields)), restore_sources=sources),
         EncryptionConfig(key_file=key_file),
@@ -224,9 +235,26 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     encryption = config.encryption
     if value := env.get(_KEY_FILE_ENV):
         encryption = EncryptionConfig(_key_file(value, f"environment variable {_KEY_FILE_ENV}"))
-    return Config(
-        StorageConfig(url=url, s3=s3, restore_sources=sources), encryption, config.restore
-    )
+    restore = config.restore
+    if value := env.get(_RESTORE_TIMEOUT_ENV):
+        where = f"environment variable {_RESTORE_TIMEOUT_ENV}"
+        try:
+            seconds: object = float(value)
+        except ValueError:
+            raise InvalidArgument(f"{where}: {value!r} is not a number of seconds") from None
+        restore = replace(restore, timeout_seconds=_timeout(seconds, where))
+    return Config(StorageConfig(url=url, s3=s3, restore_sources=sources), encryption, restore)
+
+
+def _timeout(value: object, where: str) -> float:
+    """A restore timeout: seconds, more than 0 and at most MAX_RESTORE_TIMEOUT_S."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{where} must be a number of seconds, not {type(value).__name__}")
+    if not 0 < value <= MAX_RESTORE_TIMEOUT_S:  # NaN fails this too
+        raise InvalidArgument(
+            f"{where}: {value!r} must be more than 0 and at most {MAX_RESTORE_TIMEOUT_S:g} seconds"
+        )
+    return float(value)
 
 
 def _key_file(path: str, where: str) -> str | None:
