@@ -217,3 +217,35 @@ def unmount_all(target: str) -> None:
         if not is_mountpoint(target):
             return
         unmount(target)
+
+
+def mounts_below(path: str) -> list[str]:
+    """Mount points at or below ``path`` (per /proc/self/mountinfo), the deepest and
+    the latest mounted first: the order to unmount them in."""
+    real = os.path.realpath(path)
+    prefix = real.rstrip("/") + "/"
+    found: list[tuple[int, int, str]] = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f):
+                fields = line.split(" ", 5)
+                if len(fields) < 5:
+                    continue
+                point = _unescape(fields[4])
+                if point == real or point.startswith(prefix):
+                    found.append((point.count("/"), n, point))
+    except OSError:
+        return []
+    return [point for _, _, point in sorted(found, reverse=True)]
+
+
+def unmount_below(path: str) -> list[str]:
+    """Unmount everything mounted at or below ``path``, deepest first (lazily where
+    busy); returns the mount points that could not be unmounted."""
+    left: list[str] = []
+    for point in mounts_below(path):
+        try:
+            unmount(point, retries=1)
+        except OSError:
+            left.append(point)
+    return left
