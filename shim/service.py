@@ -293,6 +293,8 @@ class TaskService:
             plan = None
             if not cfg.checkpoint:
                 cfg, plan = await self._restore_by_annotation(cfg)
+            else:  # containerd's own checkpoint (ctr run --checkpoint)
+                cfg = replace(cfg, restore_timeout=_restore_timeout())
             try:
                 c = await Container.create(
                     cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
@@ -333,6 +335,7 @@ class TaskService:
         upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
         member = annotations.get(checkpointing.CRI_CONTAINER_NAME)
         try:
+            conf = config.load()
             # With policy fresh, everything is checked now, while starting fresh is
             # still possible; with fail, the CRIU images are checked during Start.
             plan = await asyncio.to_thread(
@@ -340,7 +343,7 @@ class TaskService:
                     checkpointing.prepare_restore,
                     ref,
                     upper,
-                    config.load(),
+                    conf,
                     defer_images=policy == "fail",
                     container_name=member,
                 )
@@ -357,7 +360,11 @@ class TaskService:
             return cfg, None
         log.info("container %s restores from %s", cfg.id, ref)
         restored = replace(
-            cfg, checkpoint=plan.images, restore_tcp_established=plan.tcp_established
+            cfg,
+            checkpoint=plan.images,
+            restore_tcp_established=plan.tcp_established,
+            restore_timeout=conf.restore.timeout_seconds,
+            restore_ref=ref,
         )
         return restored, plan
 
@@ -645,6 +652,13 @@ class TaskService:
                 return _EMPTY
         self.on_shutdown()
         return _EMPTY
+
+
+def _restore_timeout() -> float:
+    """The config's restore.timeout_seconds."""
+    from runtime import config
+
+    return config.load().restore.timeout_seconds
 
 
 def _restore_gate(c: Container, plan: Any) -> Any:
