@@ -1,6 +1,7 @@
 """Cgroup facts the shim needs: the host's cgroup mode, a container's memory
-cgroup directory, OOM notifications (v1 eventfd, v2 memory.events), and its
-freezer (what `runc pause` and `runc resume` write, without their process).
+cgroup directory, OOM notifications (v1 eventfd, v2 memory.events), its
+freezer (what `runc pause` and `runc resume` write, without their process), and
+the processes in its cgroup (what a killed restore may leave there).
 """
 
 from __future__ import annotations
@@ -95,6 +96,69 @@ def remove_empty(cgroups_path: str, wait: float = 2.0) -> None:
             return
         pending = busy
         time.sleep(0.05)
+
+
+def _own_path(cgroups_path: str) -> str | None:
+    """The cgroupfs path of the cgroup a spec's linux.cgroupsPath names, or None where
+    that is not known here (relative paths lie under runc's own cgroup) or names no
+    container's own cgroup (the root)."""
+    if ":" in cgroups_path:
+        path = _systemd_path(cgroups_path)
+    elif cgroups_path.startswith("/"):
+        path = os.path.normpath(cgroups_path)
+    else:
+        return None
+    path = "/" + path.strip("/")
+    return None if path == "/" else path
+
+
+def _hierarchies() -> list[str]:
+    if unified():
+        return [CGROUP_ROOT]
+    return [
+        os.path.join(CGROUP_ROOT, h)
+        for h in os.listdir(CGROUP_ROOT)
+        if not os.path.islink(os.path.join(CGROUP_ROOT, h))
+    ]
+
+
+def members(cgroups_path: str) -> set[int]:
+    """PIDs of the processes in the cgroup a spec's linux.cgroupsPath names, or in a
+    cgroup below it, in any hierarchy; empty where the path is not known here."""
+    path = _own_path(cgroups_path)
+    if path is None:
+        return set()
+    found: set[int] = set()
+    try:
+        hierarchies = _hierarchies()
+    except OSError:
+        return found
+    for h in hierarchies:
+        for directory, _, _ in os.walk(h + path):
+            try:
+                with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as f:
+                    found.update(int(line) for line in f if line.strip())
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def contains(pid: int, cgroups_path: str) -> bool:
+    """Whether process ``pid`` is in the cgroup ``cgroups_path`` names (or below it),
+    in any hierarchy, as its /proc/PID/cgroup says."""
+    path = _own_path(cgroups_path)
+    if path is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        where = line.split(":", 2)[-1]
+        if where == path or where.startswith(path + "/"):
+            return True
+    return False
 
 
 class Freezer:

@@ -36,6 +36,9 @@ The file (path overridable with ``STASIS_CONFIG``) looks like::
     # Restore a checkpoint into another containerd or Kubernetes namespace
     # than the one it was taken in (refused by default).
     cross_namespace = false
+    # How long `runc restore` (CRIU) may take before it is killed and the task's
+    # Start fails (seconds).
+    timeout_seconds = 600
 
     [limits]
     # What an archive or a rootfs diff may expand to; beyond either, or beyond
@@ -49,9 +52,9 @@ Every key is optional. Environment variables override the file:
 ``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
 ``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``,
 ``STASIS_SIGNING_KEY_FILE``, ``STASIS_SIGNING_TRUSTED_KEYS`` (paths separated by
-commas, replacing the file's list) and ``STASIS_RESTORE_SOURCES``
-(URLs separated by commas, replacing the file's list); an empty variable counts
-as unset.
+commas, replacing the file's list), ``STASIS_RESTORE_SOURCES`` (URLs separated by
+commas, replacing the file's list) and ``STASIS_RESTORE_TIMEOUT_SECONDS``; an empty
+variable counts as unset.
 A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
 exist. Unknown keys, wrong types and bad values are errors naming the file (or
 variable) and the key, so a typo never silently falls back to a default.
@@ -69,6 +72,9 @@ from runtime.errors import InvalidArgument
 DEFAULT_PATH = "/etc/stasis/config.toml"
 PATH_ENV = "STASIS_CONFIG"
 DEFAULT_STORAGE_URL = "file:///var/lib/stasis/checkpoints"
+DEFAULT_RESTORE_TIMEOUT_S = 600.0
+# A day: a longer "timeout" is no bound at all, and asyncio wants a finite number.
+MAX_RESTORE_TIMEOUT_S = 86400.0
 
 Checksum = Literal["when_supported", "when_required"]
 CHECKSUMS: tuple[Checksum, ...] = ("when_supported", "when_required")
@@ -134,12 +140,14 @@ class SigningConfig:
 
 @dataclass(frozen=True)
 class RestorePolicy:
-    """What a restore lets a checkpoint's rootfs diff put into a container, and where
-    a checkpoint may be restored (``cross_namespace``)."""
+    """What a restore lets a checkpoint's rootfs diff put into a container, where a
+    checkpoint may be restored (``cross_namespace``), and how long ``runc restore``
+    may run (``timeout_seconds``) before the shim kills it."""
 
     allow_setuid: bool = True
     allow_devices: bool = True
     cross_namespace: bool = False
+    timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,7 @@ _RESTORE_SOURCES_ENV = "STASIS_RESTORE_SOURCES"
 _KEY_FILE_ENV = "STASIS_ENCRYPTION_KEY_FILE"
 _SIGNING_KEY_ENV = "STASIS_SIGNING_KEY_FILE"
 _TRUSTED_KEYS_ENV = "STASIS_SIGNING_TRUSTED_KEYS"
+_RESTORE_TIMEOUT_ENV = "STASIS_RESTORE_TIMEOUT_SECONDS"
 _RESTORE_FLAGS = ("allow_setuid", "allow_devices", "cross_namespace")
 
 
@@ -240,8 +249,8 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
         where = f"config file {path}: encryption.key_file"
         key_file = _key_file(_string(encryption["key_file"], where), where)
     restore = _table(data, "restore", path, "")
-    _only(restore, set(_RESTORE_FLAGS), path, "restore.")
-    policy: dict[str, bool] = {}
+    _only(restore, {*_RESTORE_FLAGS, "timeout_seconds"}, path, "restore.")
+    policy: dict[str, Any] = {}
     for key in _RESTORE_FLAGS:
         if key in restore:
             if not isinstance(restore[key], bool):
@@ -250,6 +259,9 @@ def _from_toml(data: dict[str, Any], path: str) -> Config:
                     f"not {type(restore[key]).__name__}"
                 )
             policy[key] = restore[key]
+    if "timeout_seconds" in restore:
+        where = f"config file {path}: restore.timeout_seconds"
+        policy["timeout_seconds"] = _timeout(restore["timeout_seconds"], where)
     limits = _table(data, "limits", path, "")
     _only(limits, set(_LIMIT_KEYS), path, "limits.")
     sizes: dict[str, int] = {}
@@ -317,12 +329,32 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
         where = f"environment variable {_TRUSTED_KEYS_ENV}"
         trusted = tuple(_absolute(v.strip(), where) for v in value.split(",") if v.strip())
         signing = replace(signing, trusted_keys=trusted)
+    restore = config.restore
+    if value := env.get(_RESTORE_TIMEOUT_ENV):
+        where = f"environment variable {_RESTORE_TIMEOUT_ENV}"
+        try:
+            seconds: object = float(value)
+        except ValueError:
+            raise InvalidArgument(f"{where}: {value!r} is not a number of seconds") from None
+        restore = replace(restore, timeout_seconds=_timeout(seconds, where))
     return replace(
         config,
         storage=StorageConfig(url=url, s3=s3, restore_sources=sources),
         encryption=encryption,
+        restore=restore,
         signing=signing,
     )
+
+
+def _timeout(value: object, where: str) -> float:
+    """A restore timeout: seconds, more than 0 and at most MAX_RESTORE_TIMEOUT_S."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{where} must be a number of seconds, not {type(value).__name__}")
+    if not 0 < value <= MAX_RESTORE_TIMEOUT_S:  # NaN fails this too
+        raise InvalidArgument(
+            f"{where}: {value!r} must be more than 0 and at most {MAX_RESTORE_TIMEOUT_S:g} seconds"
+        )
+    return float(value)
 
 
 def _absolute(path: str, where: str) -> str:

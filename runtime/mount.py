@@ -219,20 +219,33 @@ def unmount_all(target: str) -> None:
         unmount(target)
 
 
-def unmount_under(path: str) -> list[str]:
-    """Detach every mount at or below ``path``, deepest first (what a killed CRIU
-    leaves in its work directory: its cgroup yard); returns the mount points."""
-    top = os.path.realpath(path).rstrip("/")
-    points = []
+def mounts_below(path: str) -> list[str]:
+    """Mount points at or below ``path`` (per /proc/self/mountinfo), the deepest and
+    the latest mounted first: the order to unmount them in."""
+    real = os.path.realpath(path)
+    prefix = real.rstrip("/") + "/"
+    found: list[tuple[int, int, str]] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for n, line in enumerate(f):
                 fields = line.split(" ", 5)
-                point = _unescape(fields[4]) if len(fields) > 4 else ""
-                if point == top or point.startswith(top + "/"):
-                    points.append(point)
+                if len(fields) < 5:
+                    continue
+                point = _unescape(fields[4])
+                if point == real or point.startswith(prefix):
+                    found.append((point.count("/"), n, point))
     except OSError:
         return []
-    for point in sorted(set(points), key=len, reverse=True):
-        _lib().umount2(_b(point), MNT_DETACH)
-    return points
+    return [point for _, _, point in sorted(found, reverse=True)]
+
+
+def unmount_below(path: str) -> list[str]:
+    """Unmount everything mounted at or below ``path``, deepest first (lazily where
+    busy); returns the mount points that could not be unmounted."""
+    left: list[str] = []
+    for point in mounts_below(path):
+        try:
+            unmount(point, retries=1)
+        except OSError:
+            left.append(point)
+    return left

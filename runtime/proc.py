@@ -13,7 +13,7 @@ import asyncio
 import fcntl
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,8 +53,10 @@ class Spawner(Protocol):
         capture: bool = False,
         input: bytes | None = None,
         env: Mapping[str, str] | None = None,
+        started: Callable[[int], None] | None = None,
     ) -> Completed:
-        """Run ``argv``; with ``capture``, return its stdout instead of using ``stdio``."""
+        """Run ``argv``; with ``capture``, return its stdout instead of using ``stdio``.
+        ``started`` is called with the PID as soon as it runs (to kill it early)."""
         ...
 
 
@@ -160,6 +162,7 @@ async def run_with(
     capture: bool,
     input: bytes | None,
     env: Mapping[str, str] | None,
+    started: Callable[[int], None] | None = None,
 ) -> Completed:
     """Spawn ``argv`` and wait through ``waiter``: the shared body of both spawners."""
     out_r = in_w = -1
@@ -172,7 +175,7 @@ async def run_with(
         stdin, in_w = os.pipe()
         to_close.append(stdin)
     try:
-        _, exited = waiter(
+        pid, exited = waiter(
             lambda: spawn(argv, Stdio(stdin, stdout, stdio.stderr, stdio.extra), env=env)
         )
     except BaseException:
@@ -182,6 +185,8 @@ async def run_with(
         raise
     for fd in to_close:
         os.close(fd)
+    if started is not None:
+        started(pid)
     reader = asyncio.ensure_future(read_all(out_r)) if capture else None
     if input is not None:
         await write_all(in_w, input)
@@ -213,6 +218,7 @@ class ForkSpawner:
         capture: bool = False,
         input: bytes | None = None,
         env: Mapping[str, str] | None = None,
+        started: Callable[[int], None] | None = None,
     ) -> Completed:
         """Run ``argv`` to completion (see ``Spawner.run``)."""
         loop = asyncio.get_running_loop()
@@ -222,4 +228,50 @@ class ForkSpawner:
             fut = loop.run_in_executor(None, lambda: exit_code(os.waitpid(pid, 0)[1]))
             return pid, asyncio.ensure_future(fut)
 
-        return await run_with(waiter, argv, stdio=stdio, capture=capture, input=input, env=env)
+        return await run_with(
+            waiter, argv, stdio=stdio, capture=capture, input=input, env=env, started=started
+        )
+
+
+def descendants(pid: int) -> set[int]:
+    """PIDs of every live descendant of ``pid`` (children of each of its threads, and
+    theirs), as /proc shows them now. The caller makes sure ``pid`` still names the
+    process it means (e.g. an unreaped child of its own)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            threads = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in threads:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", encoding="ascii") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child not in found and child != pid:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def parent_of(pid: int) -> int:
+    """``pid``'s parent PID (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (or is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")

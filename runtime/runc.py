@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,13 +205,21 @@ class Runc:
         capture: bool = False,
         input: bytes | None = None,
         log: str | None = None,
+        started: Callable[[int], None] | None = None,
     ) -> Completed:
         log = log or self.log
         env = None
         if self.extra_env:
             env = {**os.environ, **self.extra_env}
+        # Only a caller that wants the PID passes ``started`` on (restore does).
+        extra: dict[str, Any] = {"started": started} if started is not None else {}
         done = await self.spawner.run(
-            self._argv(command, args, log), stdio=stdio, capture=capture, input=input, env=env
+            self._argv(command, args, log),
+            stdio=stdio,
+            capture=capture,
+            input=input,
+            env=env,
+            **extra,
         )
         if done.status != 0:
             raise _classify(RuncError(command, done.status, last_error(log)))
@@ -267,9 +275,17 @@ class Runc:
         """``runc checkpoint``: dump the container through CRIU into ``opts.image_path``."""
         await self._run("checkpoint", [*opts.args(), id])
 
-    async def restore(self, id: str, bundle: str, opts: RestoreOpts, stdio: Stdio) -> None:
-        """``runc restore --detach``: recreate the container from CRIU images."""
-        await self._run("restore", [*opts.args(bundle), id], stdio=stdio)
+    async def restore(
+        self,
+        id: str,
+        bundle: str,
+        opts: RestoreOpts,
+        stdio: Stdio,
+        started: Callable[[int], None] | None = None,
+    ) -> None:
+        """``runc restore --detach``: recreate the container from CRIU images;
+        ``started`` gets runc's PID (CRIU is its child) as soon as it runs."""
+        await self._run("restore", [*opts.args(bundle), id], stdio=stdio, started=started)
 
     async def stats(self, id: str) -> dict[str, Any]:
         """``runc events --stats``: the container's cgroup statistics (runc's JSON)."""

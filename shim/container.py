@@ -16,6 +16,7 @@ from typing import Any
 
 from runtime import cgroups
 from runtime import mount as mounts
+from runtime.config import DEFAULT_RESTORE_TIMEOUT_S
 from runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -71,6 +72,10 @@ class CreateConfig:
     stderr: str = ""
     checkpoint: str = ""
     restore_tcp_established: bool = False
+    # How long runc restore may run (the config's restore.timeout_seconds), and the
+    # checkpoint reference errors name (the images' directory when empty).
+    restore_timeout: float = DEFAULT_RESTORE_TIMEOUT_S
+    restore_ref: str = ""
     # The bundle's config.json, read once per Create (see read_spec).
     spec: dict[str, Any] = field(default_factory=dict)
     options: RuncOptions = field(default_factory=RuncOptions)
@@ -186,7 +191,9 @@ class Container:
                         ),
                         pid_file=pid_file,
                         no_pivot=opts.no_pivot_root,
-                    )
+                    ),
+                    timeout=cfg.restore_timeout,
+                    source=cfg.restore_ref,
                 )
             else:
                 await init.create(
@@ -209,10 +216,15 @@ class Container:
         if cfg.checkpoint:
             init.on_pid = container._restored
             init.after_restore = container._after_restore
+            init.on_lost_exit = container._lost_exit
         else:
             io.started(asyncio.get_running_loop())
             container._watch(init)
         return container
+
+    def _lost_exit(self, init: InitProcess, e: Exit) -> None:
+        """Report an exit the reaper never saw (a restore ended before it restored)."""
+        self._on_exit(self, init, e)
 
     def _restored(self, init: InitProcess) -> None:
         init.io.started(asyncio.get_running_loop())

@@ -6,7 +6,9 @@ methods take its lock and delegate to the current state, and only the
 transitions listed in ``_ALLOWED`` can happen. The init process and exec
 processes share the states and differ in the hooks the states call
 (``_do_start``, ``_do_kill``, ...). A restore is a state of its own
-(``created-from-checkpoint``), added by the checkpoint work, not a flag.
+(``created-from-checkpoint``), added by the checkpoint work, not a flag; while
+``runc restore`` runs (``_Restoring``) the process lock is free, so that a kill
+or a delete ends a restore that hangs instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,7 +33,7 @@ from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Stasis
 from runtime.proc import Stdio
 from runtime.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.console import with_console
-from shim.main import remove_criu_root
+from shim.restoring import Outcome, RestoreRun
 
 if TYPE_CHECKING:
     from shim.stdio import ProcessIO
@@ -115,15 +118,20 @@ class _CreatedCheckpoint(_State):
     status = Status.CREATED
 
     async def start(self) -> None:
+        self.p._transition(_Restoring)
+        restoring = self.p._state
         try:
             await self.p._do_restore()
         except BaseException:
-            # A step after runc restore (adopting execs, GPU state, loopback) may
-            # have failed with the restored tree running: a failed Start leaves
-            # nothing running; its exit then moves this process to stopped.
-            await self.p._kill_restored()
+            if self.p._state is restoring:  # failed on its own: deletable, as before
+                # A step after runc restore (adopting execs, GPU state, loopback) may
+                # have failed with the restored tree running: a failed Start leaves
+                # nothing running; its exit then moves this process to stopped.
+                await self.p._kill_restored()
+            if self.p._state is restoring:  # (its exit may have come meanwhile)
+                self.p._transition(_CreatedCheckpoint)
             raise
-        if self.p._state is self:
+        if self.p._state is restoring:  # not killed, deleted or exited meanwhile
             self.p._transition(_Running)
 
     async def kill(self, sig: int, all: bool) -> None:
@@ -132,6 +140,29 @@ class _CreatedCheckpoint(_State):
         await self.p._do_kill(sig, all)
 
     async def delete(self) -> None:
+        await self.p._destroy()
+
+
+class _Restoring(_State):
+    """``runc restore`` runs, without the process lock (see ``InitProcess._do_restore``):
+    a kill or a delete ends it at once rather than wait for a CRIU that may hang."""
+
+    status = Status.CREATED
+
+    async def kill(self, sig: int, all: bool) -> None:
+        outcome = await self.p._abort_restore(f"killed (signal {sig})")
+        if outcome is Outcome.RESTORED:  # it ran already: an ordinary kill
+            await self.p._do_kill(sig, all)
+        elif outcome is Outcome.ABORTED:
+            # Like a created container killed before it started: it ends (SIGKILL).
+            self.p._lost_exit(128 + signal.SIGKILL)
+        else:
+            raise FailedPrecondition(
+                f"cannot kill process {self.p.describe()}: its restore failed; delete it"
+            )
+
+    async def delete(self) -> None:
+        await self.p._abort_restore("deleted")
         await self.p._destroy()
 
 
@@ -196,7 +227,8 @@ class _Deleted(_State):
 
 _ALLOWED: dict[type[_State], frozenset[type[_State]]] = {
     _Created: frozenset({_Running, _Stopped, _Deleted}),
-    _CreatedCheckpoint: frozenset({_Running, _Stopped, _Deleted}),
+    _CreatedCheckpoint: frozenset({_Restoring, _Stopped, _Deleted}),
+    _Restoring: frozenset({_Running, _CreatedCheckpoint, _Stopped, _Deleted}),
     _Running: frozenset({_Paused, _Stopped}),
     _Paused: frozenset({_Running, _Stopped}),
     _Stopped: frozenset({_Deleted}),
@@ -287,6 +319,25 @@ class Process:
         async with self._lock:
             await self._state.checkpoint(opts)
 
+    @contextlib.asynccontextmanager
+    async def _unlocked(self) -> AsyncIterator[None]:
+        """Free ``_lock`` (held by the caller) for the body: for waits that other
+        requests must be able to interrupt. The lock is held again afterwards, even
+        when the body is cancelled (as ``asyncio.Condition.wait`` does)."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            cancelled = False
+            while True:
+                try:
+                    await self._lock.acquire()
+                    break
+                except asyncio.CancelledError:
+                    cancelled = True
+            if cancelled:
+                raise asyncio.CancelledError
+
     def exited(self, status: int) -> Exit:
         """Record the exit (called once by the reaper); returns it."""
         e = Exit(status, time.time_ns())
@@ -330,6 +381,12 @@ class Process:
     async def _kill_restored(self) -> None:
         pass  # only an init is restored
 
+    async def _abort_restore(self, why: str) -> Outcome:
+        raise FailedPrecondition(f"exec process {self.describe()} has no restore")
+
+    def _lost_exit(self, status: int) -> None:
+        self.exited(status)
+
     async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
         raise FailedPrecondition(f"cannot checkpoint exec process {self.describe()}")
 
@@ -358,38 +415,44 @@ class InitProcess(Process):
     ) -> None:
         super().__init__(container_id, "", bundle, runc, io, paths, terminal)
         self._restore: RestoreOpts | None = None
+        self._restore_timeout = 0.0
+        self._restore_source = ""
+        self._run: RestoreRun | None = None  # the last restore (state _Restoring: this one)
         self.cgroups_path = ""  # set by the container: its spec's linux.cgroupsPath
         self.on_pid: Any = None  # set by the container: called with the PID once known
         # set by the container: awaited once a restore has returned (GPU state)
         self.after_restore: Any = None
+        # set by the container: called with an exit the reaper cannot see (a restore
+        # killed before anything was restored)
+        self.on_lost_exit: Any = None
 
-    def prepare_restore(self, opts: RestoreOpts) -> None:
-        """Make Start restore from a checkpoint instead of starting a created container."""
+    def prepare_restore(self, opts: RestoreOpts, *, timeout: float, source: str = "") -> None:
+        """Make Start restore from a checkpoint instead of starting a created container;
+        ``runc restore`` gets ``timeout`` seconds. ``source`` names the checkpoint in
+        errors (default: its images' directory)."""
         self._restore = opts
+        self._restore_timeout = timeout
+        self._restore_source = source or opts.criu.image_path
         self._state = _CreatedCheckpoint(self)
 
     async def _do_restore(self) -> None:
         opts = self._restore
         assert opts is not None
+        what = f"restore of {self.container_id} from checkpoint {self._restore_source!r}"
+        run = self._run = RestoreRun(
+            self.container_id,
+            what=what,
+            runc_root=self.runc.root,
+            cgroups_path=self.cgroups_path,
+            work_path=opts.criu.work_path,
+            timeout=self._restore_timeout,
+        )
         try:
-            if self.terminal:
-                await with_console(
-                    self.io,  # type: ignore[arg-type]
-                    lambda path: self.runc.restore(
-                        self.container_id,
-                        self.bundle,
-                        replace(opts, console_socket=path),
-                        self.io.child,
-                    ),
-                )
-            else:
-                await self.runc.restore(self.container_id, self.bundle, opts, self.io.child)
+            # Unlocked: a kill or a delete meanwhile ends the restore (_Restoring).
+            async with self._unlocked():
+                await run.run(self._runc_restore(opts, run.started))
         except RuncError as e:
-            # runc leaves its CRIU root mount behind when CRIU fails hard.
-            remove_criu_root(self.runc.root, self.container_id)
-            raise criu_failure(
-                f"restore of {self.container_id}", e, opts.criu.work_path, "restore.log"
-            ) from e
+            raise criu_failure(what, e, opts.criu.work_path, "restore.log") from e
         with open(opts.pid_file, encoding="ascii") as f:
             self.pid = int(f.read().strip())
         if self.on_pid is not None:
@@ -410,6 +473,32 @@ class InitProcess(Process):
                     os.kill(self.pid, signal.SIGKILL)
         else:
             log.warning("restore of %s failed after runc restore: killed it", self.container_id)
+
+    def _runc_restore(self, opts: RestoreOpts, started: Any) -> Awaitable[None]:
+        if not self.terminal:
+            return self.runc.restore(
+                self.container_id, self.bundle, opts, self.io.child, started=started
+            )
+        return with_console(
+            self.io,  # type: ignore[arg-type]
+            lambda path: self.runc.restore(
+                self.container_id,
+                self.bundle,
+                replace(opts, console_socket=path),
+                self.io.child,
+                started=started,
+            ),
+        )
+
+    async def _abort_restore(self, why: str) -> Outcome:
+        run = self._run
+        assert run is not None, "only a restoring process aborts its restore"
+        return await run.abort(why)
+
+    def _lost_exit(self, status: int) -> None:
+        e = self.exited(status)
+        if self.on_lost_exit is not None:
+            self.on_lost_exit(self, e)
 
     async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
         try:

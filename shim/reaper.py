@@ -112,6 +112,9 @@ class Reaper:
         capture: bool = False,
         input: bytes | None = None,
         env: Mapping[str, str] | None = None,
+        started: Callable[[int], None] | None = None,
     ) -> Completed:
         """Run a command to completion (the ``Spawner`` contract)."""
-        return await run_with(self._start, argv, stdio=stdio, capture=capture, input=input, env=env)
+        return await run_with(
+            self._start, argv, stdio=stdio, capture=capture, input=input, env=env, started=started
+        )

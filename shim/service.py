@@ -293,6 +293,8 @@ class TaskService:
             plan = None
             if not cfg.checkpoint:
                 cfg, plan = await self._restore_by_annotation(cfg)
+            else:  # containerd's own checkpoint (ctr run --checkpoint)
+                cfg = replace(cfg, restore_timeout=_restore_timeout())
             try:
                 c = await Container.create(
                     cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
@@ -333,6 +335,7 @@ class TaskService:
         upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
         member = annotations.get(checkpointing.CRI_CONTAINER_NAME)
         try:
+            conf = config.load()
             # With policy fresh, everything is checked now, while starting fresh is
             # still possible; with fail, the CRIU images are checked during Start.
             plan = await asyncio.to_thread(
@@ -340,7 +343,7 @@ class TaskService:
                     checkpointing.prepare_restore,
                     ref,
                     upper,
-                    config.load(),
+                    conf,
                     defer_images=policy == "fail",
                     container_name=member,
                     spec=cfg.spec,
@@ -359,7 +362,11 @@ class TaskService:
             return cfg, None
         log.info("container %s restores from %s", cfg.id, ref)
         restored = replace(
-            cfg, checkpoint=plan.images, restore_tcp_established=plan.tcp_established
+            cfg,
+            checkpoint=plan.images,
+            restore_tcp_established=plan.tcp_established,
+            restore_timeout=conf.restore.timeout_seconds,
+            restore_ref=ref,
         )
         return restored, plan
 
@@ -649,6 +656,13 @@ class TaskService:
         return _EMPTY
 
 
+def _restore_timeout() -> float:
+    """The config's restore.timeout_seconds."""
+    from runtime import config
+
+    return config.load().restore.timeout_seconds
+
+
 def _restore_gate(c: Container, plan: Any) -> Any:
     """Hold the restored tree until it is checked: the spec's ceiling, and the
     checkpoint's CRIU images when ``plan`` left them to the gate (see RestoreGate)."""
@@ -673,9 +687,10 @@ async def _start_gated(c: Container) -> None:
             bad = await gate.outcome(0)
             if gate.held("ceiling"):  # the gate killed CRIU: its cgroup yard is left
                 left = await asyncio.to_thread(
-                    mounts.unmount_under, os.path.join(c.bundle, "criu-restore")
+                    mounts.unmount_below, os.path.join(c.bundle, "criu-restore")
                 )
-                log.debug("restore of %s refused; detached %d CRIU mounts", c.id, len(left))
+                if left:
+                    log.warning("restore of %s refused; CRIU's mounts %s stay", c.id, left)
             if bad is not None:
                 if gate.held("images") and not gate.held("ceiling"):
                     raise type(bad)(f"{bad} (its restored processes never ran)") from e

@@ -265,3 +265,33 @@ def test_restore_policy(tmp_path: Path) -> None:
     path.write_text("[restore]\nallow_everything = true\n")
     with pytest.raises(InvalidArgument, match=r"unknown key restore\.allow_everything"):
         load({"STASIS_CONFIG": str(path)})
+
+
+def test_restore_timeout_from_file_and_environment(tmp_path: Path) -> None:
+    assert load(write(tmp_path, "")).restore.timeout_seconds == 600.0
+    env = write(tmp_path, "[restore]\ntimeout_seconds = 90\n")
+    assert load(env).restore.timeout_seconds == 90.0
+    assert load(env | {"STASIS_RESTORE_TIMEOUT_SECONDS": "2.5"}).restore.timeout_seconds == 2.5
+    assert load(env | {"STASIS_RESTORE_TIMEOUT_SECONDS": ""}).restore.timeout_seconds == 90.0
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("0", r"restore\.timeout_seconds: 0 must be more than 0"),
+        ("-5", r"restore\.timeout_seconds: -5 must be more than 0"),
+        ("1e9", r"restore\.timeout_seconds: 1000000000\.0 must be .* at most 86400"),
+        ("nan", r"restore\.timeout_seconds: nan must be"),
+        ('"10"', r"restore\.timeout_seconds must be a number of seconds, not str"),
+        ("true", r"restore\.timeout_seconds must be a number of seconds, not bool"),
+    ],
+)
+def test_bad_restore_timeout_in_file(tmp_path: Path, value: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        load(write(tmp_path, f"[restore]\ntimeout_seconds = {value}\n"))
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "inf", "-1"])
+def test_bad_restore_timeout_in_environment(tmp_path: Path, value: str) -> None:
+    with pytest.raises(InvalidArgument, match="STASIS_RESTORE_TIMEOUT_SECONDS"):
+        load(write(tmp_path, "") | {"STASIS_RESTORE_TIMEOUT_SECONDS": value})
