@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tarfile
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -202,7 +203,16 @@ def test_restore_policy_fresh_starts_fresh_on_malformed_metadata(tmp_path: Path)
 
 
 class RestoringRunc(FakeRunc):
-    async def restore(self, id: str, bundle: str, opts: RestoreOpts, stdio: Stdio) -> None:
+    root = "/nonexistent/runc-root"  # where runc keeps state: nothing to clean here
+
+    async def restore(
+        self,
+        id: str,
+        bundle: str,
+        opts: RestoreOpts,
+        stdio: Stdio,
+        started: Callable[[int], None] | None = None,
+    ) -> None:
         await self._call("restore", id)
         assert opts.pid_file
         Path(opts.pid_file).write_text("4343\n")
@@ -217,7 +227,7 @@ def test_a_restore_failing_after_runc_restore_kills_what_it_restored(tmp_path: P
         opts = RestoreOpts(
             CheckpointOpts(image_path=str(tmp_path / "img")), pid_file=str(tmp_path / "init.pid")
         )
-        p.prepare_restore(opts)
+        p.prepare_restore(opts, timeout=60)
 
         def on_pid(_: InitProcess) -> None:
             raise ValueError("adopting went wrong")
@@ -241,7 +251,9 @@ def test_kill_of_a_checkpoint_task_never_restored_is_refused(tmp_path: Path) -> 
         p = InitProcess(
             "c1", str(tmp_path), cast(Runc, runc), cast(ProcessIO, FakeIO()), ("", "", "")
         )
-        p.prepare_restore(RestoreOpts(CheckpointOpts(image_path="/x"), pid_file="/x/pid"))
+        p.prepare_restore(
+            RestoreOpts(CheckpointOpts(image_path="/x"), pid_file="/x/pid"), timeout=60
+        )
         with pytest.raises(StasisError, match=r"cannot kill"):
             await p.kill(signal.SIGKILL)
         assert runc.calls == []
