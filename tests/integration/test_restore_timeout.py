@@ -5,11 +5,10 @@ of it is left (no process, no mount under the bundle or runc's state, no cgroup)
 the task is deletable; the other containers of its shim group (a pod) are created,
 started and exec'd while it hangs.
 
-CRIU is made to hang by the container's own CRIU configuration (annotation
-org.criu.config, which runc hands to CRIU): an action script that sleeps at a
-restore stage, as a stuck CRIU would. Restores here use restore-policy fresh, which
-checks the whole checkpoint before Create and so installs no restore gate (the gate
-names a CRIU configuration of its own).
+CRIU is made to hang by a CRIU configuration file of the test's private containerd
+(CRIU_CONFIG_FILE in its environment, hence runc's and CRIU's; CRIU reads it besides
+the one the restore gate names): an action script that sleeps at a restore stage, as
+a stuck CRIU would.
 """
 
 from __future__ import annotations
@@ -53,6 +52,7 @@ class Bed:
     containerd: Containerd
     config: Path
     ref: str
+    criu_config: Path  # CRIU_CONFIG_FILE of the daemon: empty unless a restore is to hang
 
     def set_timeout(self, seconds: float) -> None:
         self.config.write_text(
@@ -68,10 +68,13 @@ def bed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         pytest.fail(why, pytrace=False)
     work = tmp_path_factory.mktemp("hang")
     config = work / "config.toml"
+    criu_config = work / "criu.conf"
+    criu_config.write_text("")
     c = Containerd.in_run_dir(version, shim_path())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STASIS_CONFIG", str(config))  # the daemon's, hence its shims'
-        b = Bed(c, config, "")
+        mp.setenv("CRIU_CONFIG_FILE", str(criu_config))  # and CRIU's, through runc
+        b = Bed(c, config, "", criu_config)
         b.set_timeout(600)
         try:
             c.start()
@@ -158,15 +161,12 @@ def start_hanging(b: Bed, tmp: Path, stage: str, group: str) -> Hang:
     script = tmp / f"hang-{stage}.sh"
     script.write_text(HANG.format(stage=stage, marker=marker))
     script.chmod(0o700)
-    conf = tmp / f"criu-{stage}.conf"
-    conf.write_text(f"action-script {script}\n")
+    b.criu_config.write_text(f"action-script {script}\n")
     id = unique_id("hung")
     argv = [
         str(c.bin_dir / "ctr"), "--address", str(c.address), "--namespace", c.namespace,
         "run", "-d", "--runtime", RUNTIME,
         "--annotation", f"stasis.dev/restore-from={b.ref}",
-        "--annotation", "stasis.dev/restore-policy=fresh",
-        "--annotation", f"org.criu.config={conf}",
         "--annotation", f"{GROUP}={group}",
         IMAGE, id,
     ]  # fmt: skip
@@ -177,12 +177,14 @@ def start_hanging(b: Bed, tmp: Path, stage: str, group: str) -> Hang:
     deadline = time.monotonic() + 60
     while not marker.exists():
         if proc.poll() is not None:
+            b.criu_config.write_text("")
             out, err = proc.communicate()
             c.ctr("task", "rm", "-f", id, check=False)
             c.ctr("containers", "rm", id, check=False)
             raise AssertionError(f"the restore did not hang at {stage}: {err or out}")
         assert time.monotonic() < deadline, f"CRIU never reached {stage}"
         time.sleep(0.02)
+    b.criu_config.write_text("")  # CRIU read it when it began: later ones do not hang
     where = bundle(c, id)
     spec = json.loads((where / "config.json").read_text())
     cgroup = spec["linux"]["cgroupsPath"]
