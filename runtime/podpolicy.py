@@ -120,12 +120,16 @@ class Recorded:
     sandbox_namespace: str
     sandbox_name: str
     caps: frozenset[str]  # the bounding set: no process of the container exceeded it
-    privileged: bool  # all capabilities, no seccomp, /sys writable, every device
+    privileged: bool  # no seccomp, /sys writable, every device, /proc unmasked
     seccomp: bool
     no_new_privs: bool
     uid: int | None
     masked: bool  # /proc paths masked (maskedPaths)
-    own_namespaces: frozenset[str] = frozenset()  # OCI namespace types it did not share
+    # OCI namespace types it had (its own or its pod's): the host's are absent. CRI
+    # joins the pod sandbox's network, IPC and UTS namespaces by path, also when the
+    # sandbox is in the host's: the spec cannot tell, so a pod asking for them is
+    # refused unless the recorded spec lacks the namespace.
+    own_namespaces: frozenset[str] = frozenset()
     binds: tuple[Bind, ...] = field(default=())
 
 
@@ -193,17 +197,20 @@ def recorded(spec: Any, checkpoint: str) -> Recorded:
         for d in _list(resources.get("devices"), "linux.resources.devices", where)
     )
     seccomp = linux.get("seccomp") is not None
+    masked = bool(_list(linux.get("maskedPaths"), "linux.maskedPaths", where))
     return Recorded(
         checkpoint=checkpoint,
         container=_str(annotations.get(CRI_CONTAINER_NAME)),
         sandbox_namespace=_str(annotations.get(CRI_SANDBOX_NAMESPACE)),
         sandbox_name=_str(annotations.get(CRI_SANDBOX_NAME)),
         caps=frozenset(caps),
-        privileged=caps >= CLASSIC_CAPS and not seccomp and sys_writable and every_device,
+        # Only CRI's privileged gives all of these; its capabilities are those of
+        # containerd itself, which may lack some.
+        privileged=not seccomp and sys_writable and every_device and not masked,
         seccomp=seccomp,
         no_new_privs=process.get("noNewPrivileges") is True,
         uid=uid if isinstance(uid, int) and not isinstance(uid, bool) else None,
-        masked=bool(_list(linux.get("maskedPaths"), "linux.maskedPaths", where)),
+        masked=masked,
         own_namespaces=frozenset(namespaces),
         binds=tuple(binds),
     )
@@ -345,7 +352,7 @@ def check_pod(
             for c, rec in members.items():
                 if kind in rec.own_namespaces:
                     refuse.container(
-                        c, rec, f"spec.{key}", "true", f"ran in its own {kind} namespace"
+                        c, rec, f"spec.{key}", "true", f"records a {kind} namespace, not the host's"
                     )
     annotations = meta.get("annotations") or {}
     pod_sc = spec.get("securityContext") or {}

@@ -522,3 +522,19 @@ def test_check_volume_only_a_volume_a_member_had_mounted() -> None:
             ),
         ):
             podpolicy.check_volume(pod(), "db", pv, rec)
+
+
+def test_privileged_is_told_by_seccomp_sys_devices_and_proc_not_by_capabilities() -> None:
+    spec = oci_spec("app", privileged=True)
+    caps = sorted(podpolicy.ALL_CAPS - {"CAP_SYS_RESOURCE"})  # containerd itself lacked one
+    spec["process"]["capabilities"] = {"bounding": caps, "effective": caps}
+    assert recorded(spec, "web.app").privileged
+    for edit in (
+        lambda s: s["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW"}),
+        lambda s: s["mounts"][1]["options"].append("ro"),
+        lambda s: s["linux"]["resources"].update(devices=[{"allow": False, "access": "rwm"}]),
+        lambda s: s["linux"].update(maskedPaths=["/proc/kcore"]),
+    ):
+        changed = copy.deepcopy(spec)
+        edit(changed)
+        assert not recorded(changed, "web.app").privileged
