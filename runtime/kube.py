@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.errors import (
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -52,6 +53,9 @@ RESTORE_POLICY = "stasis.dev/restore-policy"
 RESTORE_GRANT = "stasis.dev/restore-grant"  # shim.checkpointing.RESTORE_GRANT
 POD_FILE = "pod.json"  # shim.checkpointing.POD_FILE
 POD_FORMAT = 1
+POD_FILE_MAX = 4 << 20  # shim.checkpointing.POD_FILE_MAX
+SPEC_FILE = "spec.dump"  # the OCI spec a container checkpoint recorded
+SPEC_FILE_MAX = 4 << 20
 SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 # Annotations not carried into a restored pod: a previous restore's, kubectl's.
 _DROPPED_ANNOTATIONS = (
@@ -543,9 +547,64 @@ def read_pod_checkpoint(ref: str, config: Any = None) -> tuple[str, dict[str, An
         from runtime import boundedjson
 
         record = boundedjson.load_file(
-            reader.file(POD_FILE), f"pod checkpoint {ref}: {POD_FILE}", error=InvalidArgument
+            reader.file(POD_FILE),
+            f"pod checkpoint {ref}: {POD_FILE}",
+            max_bytes=POD_FILE_MAX,
+            error=InvalidArgument,
         )
+        if not isinstance(record, dict):
+            raise InvalidArgument(f"pod checkpoint {ref}: {POD_FILE} is not a JSON object")
         return reader.info.ref, record
+
+
+def read_members(ref: str, record: dict[str, Any], config: Any = None) -> dict[str, Any]:
+    """Container name -> ``podpolicy.Recorded`` of each container checkpoint that
+    pod checkpoint ``ref`` (its ``pod.json``: ``record``) maps a container to, read
+    from its ``spec.dump`` (checked against its manifest) in the pod checkpoint's
+    store, as the shim will restore it."""
+    import hashlib
+
+    from runtime import config as config_mod
+    from runtime import podpolicy
+    from runtime.store import check_name, resolve
+
+    cfg = config if config is not None else config_mod.load()
+    containers = record.get("containers")
+    if not isinstance(containers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in containers.items()
+    ):
+        raise InvalidArgument(f"pod checkpoint {ref}: {POD_FILE}: 'containers' is malformed")
+    store, _ = resolve(ref, cfg)
+    members: dict[str, Any] = {}
+    for container, member in containers.items():
+        check_name(member)
+        with store.open(member) as reader:
+            files = reader.manifest.files
+            if POD_FILE in files:
+                raise InvalidArgument(f"container {container}: {member!r} is a pod checkpoint")
+            if SPEC_FILE not in files:
+                raise PermissionDenied(
+                    f"pod checkpoint {ref}: container {container}: checkpoint {member} "
+                    f"records no {SPEC_FILE}, nothing to hold the pod to"
+                )
+            # Only this file, not the whole checkpoint (an S3 reader's verify downloads
+            # every image): a remote or encrypted one is checked as it is fetched or
+            # decrypted, a local plain one is hashed here, as read.
+            fd = os.open(reader.file(SPEC_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                data = f.read(SPEC_FILE_MAX + 1)
+            if len(data) > SPEC_FILE_MAX:
+                raise DataLoss(f"checkpoint {member}: {SPEC_FILE} exceeds {SPEC_FILE_MAX} bytes")
+            if reader.manifest.encryption is None and (
+                hashlib.sha256(data).hexdigest() != files[SPEC_FILE].sha256
+            ):
+                raise DataLoss(f"checkpoint {member}: {SPEC_FILE}: sha256 mismatch")
+            try:
+                spec = json.loads(data)
+            except (ValueError, RecursionError) as e:
+                raise DataLoss(f"checkpoint {member}: {SPEC_FILE}: {e}") from e
+            members[container] = podpolicy.recorded(spec, member)
+    return members
 
 
 def restore_pod(
@@ -570,11 +629,22 @@ def restore_pod(
     Into another namespace than the checkpointed pod's only with
     ``allow_cross_namespace`` (or ``restore.cross_namespace`` in the config):
     the pod then carries a grant signed with this node's key, which the shims
-    check (PermissionDenied otherwise)."""
+    check (PermissionDenied otherwise). Nothing is created when the recorded pod
+    asks for more than its container checkpoints ran with (``runtime.podpolicy``).
+    """
+    from runtime import podpolicy
+
     absolute, record = read_pod_checkpoint(ref, config)
     manifest = restore_manifest(
         record, absolute, name=name, namespace=namespace, node=node, policy=policy
     )
+    members = read_members(absolute, record, config)
+    if not allow_cross_namespace:
+        from runtime import config as config_mod
+
+        cfg = config if config is not None else config_mod.load()
+        allow_cross_namespace = cfg.restore.cross_namespace
+    podpolicy.check_pod(manifest, members, allow_cross_namespace=allow_cross_namespace)
     meta = manifest["metadata"]
     pod_name, ns = meta["name"], meta["namespace"]
     meta["annotations"].pop(RESTORE_GRANT, None)
@@ -593,7 +663,11 @@ def restore_pod(
         from kubernetes import client
 
         volumes_mod.restore_volumes(
-            core, custom or client.CustomObjectsApi(core.api_client), records, ns
+            core,
+            custom or client.CustomObjectsApi(core.api_client),
+            records,
+            ns,
+            check_volume=lambda claim, pv: podpolicy.check_volume(manifest, claim, pv, members),
         )
     _wait_name_free(core, ns, pod_name, deadline)
     _call(f"create pod {ns}/{pod_name}", core.create_namespaced_pod, ns, manifest)

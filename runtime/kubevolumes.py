@@ -574,9 +574,12 @@ def restore_volumes(
     records: list[dict[str, Any]],
     namespace: str,
     timeout: float = 120,
+    check_volume: Callable[[str, Mapping[str, Any]], None] | None = None,
 ) -> list[str]:
     """Recreates in namespace every recorded PersistentVolumeClaim that is missing
     there; one that exists is left alone (logged). Returns the names created.
+    ``check_volume(claim, pv)``, when given, may refuse (raise) an existing volume
+    before it is reserved for the claim.
 
     A snapshotted claim gets ``dataSource`` = its VolumeSnapshot (which must exist, in
     namespace). Otherwise a recorded volume that still exists is reserved for the new
@@ -597,7 +600,7 @@ def restore_volumes(
             if record.get("snapshot"):
                 _check_snapshot(custom, record, namespace)
             elif record.get("volume"):
-                volume = _reserve_volume(core, record, namespace)
+                volume = _reserve_volume(core, record, namespace, check_volume)
             body = build_restored_claim(record, namespace, volume)
             with _api(f"creating PersistentVolumeClaim {namespace}/{name}"):
                 core.create_namespaced_persistent_volume_claim(
@@ -634,7 +637,10 @@ def _check_snapshot(custom: CustomObjectsApi, record: Mapping[str, Any], namespa
 
 
 def _reserve_volume(
-    core: CoreV1Api, record: Mapping[str, Any], namespace: str
+    core: CoreV1Api,
+    record: Mapping[str, Any],
+    namespace: str,
+    check_volume: Callable[[str, Mapping[str, Any]], None] | None = None,
 ) -> dict[str, Any] | None:
     """The recorded volume, its claimRef pointed at the claim about to be created; None
     when the volume is gone. FailedPrecondition when a live claim holds it."""
@@ -659,6 +665,8 @@ def _reserve_volume(
                 f"{ref.get('namespace')}/{ref.get('name')}, cannot restore "
                 f"{namespace}/{claim} onto it"
             )
+    if check_volume is not None:
+        check_volume(claim, pv)
     with _api(f"reserving PersistentVolume {volume_name} for {namespace}/{claim}"):
         pv = _json(
             core.patch_persistent_volume(

@@ -14,6 +14,7 @@ test_kube_pods.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -369,3 +370,34 @@ def test_pod_with_a_claim_comes_back_on_its_retained_volume(
             "delete", "pvc", claim, "--wait=false", "--ignore-not-found", check=False
         )
         kube_cluster.kubectl("delete", "pv", pv, "--wait=false", "--ignore-not-found", check=False)
+
+
+def test_pod_json_asking_for_privileged_is_refused(
+    kube_cluster: KubeCluster, pods: list[str], two: dict[str, Any], store: Path
+) -> None:
+    """Whoever can write a checkpoint edits pod.json (re-hashed into the manifest, so
+    the checkpoint verifies) to make container `a` privileged: `stasis kube restore`
+    refuses it, naming the pod, the container and the field, and creates no pod."""
+    source = Path(two["ref"].removeprefix("file://"))
+    name = unique_id("evil")
+    edited = store / name
+    shutil.copytree(source, edited)
+    record = json.loads((edited / "pod.json").read_text())
+    a = next(c for c in record["pod"]["spec"]["containers"] if c["name"] == "a")
+    a.setdefault("securityContext", {})["privileged"] = True
+    data = json.dumps(record, indent=1).encode()
+    (edited / "pod.json").write_bytes(data)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["name"] = name
+    manifest["files"]["pod.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (edited / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+    new = unique_id("privileged")
+    pods.append(new)
+    r = stasis(
+        kube_cluster, "kube", "restore", f"file://{edited}", "--name", new, "--no-wait",
+        f"--kubeconfig={kube_cluster.kubeconfig}", check=False,
+    )  # fmt: skip
+    assert r.returncode != 0, f"restored: {r.stdout}"
+    assert f"pod default/{new}: container a: securityContext.privileged: true" in r.stderr
+    assert kube_cluster.kubectl("get", "pod", new, check=False).returncode != 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -646,3 +647,19 @@ def test_restore_that_fails_takes_its_claims_back() -> None:
 def test_restore_refuses_what_is_not_a_record() -> None:
     with pytest.raises(InvalidArgument):
         kv.restore_volumes(FakeCore([], []), FakeCustom(), [{"claimName": "x"}], NS)
+
+
+def test_restore_refused_by_check_volume_reserves_nothing() -> None:
+    core, custom = FakeCore([pvc()], [pv()]), FakeCustom()
+    records = recorded(core, custom, "data")
+    calls = list(core.calls)
+    seen: list[tuple[str, str]] = []
+
+    def refuse(claim: str, volume: Mapping[str, Any]) -> None:
+        seen.append((claim, volume["metadata"]["name"]))
+        raise PermissionDenied(f"PersistentVolume {volume['metadata']['name']} refused")
+
+    with pytest.raises(PermissionDenied, match="pv-data refused"):
+        kv.restore_volumes(core, custom, records, NS, check_volume=refuse)
+    assert seen == [("data", "pv-data")]
+    assert core.calls == calls and (NS, "data") not in core.claims
