@@ -65,6 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
     from runtime import signing
 
     signing.DEFAULT_KEY_FILE = os.environ["STASIS_TEST_SIGNING_KEY"]
+    # And what every process the tests start signs with, whatever config it reads
+    # (install.sh, shims under a test's own config): never the machine's key.
+    os.environ["STASIS_SIGNING_KEY_FILE"] = os.environ["STASIS_TEST_SIGNING_KEY"]
     if "STASIS_CONFIG" in os.environ:
         return
     path = Path(directory) / "config.toml"
@@ -78,6 +81,7 @@ def _forget_config(directory: str) -> None:
     import shutil
 
     os.environ.pop("STASIS_TEST_SIGNING_KEY", None)
+    os.environ.pop("STASIS_SIGNING_KEY_FILE", None)
     shutil.rmtree(directory, ignore_errors=True)
 
 

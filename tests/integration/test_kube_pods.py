@@ -565,7 +565,10 @@ def test_runtimes_report_the_same(kube_cluster: KubeCluster, pods: Pods) -> None
         for kind in ("exit", "oom"):
             pod = finished(kube_cluster, pods[kind, rc], "Failed")
             t = status_of(pod)["state"]["terminated"]
-            lines = kube_cluster.kubectl("logs", pods[kind, rc]).stdout.splitlines()
+            logs = kube_cluster.kubectl("logs", pods[kind, rc], check=False)
+            # A loaded kubelet may have collected the dead container's log already
+            # (kubectl then names the pod's log path): the same for either runtime.
+            lines = logs.stdout.splitlines() if logs.returncode == 0 else ["(log gone)"]
             if kind == "oom":
                 # Whether sh lives to print "Killed" depends on which process the
                 # kernel's OOM killer picks, with either runtime: not compared.

@@ -28,6 +28,7 @@ import pytest
 from bed.containerd import unique_id
 from bed.images import BUSYBOX_REF
 from bed.kube import KubeCluster, KubeError
+from bed.tamper import resign
 
 pytestmark = pytest.mark.integration
 
@@ -375,8 +376,8 @@ def test_pod_with_a_claim_comes_back_on_its_retained_volume(
 def test_pod_json_asking_for_privileged_is_refused(
     kube_cluster: KubeCluster, pods: list[str], two: dict[str, Any], store: Path
 ) -> None:
-    """Whoever can write a checkpoint edits pod.json (re-hashed into the manifest, so
-    the checkpoint verifies) to make container `a` privileged: `stasis kube restore`
+    """Whoever can write a checkpoint edits pod.json (re-hashed into the manifest and
+    re-signed, so the checkpoint verifies) to make container `a` privileged: `stasis kube restore`
     refuses it, naming the pod, the container and the field, and creates no pod."""
     source = Path(two["ref"].removeprefix("file://"))
     name = unique_id("evil")
@@ -391,6 +392,7 @@ def test_pod_json_asking_for_privileged_is_refused(
     manifest["name"] = name
     manifest["files"]["pod.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     (edited / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    resign(edited)  # as a holder of a trusted key (or an import --trust) would
 
     new = unique_id("privileged")
     pods.append(new)

@@ -36,7 +36,7 @@ from bed import workload
 from bed.containerd import Containerd, unique_id
 from bed.s3proxy import Fault, FaultProxy
 from bed.workload import COUNTER, IMAGE, RUNTIME, bundle, count, holding_memory, stasis_argv, task
-from conftest import S3Server
+from conftest import S3Server, signing_table
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +169,7 @@ def session_config(text: str) -> Iterator[Path]:
     path = Path(os.environ["STASIS_CONFIG"])
     saved = path.read_bytes()
     try:
-        path.write_text(text)
+        path.write_text(text + signing_table())  # the session's key signs and verifies
         yield path
     finally:
         path.write_bytes(saved)
