@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.ceiling import CAPABILITIES
 from runtime.errors import DataLoss, PermissionDenied
 
 # containerd's CRI annotations on every Kubernetes container's OCI spec.
@@ -32,48 +33,7 @@ SECCOMP_CONTAINER_ANNOTATION = "container.seccomp.security.alpha.kubernetes.io/"
 
 # Capabilities 0..37 (CAP_CHOWN .. CAP_AUDIT_READ): every kernel Stasis runs on has
 # them, so a container holding all of them had "all capabilities".
-CLASSIC_CAPS = frozenset(
-    (
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_KILL",
-        "CAP_SETGID",
-        "CAP_SETUID",
-        "CAP_SETPCAP",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_NET_BROADCAST",
-        "CAP_NET_ADMIN",
-        "CAP_NET_RAW",
-        "CAP_IPC_LOCK",
-        "CAP_IPC_OWNER",
-        "CAP_SYS_MODULE",
-        "CAP_SYS_RAWIO",
-        "CAP_SYS_CHROOT",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_PACCT",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_BOOT",
-        "CAP_SYS_NICE",
-        "CAP_SYS_RESOURCE",
-        "CAP_SYS_TIME",
-        "CAP_SYS_TTY_CONFIG",
-        "CAP_MKNOD",
-        "CAP_LEASE",
-        "CAP_AUDIT_WRITE",
-        "CAP_AUDIT_CONTROL",
-        "CAP_SETFCAP",
-        "CAP_MAC_OVERRIDE",
-        "CAP_MAC_ADMIN",
-        "CAP_SYSLOG",
-        "CAP_WAKE_ALARM",
-        "CAP_BLOCK_SUSPEND",
-        "CAP_AUDIT_READ",
-    )
-)
+CLASSIC_CAPS = frozenset(CAPABILITIES[: CAPABILITIES.index("CAP_AUDIT_READ") + 1])
 ALL_CAPS = CLASSIC_CAPS | {"CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE"}
 # What containerd (1.7 and 2.x, oci.defaultUnixCaps) gives an unprivileged container
 # before the pod's add and drop.

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from runtime import kube, podpolicy
+from runtime import kube, podpolicy, signing
 from runtime.config import Config, StorageConfig
 from runtime.errors import DataLoss, PermissionDenied
 from runtime.podpolicy import DEFAULT_CAPS, check_pod, recorded
@@ -417,7 +417,7 @@ class FakeCore:
 
 
 def pod_checkpoint(root: Path, edit: Edit | None = None) -> str:
-    store = LocalStore(str(root))
+    store = LocalStore(str(root), signing=signing.Signing(signing.DEFAULT_KEY_FILE))
     for c in ("app", "side"):
         with store.begin(f"web.{c}") as w:
             w.write_bytes("spec.dump", json.dumps(oci_spec(c)).encode())
@@ -481,7 +481,7 @@ def test_restore_pod_refuses_a_tampered_or_missing_spec_dump(
     dump.write_text(json.dumps(spec)[: dump.stat().st_size].ljust(dump.stat().st_size))
     with pytest.raises(DataLoss, match=re.escape("spec.dump")):
         kube.restore_pod(restoring, ref, wait=False, config=cfg())  # type: ignore[arg-type]
-    store = LocalStore(str(tmp_path / "other"))
+    store = LocalStore(str(tmp_path / "other"), signing=signing.Signing(signing.DEFAULT_KEY_FILE))
     with store.begin("web.app") as w:
         w.write_bytes("stasis.json", b"{}")
         w.commit({})

@@ -120,6 +120,7 @@ def _cli_config(tmp_path: Path, key: Path, monkeypatch: pytest.MonkeyPatch) -> N
         f'[signing]\nkey_file = "{key}"\n'
     )
     monkeypatch.setenv("STASIS_CONFIG", str(cfg))
+    monkeypatch.delenv("STASIS_SIGNING_KEY_FILE", raising=False)  # the config's key, then
 
 
 def test_import_requires_trust_for_an_untrusted_archive(
