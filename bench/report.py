@@ -246,6 +246,15 @@ def explain_checkpoint(doc: dict[str, Any], s: dict[str, Any], restore: bool) ->
                 f"(ours / that = {o / g:.2f}): the hashing costs the restore little; the rest is "
                 "the path through ctr, containerd and a shim's start."
             )
+        ceiling = s.get("ratio", {}).get("restore_with_ceiling")
+        if ceiling and "stasis_ceiling_hold_s" in st:
+            parts.append(
+                "CRIU held each restored tree at pre-resume for "
+                f"{st['stasis_ceiling_hold_s']['median'] * 1000:.0f} ms while the shim checked "
+                "it against the new container's spec (capabilities, ids, seccomp, mounts, "
+                f"devices, cgroups): restore / (restore - hold) = {ceiling['ratio']:.3f}, "
+                f"target <= {ceiling['target']:.2f}."
+            )
     return " ".join(parts)
 
 
