@@ -6,6 +6,8 @@ Without the bed they FAIL, saying so; STASIS_SKIP_INTEGRATION=1 skips them inste
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import sys
 from collections.abc import Iterator
@@ -58,6 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     import tempfile
 
+    criu_roots = set(glob.glob(CRIU_MNTNS))
+    config.add_cleanup(lambda: _remove_criu_roots(criu_roots))
     directory = tempfile.mkdtemp(prefix="stasis-test-config-")
     config.add_cleanup(lambda: _forget_config(directory))
     os.environ["STASIS_TEST_SIGNING_KEY"] = str(Path(directory) / "signing" / "signing.key")
@@ -75,6 +79,19 @@ def pytest_configure(config: pytest.Config) -> None:
     path.chmod(0o600)
     os.environ["STASIS_CONFIG"] = str(path)
     config.add_cleanup(lambda: os.environ.pop("STASIS_CONFIG", None))
+
+
+# A CRIU killed mid-restore (a restore timeout, a tree refused at pre-resume)
+# leaves its empty mount-namespace root here, under a random name it never logs.
+CRIU_MNTNS = "/tmp/.criu.mntns.*"
+
+
+def _remove_criu_roots(before: set[str]) -> None:
+    """rmdir the empty CRIU roots the session's killed restores left (rmdir only:
+    one in use, or not empty, stays)."""
+    for path in set(glob.glob(CRIU_MNTNS)) - before:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 def _forget_config(directory: str) -> None:
