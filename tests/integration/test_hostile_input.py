@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +95,72 @@ def test_deleted_files_beyond_any_restore_is_refused_early(
     assert "deleted.files" in r.stderr and "524288" in r.stderr, r.stderr
     assert time.monotonic() - began < 30
     assert task(containerd, new) is None or task(containerd, new)[1] != "RUNNING"  # type: ignore[index]
+
+
+def sparse_tar(path: Path, size: int) -> None:
+    """A tar whose one member ``big`` is ``size`` bytes of GNU sparse file: a few KB of
+    archive (Python's tarfile reads sparse members but cannot write them)."""
+    work = path.parent / "sparse"
+    work.mkdir()
+    with open(work / "big", "wb") as f:
+        f.truncate(size)
+    subprocess.run(
+        ["tar", "--sparse", "--format=gnu", "-cf", str(path), "-C", str(work), "big"], check=True
+    )
+    (work / "big").unlink()
+    work.rmdir()
+
+
+def test_a_diff_expanding_past_the_limit_is_refused_before_writing(
+    containerd: Containerd, ids: list[str], tmp_path: Path
+) -> None:
+    id = counter(containerd, ids)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+    # 70 GiB of holes in a few KB: past the default limits.max_diff_bytes (64 GiB).
+    sparse_tar(tmp_path / "bomb.tar", 70 << 30)
+    assert (tmp_path / "bomb.tar").stat().st_size < 1 << 20
+    rewrite(store / "k", "rootfs-diff.tar", (tmp_path / "bomb.tar").read_bytes())
+
+    new = unique_id("rst")
+    ids.append(new)
+    r = containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME, "--annotation",
+        f"stasis.dev/restore-from={store / 'k'}", IMAGE, new, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "max_diff_bytes" in r.stderr, r.stderr
+    assert task(containerd, new) is None or task(containerd, new)[1] != "RUNNING"  # type: ignore[index]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("policy", ["fail", "fresh"])
+def test_deeply_nested_metadata_is_an_error_not_a_crash(
+    containerd: Containerd, ids: list[str], tmp_path: Path, policy: str
+) -> None:
+    id = counter(containerd, ids)
+    store = tmp_path / "store"
+    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(containerd, id)
+    rewrite(store / "k", "stasis.json", DEEP.encode())
+
+    new = unique_id("rst")
+    ids.append(new)
+    r = containerd.ctr(
+        "run", "-d", "--runtime", RUNTIME,
+        "--annotation", f"stasis.dev/restore-from={store / 'k'}",
+        "--annotation", f"stasis.dev/restore-policy={policy}",
+        IMAGE, new, "sh", "-c", COUNTER, check=False,
+    )  # fmt: skip
+    if policy == "fail":
+        assert r.returncode != 0
+        assert "stasis.json" in r.stderr and "RecursionError" not in r.stderr, r.stderr
+    else:  # a fresh start: counting from 1 again
+        assert r.returncode == 0, r.stderr
+        assert wait_count(containerd, new, 0) >= 1
+    # `stasis list` of that store skips the broken entry, with a warning
+    listed = stasis(containerd, "list", "--store", str(store), check=False)
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
