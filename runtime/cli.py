@@ -5,6 +5,8 @@
   stasis list [--store STORE]        complete checkpoints of a store
   stasis inspect REF [--json]        a checkpoint's metadata and files
   stasis rm REF                      remove a checkpoint
+  stasis trust REF                   sign a local checkpoint this node did not sign (an
+                                     older or foreign one), its files checked first; logged
   stasis export REF FILE.tar         the checkpoint as a containerd/Podman-style archive
   stasis import FILE.tar [--name N] [--trust]
                                      an archive into the default store; one not signed
@@ -447,10 +449,28 @@ def _open(ref: str) -> Any:
 
 
 def _remove_checkpoint(ref: str) -> None:
-    """Remove a checkpoint, opened first: a path to any other directory is refused."""
+    """Remove a checkpoint, which must be one of its store's complete checkpoints (a
+    path to any other directory is refused); an unsigned or untrusted one too."""
+    from runtime.errors import NotFound
+
     store, name = _resolve(ref)
-    store.open(name).close()
+    if name not in {info.name for info in store.list()}:
+        raise NotFound(f"{ref!r} is not a complete checkpoint of {store.url}")
     store.remove(name)
+
+
+def _vouch(ref: str) -> None:
+    """Sign a checkpoint of a local store that this node's key did not sign."""
+    from runtime.errors import InvalidArgument
+    from runtime.store import LocalStore
+
+    store, name = _resolve(ref)
+    if not isinstance(store, LocalStore):
+        raise InvalidArgument(
+            f"{ref!r}: only checkpoints of local stores are signed in place; for another "
+            "store, `stasis export` it where it is trusted and `stasis import --trust` it here"
+        )
+    store.vouch(name)
 
 
 def restore(ns: argparse.Namespace) -> str:
@@ -643,6 +663,13 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
     if want("rm"):
         rm = sub.add_parser("rm", help="remove a checkpoint")
         rm.add_argument("ref")
+    if want("trust"):
+        t = sub.add_parser(
+            "trust",
+            help="sign a local checkpoint this node did not sign (an older or a foreign "
+            "one) after checking every file against its manifest; logged",
+        )
+        t.add_argument("ref", help="the checkpoint: a name, a path or file:// URL")
     if want("export"):
         e = sub.add_parser("export", help="write a checkpoint archive")
         e.add_argument("ref")
@@ -690,8 +717,8 @@ def _parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 COMMANDS = frozenset(
-    ("checkpoint", "restore", "list", "inspect", "rm", "export", "import", "gc", "push", "demo",
-     "keygen", "kube")
+    ("checkpoint", "restore", "list", "inspect", "rm", "trust", "export", "import", "gc", "push",
+     "demo", "keygen", "kube")
 )  # fmt: skip
 _VALUED = frozenset(("--address", "-n", "--namespace"))  # the top level's options with a value
 
@@ -844,6 +871,9 @@ def _run(ns: argparse.Namespace) -> int:
             print(json.dumps(data, indent=1) if ns.json else json.dumps(reader.metadata, indent=1))
     elif ns.command == "rm":
         _remove_checkpoint(ns.ref)
+    elif ns.command == "trust":
+        _vouch(ns.ref)
+        print(f"{ns.ref}: signed by this node")
     elif ns.command == "export":
         from runtime import config
         from runtime.store import export_tar, signing_for

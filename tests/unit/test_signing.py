@@ -252,3 +252,35 @@ def test_namespace_check_reads_the_signed_stasis_json(tmp_path: Path) -> None:
         checkpointing.prepare_restore(
             "c1", None, restore_config(tmp_path), target=checkpointing.RestoreTarget("ns-b")
         )
+
+
+def test_trust_signs_an_older_unsigned_checkpoint_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A checkpoint written before checkpoints were signed: refused, listed, removable,
+    # and once `stasis trust` checked and signed it, restorable.
+    key = tmp_path / "a" / "k"
+    _cli_config(tmp_path, key, monkeypatch)
+    commit(LocalStore(str(tmp_path / "store-a")), "old", {})
+    commit(LocalStore(str(tmp_path / "store-a")), "gone", {})
+    store = signed_store(tmp_path / "store-a", key)
+    with pytest.raises(PermissionDenied, match="unsigned"):
+        store.open("old")
+    assert {i.name for i in store.list()} == {"old", "gone"}
+    assert cli.main(["rm", "gone"]) == 0
+    assert not (tmp_path / "store-a" / "gone").exists()
+    assert cli.main(["rm", "no-such"]) == 1
+    assert "not a complete checkpoint" in capsys.readouterr().err
+
+    assert cli.main(["trust", "old"]) == 0
+    assert "signed by this node" in capsys.readouterr().out
+    with store.open("old") as reader:
+        reader.verify()
+    # Nothing is signed that does not match its manifest.
+    commit(LocalStore(str(tmp_path / "store-a")), "bad", {})
+    (tmp_path / "store-a" / "bad" / "checkpoint" / "pages-1.img").write_bytes(b"y" * 64)
+    assert cli.main(["trust", "bad"]) == 1
+    assert "sha256" in capsys.readouterr().err
+    assert not (tmp_path / "store-a" / "bad" / SIG_FILE).exists()
+    with pytest.raises(PermissionDenied):
+        store.open("bad")
