@@ -122,13 +122,11 @@ def parse_key(data: bytes, where: str) -> bytes:
     )
 
 
-def load_key(path: str) -> Key:
-    """Read the key file ``path``; refuse one that others could read or change.
-
-    The file (a Kubernetes Secret's symlinked file too) must be owned by root
-    or the current user and give nothing to group or others (0600/0400).
-    """
-    where = f"encryption key file {path}"
+def read_key_file(path: str, where: str, *, private: bool, limit: int) -> bytes:
+    """The first ``limit`` + 1 bytes of key file ``path``, refusing one that others could
+    change or, if ``private``, read: it must be a regular file (a Kubernetes Secret's
+    symlinked file too) owned by root or the current user, 0600/0400 when ``private``,
+    not writable by group or others otherwise. ``where`` names it in errors."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -143,12 +141,27 @@ def load_key(path: str) -> Key:
             raise PermissionDenied(
                 f"{where} is owned by uid {st.st_uid}: it must belong to root or uid {os.geteuid()}"
             )
-        if stat.S_IMODE(st.st_mode) & 0o077:
+        mode = stat.S_IMODE(st.st_mode)
+        if private and mode & 0o077:
             raise PermissionDenied(
-                f"{where} has mode {stat.S_IMODE(st.st_mode):04o}: group and others must "
-                "have no access (chmod 600; for a Kubernetes Secret, defaultMode: 0400)"
+                f"{where} has mode {mode:04o}: group and others must have no access "
+                "(chmod 600; for a Kubernetes Secret, defaultMode: 0400)"
             )
-        data = f.read(_KEY_FILE_MAX + 1)
+        if mode & 0o022:
+            raise PermissionDenied(
+                f"{where} has mode {mode:04o}: group and others must not be able to write it"
+            )
+        return f.read(limit + 1)
+
+
+def load_key(path: str) -> Key:
+    """Read the key file ``path``; refuse one that others could read or change.
+
+    The file (a Kubernetes Secret's symlinked file too) must be owned by root
+    or the current user and give nothing to group or others (0600/0400).
+    """
+    where = f"encryption key file {path}"
+    data = read_key_file(path, where, private=True, limit=_KEY_FILE_MAX)
     return Key(parse_key(data, where), path)
 
 

@@ -46,6 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from runtime.crypt import read_key_file
 from runtime.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, PermissionDenied
 
 log = logging.getLogger("stasis.signing")
@@ -77,31 +78,7 @@ def public_pem(public: Ed25519PublicKey) -> bytes:
 
 def _open_checked(path: str, where: str, private: bool) -> bytes:
     """Read a key file, refusing what others could change (or, if ``private``, read)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise NotFound(f"{where} does not exist") from None
-    except OSError as e:
-        raise PermissionDenied(f"{where}: cannot read: {e.strerror or e}") from e
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidArgument(f"{where} is not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            raise PermissionDenied(
-                f"{where} is owned by uid {st.st_uid}: it must belong to root or uid {os.geteuid()}"
-            )
-        mode = stat.S_IMODE(st.st_mode)
-        if private and mode & 0o077:
-            raise PermissionDenied(
-                f"{where} has mode {mode:04o}: group and others must have no access "
-                "(chmod 600; for a Kubernetes Secret, defaultMode: 0400)"
-            )
-        if mode & 0o022:
-            raise PermissionDenied(
-                f"{where} has mode {mode:04o}: group and others must not be able to write it"
-            )
-        data = f.read(_KEY_FILE_MAX + 1)
+    data = read_key_file(path, where, private=private, limit=_KEY_FILE_MAX)
     if len(data) > _KEY_FILE_MAX:
         raise InvalidArgument(f"{where} is too large for a key")
     return data
