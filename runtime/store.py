@@ -603,22 +603,11 @@ class _Tree:
 
 def _scan(top: str) -> _Tree:
     """Every entry under ``top``, without following symlinks."""
-    tree = _Tree()
-    pending = [""]
-    while pending:
-        rel_dir = pending.pop(0)
-        with os.scandir(os.path.join(top, rel_dir) if rel_dir else top) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for e in entries:
-            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
-            if e.is_dir(follow_symlinks=False):
-                tree.dirs.append(rel)
-                pending.append(rel)
-            elif e.is_file(follow_symlinks=False):
-                tree.files[rel] = e.stat(follow_symlinks=False).st_size
-            else:
-                tree.others.append(rel)
-    return tree
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _scan_at(fd)
+    finally:
+        os.close(fd)
 
 
 def _scan_at(dir_fd: int) -> _Tree:
