@@ -294,6 +294,17 @@ def cri_containerd_2_1(registry: Registry) -> Iterator[Containerd]:
 
 
 @pytest.fixture
+def ids(containerd: Containerd) -> Iterator[list[str]]:
+    """Containers a test made on ``containerd``: killed and removed afterwards."""
+    from bed.workload import remove
+
+    made: list[str] = []
+    yield made
+    for id in made:
+        remove(containerd, id)
+
+
+@pytest.fixture
 def sock_path() -> Iterator[str]:
     """A unix socket path in a fresh directory under /tmp (tmp_path can exceed the
     108-byte sun_path limit with long test names); the directory goes afterwards."""

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from bed.containerd import Containerd
+from bed.containerd import Containerd, unique_id
 
 RUNTIME = "io.containerd.stasis.v2"
 IMAGE = "docker.io/stasis/busybox:test"
@@ -92,3 +92,25 @@ def remove(c: Containerd, id: str) -> None:
             break
         time.sleep(0.05)
     c.ctr("containers", "rm", id, check=False)
+
+
+def start_counter(c: Containerd, ids: list[str], prefix: str, script: str = COUNTER) -> str:
+    """Run ``script`` (COUNTER) in a new container named after ``prefix``, recorded in
+    ``ids`` for the test's clean-up; its id."""
+    id = unique_id(prefix)
+    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", script)
+    ids.append(id)
+    return id
+
+
+def run_restoring(
+    c: Containerd, ids: list[str], ref: object, *flags: str
+) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """``ctr run -d`` a new container restored from ``ref`` (with ``flags`` before the
+    image), recorded in ``ids``; its id and ctr's result, failed or not."""
+    new = unique_id("rst")
+    ids.append(new)
+    r = c.ctr("run", "-d", "--runtime", RUNTIME, *flags,
+              "--annotation", f"stasis.dev/restore-from={ref}", IMAGE, new,
+              check=False)  # fmt: skip
+    return new, r

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from bed import workload
 from bed.containerd import Containerd, mounts_under, unique_id
 from bed.tamper import rewrite
 from bed.workload import (
@@ -38,19 +39,8 @@ pytestmark = pytest.mark.integration
 CONCURRENT = 20  # containers checkpointed at once
 
 
-@pytest.fixture
-def ids(containerd: Containerd) -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for id in made:
-        remove(containerd, id)
-
-
 def start_counter(c: Containerd, ids: list[str]) -> str:
-    id = unique_id("flt")
-    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", COUNTER)
-    ids.append(id)
-    return id
+    return workload.start_counter(c, ids, "flt", COUNTER)
 
 
 def checkpoint(c: Containerd, id: str, store: Path, name: str) -> subprocess.CompletedProcess[str]:
@@ -411,12 +401,7 @@ def test_malformed_execs_record_leaves_nothing_running(
     metadata["execs"] = execs
     rewrite(store / "k", "stasis.json", json.dumps(metadata).encode())
 
-    new = unique_id("rst")
-    ids.append(new)
-    r = containerd.ctr(
-        "run", "-d", "--runtime", RUNTIME, "--annotation",
-        f"stasis.dev/restore-from={store / 'k'}", IMAGE, new, check=False,
-    )  # fmt: skip
+    new, r = workload.run_restoring(containerd, ids, store / "k")
     assert r.returncode != 0
     assert "execs[0]" in r.stderr, r.stderr
     # Nothing of the checkpoint runs, now or a moment later ...

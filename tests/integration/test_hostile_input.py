@@ -9,34 +9,42 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, unique_id
 from bed.tamper import rewrite
-from bed.workload import IMAGE, RUNTIME, bundle, remove, stasis, task, wait_count
+from bed.workload import (
+    COUNTER,
+    IMAGE,
+    RUNTIME,
+    bundle,
+    remove,
+    run_restoring,
+    start_counter,
+    stasis,
+    task,
+    wait_count,
+)
 
 pytestmark = pytest.mark.integration
 
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
 FLOOD = 400  # idle connections, well past the shim's cap (128)
 
 
-@pytest.fixture
-def ids(containerd: Containerd) -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for id in made:
-        remove(containerd, id)
-
-
 def counter(c: Containerd, ids: list[str]) -> str:
-    id = unique_id("hst")
-    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", COUNTER)
-    ids.append(id)
+    id = start_counter(c, ids, "hst")
     wait_count(c, id, 2)
     return id
+
+
+def checkpointed(c: Containerd, ids: list[str], tmp_path: Path) -> Path:
+    """A counter checkpointed (--exit) as checkpoint ``k`` of the store it returns."""
+    id = counter(c, ids)
+    store = tmp_path / "store"
+    stasis(c, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
+    remove(c, id)
+    return store
 
 
 def open_fds(pid: int) -> int:
@@ -76,21 +84,13 @@ def test_idle_connection_flood_leaves_the_shim_serving(
 def test_deleted_files_beyond_any_restore_is_refused_early(
     containerd: Containerd, ids: list[str], tmp_path: Path
 ) -> None:
-    id = counter(containerd, ids)
-    store = tmp_path / "store"
-    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
-    remove(containerd, id)
+    store = checkpointed(containerd, ids, tmp_path)
     # 600,000 paths (~9 MB): read whole, the shim once spent 20 s and 150 MB on 8 MB.
     paths = [f"/d/{i:07d}" for i in range(600_000)]
     rewrite(store / "k", "deleted.files", json.dumps(paths).encode())
 
-    new = unique_id("rst")
-    ids.append(new)
     began = time.monotonic()
-    r = containerd.ctr(
-        "run", "-d", "--runtime", RUNTIME, "--annotation",
-        f"stasis.dev/restore-from={store / 'k'}", IMAGE, new, check=False,
-    )  # fmt: skip
+    new, r = run_restoring(containerd, ids, store / "k")
     assert r.returncode != 0
     assert "deleted.files" in r.stderr and "524288" in r.stderr, r.stderr
     assert time.monotonic() - began < 30
@@ -114,21 +114,13 @@ def sparse_tar(path: Path, size: int) -> None:
 def test_a_diff_expanding_past_the_limit_is_refused_before_writing(
     containerd: Containerd, ids: list[str], tmp_path: Path
 ) -> None:
-    id = counter(containerd, ids)
-    store = tmp_path / "store"
-    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
-    remove(containerd, id)
+    store = checkpointed(containerd, ids, tmp_path)
     # 70 GiB of holes in a few KB: past the default limits.max_diff_bytes (64 GiB).
     sparse_tar(tmp_path / "bomb.tar", 70 << 30)
     assert (tmp_path / "bomb.tar").stat().st_size < 1 << 20
     rewrite(store / "k", "rootfs-diff.tar", (tmp_path / "bomb.tar").read_bytes())
 
-    new = unique_id("rst")
-    ids.append(new)
-    r = containerd.ctr(
-        "run", "-d", "--runtime", RUNTIME, "--annotation",
-        f"stasis.dev/restore-from={store / 'k'}", IMAGE, new, check=False,
-    )  # fmt: skip
+    new, r = run_restoring(containerd, ids, store / "k")
     assert r.returncode != 0
     assert "max_diff_bytes" in r.stderr, r.stderr
     assert task(containerd, new) is None or task(containerd, new)[1] != "RUNNING"  # type: ignore[index]
@@ -141,10 +133,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 def test_deeply_nested_metadata_is_an_error_not_a_crash(
     containerd: Containerd, ids: list[str], tmp_path: Path, policy: str
 ) -> None:
-    id = counter(containerd, ids)
-    store = tmp_path / "store"
-    stasis(containerd, "checkpoint", id, "--exit", "--to", str(store), "--name", "k")
-    remove(containerd, id)
+    store = checkpointed(containerd, ids, tmp_path)
     rewrite(store / "k", "stasis.json", DEEP.encode())
 
     new = unique_id("rst")

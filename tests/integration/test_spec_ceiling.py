@@ -12,18 +12,25 @@ import os
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from bed import criu_images
 from bed.containerd import Containerd, unique_id
 from bed.tamper import edit_metadata, rehash
-from bed.workload import IMAGE, RUNTIME, remove, stasis, stasis_argv, task, wait_count
+from bed.workload import (
+    COUNTER,
+    IMAGE,
+    RUNTIME,
+    remove,
+    run_restoring,
+    stasis,
+    stasis_argv,
+    task,
+    wait_count,
+)
 
 pytestmark = pytest.mark.integration
-
-COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"
 
 
 def host_bounding() -> int:
@@ -32,14 +39,6 @@ def host_bounding() -> int:
         if line.startswith("CapBnd:"):
             return int(line.split()[1], 16)
     raise AssertionError("no CapBnd in /proc/self/status")
-
-
-@pytest.fixture
-def ids(containerd: Containerd) -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for id in made:
-        remove(containerd, id)
 
 
 def checkpoint(c: Containerd, ids: list[str], store: Path, *flags: str) -> Path:
@@ -55,11 +54,7 @@ def checkpoint(c: Containerd, ids: list[str], store: Path, *flags: str) -> Path:
 
 def restore(c: Containerd, ids: list[str], ref: Path, *flags: str) -> tuple[str, str, int]:
     """``ctr run`` restoring ``ref`` with ``flags``: (id, stderr, exit code)."""
-    new = unique_id("rst")
-    ids.append(new)
-    r = c.ctr("run", "-d", "--runtime", RUNTIME, *flags,
-              "--annotation", f"stasis.dev/restore-from={ref}", IMAGE, new,
-              check=False)  # fmt: skip
+    new, r = run_restoring(c, ids, ref, *flags)
     return new, r.stderr, r.returncode
 
 

@@ -13,10 +13,10 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bed import workload
 from bed.containerd import Containerd, mounts_under, unique_id
 from bed.workload import IMAGE, RUNTIME, remove, stasis, stasis_argv, task, wait_count
 
@@ -28,19 +28,8 @@ COUNTER = (
 )
 
 
-@pytest.fixture
-def ids(containerd: Containerd) -> Iterator[list[str]]:
-    made: list[str] = []
-    yield made
-    for id in made:
-        remove(containerd, id)
-
-
 def start_counter(c: Containerd, ids: list[str]) -> str:
-    id = unique_id("cnt")
-    c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, id, "sh", "-c", COUNTER)
-    ids.append(id)
-    return id
+    return workload.start_counter(c, ids, "cnt", COUNTER)
 
 
 def test_checkpoint_exit_then_restore_by_annotation(
