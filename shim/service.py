@@ -685,12 +685,6 @@ async def _start_gated(c: Container) -> None:
             await c.init.start()
         except StasisError as e:
             bad = await gate.outcome(0)
-            if gate.held("ceiling"):  # the gate killed CRIU: its cgroup yard is left
-                left = await asyncio.to_thread(
-                    mounts.unmount_below, os.path.join(c.bundle, "criu-restore")
-                )
-                if left:
-                    log.warning("restore of %s refused; CRIU's mounts %s stay", c.id, left)
             if bad is not None:
                 if gate.held("images") and not gate.held("ceiling"):
                     raise type(bad)(f"{bad} (its restored processes never ran)") from e
