@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.mount import unescape
+
 CAPABILITIES = (
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -249,11 +251,7 @@ def recorded_ceiling(doc: object) -> Ceiling:
     if not isinstance(digest, str):
         raise ValueError("security profile: seccomp_sha256 is not a string")
     ceiling = Ceiling.from_spec({"process": doc["process"], "linux": _dict(doc.get("linux"))})
-    return _replace_seccomp(ceiling, digest)
-
-
-def _replace_seccomp(c: Ceiling, digest: str) -> Ceiling:
-    return dataclasses.replace(c, seccomp=digest)
+    return dataclasses.replace(ceiling, seccomp=digest)
 
 
 # --------------------------------------------------------------------------- kernel view
@@ -380,7 +378,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         options = set(fields[5].split(","))
         if len(rest) >= 3:
             options |= set(rest[2].split(","))
-        out.append(MountEntry(_unescape(fields[4]), rest[0], frozenset(options)))
+        out.append(MountEntry(unescape(fields[4]), rest[0], frozenset(options)))
     return out
 
 
@@ -631,17 +629,3 @@ def _id_list(v: str) -> list[int] | None:
 
 def _ids(ids: frozenset[int] | None) -> str:
     return "any" if ids is None else " ".join(map(str, sorted(ids)))
-
-
-def _unescape(s: str) -> str:
-    if "\\" not in s:
-        return s
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1 : i + 4].isdigit():
-            out.append(chr(int(s[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)

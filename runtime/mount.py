@@ -197,14 +197,15 @@ def is_mountpoint(path: str) -> bool:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split(" ", 5)
-                if len(fields) > 4 and _unescape(fields[4]) == real:
+                if len(fields) > 4 and unescape(fields[4]) == real:
                     return True
     except OSError:
         return False
     return False
 
 
-def _unescape(s: str) -> str:
+def unescape(s: str) -> str:
+    """A mountinfo field as the path it stands for."""
     # mountinfo escapes space, tab, newline and backslash as octal.
     return (
         s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
@@ -231,7 +232,7 @@ def mounts_below(path: str) -> list[str]:
                 fields = line.split(" ", 5)
                 if len(fields) < 5:
                     continue
-                point = _unescape(fields[4])
+                point = unescape(fields[4])
                 if point == real or point.startswith(prefix):
                     found.append((point.count("/"), n, point))
     except OSError:
