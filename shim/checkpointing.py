@@ -647,6 +647,7 @@ class RestoreGate:
         plan: RestorePlan | None = None,
         timeout: float = 600.0,
     ) -> None:
+        self.bundle = bundle
         self.dir = os.path.join(bundle, "restore-gate")
         self.ref = ref
         self.spec = spec
@@ -659,7 +660,7 @@ class RestoreGate:
     def _file(self, stage: str, kind: str) -> str:
         return os.path.join(self.dir, f"{stage}.{kind}")
 
-    def install(self, bundle: str, spec: dict[str, Any]) -> None:
+    def install(self) -> None:
         """Write the script and CRIU config, and name them in the bundle's config.json."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         import shlex
@@ -679,9 +680,10 @@ class RestoreGate:
             _write_atomic(self._file("images", "verdict"), "ok\n", 0o600)
         conf = os.path.join(self.dir, "criu.conf")
         _write_atomic(conf, f"action-script {script}\n", 0o600)
+        spec = self.spec
         annotated = {**spec, "annotations": {**(spec.get("annotations") or {})}}
         annotated["annotations"][CRIU_CONFIG_ANNOTATION] = conf
-        _write_atomic(os.path.join(bundle, "config.json"), json.dumps(annotated), 0o644)
+        _write_atomic(os.path.join(self.bundle, "config.json"), json.dumps(annotated), 0o644)
 
     def start(self) -> None:
         """Begin hashing the images and watching for pre-resume (call on the event loop)."""

@@ -670,7 +670,7 @@ def _restore_gate(c: Container, plan: Any) -> Any:
 
     ref = plan.ref if plan is not None else c.config.checkpoint
     gate = RestoreGate(c.bundle, ref, c.config.spec, plan)
-    gate.install(c.bundle, c.config.spec)
+    gate.install()
     gate.start()
     return gate
 
