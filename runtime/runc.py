@@ -238,9 +238,19 @@ class Runc:
         await self._run("exec", [*opts.args(), id], stdio=stdio)
 
     async def kill(self, id: str, sig: int = signal.SIGTERM, *, all: bool = False) -> None:
-        """``runc kill``: signal the init (or, with ``all``, every process)."""
+        """``runc kill``: signal the init (or, with ``all``, every process).
+
+        A container whose init has already exited raises NotFound, as containerd's
+        runc shim reports it ("process already finished"), not FailedPrecondition:
+        containerd ignores that error when it stops or deletes a task.
+        """
         args = ["--all"] if all else []
-        await self._run("kill", [*args, id, str(sig)])
+        try:
+            await self._run("kill", [*args, id, str(sig)])
+        except FailedPrecondition as e:
+            if "not running" not in str(e):
+                raise
+            raise NotFound(f"process already finished: {e}") from e
 
     async def delete(self, id: str, *, force: bool = False) -> None:
         """``runc delete``: remove the container's state and cgroup."""

@@ -201,7 +201,7 @@ class _Stopped(_State):
     status = Status.STOPPED
 
     async def kill(self, sig: int, all: bool) -> None:
-        raise NotFound(f"process {self.p.describe()} already finished")
+        await self.p._kill_stopped(sig, all)
 
     async def delete(self) -> None:
         await self.p._destroy()
@@ -375,6 +375,9 @@ class Process:
     async def _do_kill_created(self, sig: int, all: bool) -> None:
         await self._do_kill(sig, all)
 
+    async def _kill_stopped(self, sig: int, all: bool) -> None:
+        raise NotFound(f"process {self.describe()} already finished")
+
     async def _do_restore(self) -> None:
         raise FailedPrecondition(f"cannot restore exec process {self.describe()}")
 
@@ -529,6 +532,11 @@ class InitProcess(Process):
         await self.runc.start(self.container_id)
 
     async def _do_kill(self, sig: int, all: bool) -> None:
+        await self.runc.kill(self.container_id, sig, all=all)
+
+    async def _kill_stopped(self, sig: int, all: bool) -> None:
+        # As the runc shim does: runc kill --all still reaches what the init left
+        # in a PID namespace it shared (runc answers NotFound for the init alone).
         await self.runc.kill(self.container_id, sig, all=all)
 
     async def _do_pause(self) -> None:

@@ -247,12 +247,17 @@ def test_after_exit(tmp_path: Path) -> None:
         p, runc, _ = make(tmp_path)
         await p.start()
         p.exited(3)
+        # A kill still goes to runc: with --all it reaches what the init left in a
+        # shared PID namespace; for the init alone runc's "not running" is NotFound.
+        await p.kill(signal.SIGKILL, all=True)
+        runc.fail["kill"] = NotFound("process already finished")
         with pytest.raises(NotFound, match="already finished"):
             await p.kill()
         for op in (p.start, p.pause, p.resume):
             with pytest.raises(FailedPrecondition, match="in state stopped"):
                 await op()
-        assert names(runc) == ["start"]
+        assert names(runc) == ["start", "kill", "kill"]
+        assert runc.calls[1][1:] == ("c1", signal.SIGKILL, True)
 
     run(body())
 

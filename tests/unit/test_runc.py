@@ -326,6 +326,25 @@ def test_classification(tmp_path: Path, msg: str, cls: type[Exception]) -> None:
     log = _log(tmp_path / "log.json", {"level": "error", "msg": msg})
     r, _ = make(status=1, log=log)
     with pytest.raises(cls) as info:
+        run(r.pause("c1"))
+    assert type(info.value) is cls
+    assert msg in str(info.value)
+    assert "runc pause failed (exit 1)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("msg", "cls"),
+    [
+        ("container not running", NotFound),  # the init has exited: the runc shim's NotFound
+        ("container does not exist", NotFound),
+        ("container is paused", FailedPrecondition),
+        ("unable to signal", RuncError),
+    ],
+)
+def test_kill_classification(tmp_path: Path, msg: str, cls: type[Exception]) -> None:
+    log = _log(tmp_path / "log.json", {"level": "error", "msg": msg})
+    r, _ = make(status=1, log=log)
+    with pytest.raises(cls) as info:
         run(r.kill("c1"))
     assert type(info.value) is cls
     assert msg in str(info.value)
