@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -138,6 +139,8 @@ class Container:
         self.restore_gate: Any = None
         # Serializes Stasis checkpoints of this container (checkpointing.checkpoint).
         self.checkpoint_lock = asyncio.Lock()
+        # The end of an init in a shared PID namespace, in progress (_init_ended).
+        self._ending: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def create(
@@ -359,9 +362,34 @@ class Container:
         def done(f: asyncio.Future[int]) -> None:
             if f.cancelled() or (isinstance(proc, ExecProcess) and proc.adopted):
                 return  # an adopted exec's end is seen through its pidfd
+            if proc is self.init and self.shares_pid_namespace:
+                task = asyncio.get_running_loop().create_task(self._init_ended(f.result()))
+                self._ending.add(task)
+                task.add_done_callback(self._ending.discard)
+                return
             self._on_exit(self, proc, proc.exited(f.result()))
 
         exited.add_done_callback(done)
+
+    @property
+    def shares_pid_namespace(self) -> bool:
+        """True when the container has no PID namespace of its own (the pod's, the
+        host's): its init's end does not end the processes it started."""
+        linux = self.config.spec.get("linux") or {}
+        for ns in linux.get("namespaces") or []:
+            if isinstance(ns, dict) and ns.get("type") == "pid":
+                return bool(ns.get("path"))
+        return True
+
+    async def _init_ended(self, code: int) -> None:
+        # As containerd's runc shim does: kill what the init left in the container
+        # before its exit is recorded, so Wait and the exit event mean the container
+        # has ended; a survivor would also hold its stdout open for ever.
+        try:
+            await self.runc.kill(self.id, signal.SIGKILL, all=True)
+        except StasisError as e:
+            log.warning("killing what the init of %s left: %s", self.id, e)
+        self._on_exit(self, self.init, self.init.exited(code))
 
     def watch_oom(self, on_oom: OOMCallback) -> None:
         """Call ``on_oom`` whenever the kernel OOM-kills inside this container's cgroup."""

@@ -181,8 +181,9 @@ class Pods:
         self.timeout = timeout  # a busy machine; a restore pulls the base image
         self.ids: list[str] = []
 
-    def run(self, name: str) -> tuple[str, Any]:
-        """A new pod: (sandbox id, its PodSandboxConfig)."""
+    def run(self, name: str, host_pid: bool = False) -> tuple[str, Any]:
+        """A new pod: (sandbox id, its PodSandboxConfig); ``host_pid``: in the host's
+        PID namespace (a pod's ``hostPID: true``)."""
         import uuid
 
         uid = uuid.uuid4().hex
@@ -195,6 +196,8 @@ class Pods:
             log_directory=str(logs),
             hostname=name,
         )
+        if host_pid:
+            config.linux.security_context.namespace_options.pid = self.api.NODE
         reply = self.cri.call(
             "RunPodSandbox", config=config, runtime_handler=self.handler, timeout=self.timeout
         )
@@ -209,13 +212,14 @@ class Pods:
         command: list[str],
         name: str = "counter",
         own_pid_ns: bool = False,
+        host_pid: bool = False,
     ) -> str:
         """Create and start a container in the pod (an archive path as ``image``
         restores it on containerd 2.1); its id.
 
         ``own_pid_ns``: a PID namespace of its own (NamespaceMode CONTAINER, what the
         kubelet asks for unless the pod shares its process namespace) instead of the
-        CRI default, the pod's.
+        CRI default, the pod's. ``host_pid``: the host's (the pod must be ``host_pid``).
         """
         spec = self.api.ContainerConfig(
             metadata=self.api.ContainerMetadata(name=name, attempt=0),
@@ -223,8 +227,9 @@ class Pods:
             command=command,
             log_path=f"{name}.log",
         )
-        if own_pid_ns:
-            namespaces = self.api.NamespaceOption(pid=self.api.CONTAINER)
+        if own_pid_ns or host_pid:
+            mode = self.api.NODE if host_pid else self.api.CONTAINER
+            namespaces = self.api.NamespaceOption(pid=mode)
             spec.linux.security_context.namespace_options.CopyFrom(namespaces)
         cid = self.cri.call(
             "CreateContainer",
