@@ -44,13 +44,16 @@ class Flags:
         self.bundle = ""
         self.debug = False
         self.version = False
+        self.info = False
         self.action = ""
 
 
 def parse_flags(argv: list[str]) -> Flags:
     """Parse containerd's shim command line; unknown flags are an error."""
     f = Flags()
-    names = {"namespace", "id", "address", "publish-binary", "bundle", "socket", "debug", "v"}
+    names = {
+        "namespace", "id", "address", "publish-binary", "bundle", "socket", "debug", "v", "info"
+    }  # fmt: skip
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -63,12 +66,9 @@ def parse_flags(argv: list[str]) -> Flags:
         name, eq, value = arg.lstrip("-").partition("=")
         if name not in names:
             raise SystemExit(f"flag provided but not defined: -{name}")
-        if name in ("debug", "v"):
+        if name in ("debug", "v", "info"):
             on = value.lower() not in ("false", "0") if eq else True
-            if name == "debug":
-                f.debug = on
-            else:
-                f.version = on
+            setattr(f, {"v": "version"}.get(name, name), on)
             i += 1
             continue
         if not eq:
@@ -438,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     if f.version:
         print(f"containerd-shim-stasis-v2 version {VERSION}")
         return 0
+    if f.info:  # containerd's runtime introspection; not on a container's path
+        from shim import info
+
+        return info.main(VERSION)
     if f.action == "start":
         return start(f)
     if f.action == "delete":

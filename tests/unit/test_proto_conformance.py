@@ -94,6 +94,7 @@ CONTAINERD_PACKAGES = frozenset(
 
 CGROUPS2_PSI = "cgroups 1.x predates pressure stall information (added in cgroups 3)"
 CGROUPS2_PEAK = "cgroups 1.x predates memory.peak / memory.swap.peak (added in cgroups 3)"
+RUNTIME_INFO = "containerd 2.0 added runtime introspection (shim -info)"
 
 SUITES = (
     Suite(
@@ -123,6 +124,10 @@ SUITES = (
         no_counterpart={
             "io.containerd.cgroups.v2.PSIData": CGROUPS2_PSI,
             "io.containerd.cgroups.v2.PSIStats": CGROUPS2_PSI,
+            "containerd.types.RuntimeRequest": RUNTIME_INFO,
+            "containerd.types.RuntimeVersion": RUNTIME_INFO,
+            "containerd.types.RuntimeInfo": RUNTIME_INFO,
+            "containerd.types.RuntimeInfo.AnnotationsEntry": RUNTIME_INFO,
         },
         extra_fields={
             ("containerd.runc.v1.Options", "task_api_address"): "added in containerd 2.0",
@@ -151,6 +156,7 @@ SUITES = (
             f"{CONTAINERD}/api/services/ttrpc/events/v1/events.proto",
             f"{CONTAINERD}/api/services/containers/v1/containers.proto",
             f"{CONTAINERD}/api/types/runc/options/oci.proto",
+            f"{CONTAINERD}/api/types/introspection.proto",
             "github.com/containerd/cgroups/v3/cgroup1/stats/metrics.proto",
             "github.com/containerd/cgroups/v3/cgroup2/stats/metrics.proto",
         ),
