@@ -181,9 +181,11 @@ class Pods:
         self.timeout = timeout  # a busy machine; a restore pulls the base image
         self.ids: list[str] = []
 
-    def run(self, name: str, host_pid: bool = False) -> tuple[str, Any]:
+    def run(
+        self, name: str, host_pid: bool = False, annotations: dict[str, str] | None = None
+    ) -> tuple[str, Any]:
         """A new pod: (sandbox id, its PodSandboxConfig); ``host_pid``: in the host's
-        PID namespace (a pod's ``hostPID: true``)."""
+        PID namespace (a pod's ``hostPID: true``); ``annotations``: the pod's."""
         import uuid
 
         uid = uuid.uuid4().hex
@@ -195,6 +197,7 @@ class Pods:
             ),
             log_directory=str(logs),
             hostname=name,
+            annotations=annotations or {},
         )
         if host_pid:
             config.linux.security_context.namespace_options.pid = self.api.NODE

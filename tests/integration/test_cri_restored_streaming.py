@@ -27,11 +27,12 @@ import pytest
 from bed.containerd import STASIS_HANDLER, Containerd, cache_dir
 from bed.cri import CriClient, Pods, cri_missing
 from bed.registry import Registry
-from bed.workload import wait_count
+from bed.workload import stasis, wait_count
 from conftest import REGISTRY_BASE
 
 pytestmark = pytest.mark.integration
 
+RESTORE_FROM = "stasis.dev/restore-from"
 CRICTL = cache_dir() / "cri-tools-v1.34.0" / "crictl"  # tests/bed/setup.sh builds it
 CRI_TIMEOUT = 90.0
 WORKLOAD = (
@@ -113,7 +114,13 @@ def cri(
         yield client
 
 
-@pytest.fixture(scope="module", params=[STASIS_HANDLER, "runc"])
+# How the container is checkpointed and restored: CRI's CheckpointContainer archive
+# (the Kubernetes checkpoint API's) on each handler, or Stasis's own checkpoint into a
+# store and a pod naming it (stasis.dev/restore-from).
+WAYS = {"stasis": STASIS_HANDLER, "runc": "runc", "stasis-store": STASIS_HANDLER}
+
+
+@pytest.fixture(scope="module", params=list(WAYS))
 def restored(
     request: pytest.FixtureRequest,
     cri_containerd_2_1: Containerd,
@@ -122,9 +129,10 @@ def restored(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Restored]:
     """The workload checkpointed through CRI and restored into a new pod."""
-    handler: str = request.param
+    way: str = request.param
+    handler = WAYS[way]
     containerd = cri_containerd_2_1
-    pods = Pods(cri, tmp_path_factory.mktemp(f"logs-{handler}"), handler, CRI_TIMEOUT)
+    pods = Pods(cri, tmp_path_factory.mktemp(f"logs-{way}"), handler, CRI_TIMEOUT)
     try:
         sandbox, config = pods.run(f"orig-{handler}")
         original = pods.container(
@@ -136,14 +144,23 @@ def restored(
             own_pid_ns=True,
         )
         count = wait_count(containerd, original, 3, timeout=30)
-        archive = tmp_path_factory.mktemp(f"archive-{handler}") / "server.tar"
-        cri.call("CheckpointContainer", container_id=original, location=str(archive), timeout=120)
+        saved = tmp_path_factory.mktemp(f"checkpoint-{way}")
+        if way == "stasis-store":
+            ref = stasis(containerd, "checkpoint", original, "--to", str(saved)).stdout.split()[-1]
+            image = registry.ref(REGISTRY_BASE)
+            annotations = {RESTORE_FROM: ref}
+        else:
+            image = str(saved / "server.tar")
+            cri.call("CheckpointContainer", container_id=original, location=image, timeout=120)
+            annotations = {}
         pods.cri.call("StopPodSandbox", pod_sandbox_id=sandbox, timeout=CRI_TIMEOUT)
-        new_sandbox, new_config = pods.run(f"restored-{handler}")
-        cid = pods.container(new_sandbox, new_config, str(archive), [], name="server")
+        new_sandbox, new_config = pods.run(f"restored-{handler}", annotations=annotations)
+        command = ["sh", "-c", WORKLOAD] if annotations else []
+        cid = pods.container(new_sandbox, new_config, image, command, name="server")
         status = cri.call("ContainerStatus", container_id=cid).status
         assert status.state == pods.api.CONTAINER_RUNNING
-        assert status.annotations.get("restored") == "true"
+        if not annotations:
+            assert status.annotations.get("restored") == "true"  # CRI's own restore
         yield Restored(handler, pods, new_sandbox, cid, count)
     finally:
         pods.remove_all()
