@@ -2,8 +2,8 @@
 # Installs the integration test bed: the Debian packages the tests need, two private
 # containerd versions (1.7 from trixie, 2.1 from sid, unpacked under the cache, never
 # installed system-wide), CRIU built from sid's source as /usr/local/sbin/criu, Go 1.26
-# from sid unpacked under the cache, critest/crictl built with it, checkpointctl, the
-# project's venv and the test images.
+# from sid unpacked under the cache, critest/crictl and checkpointctl built with it,
+# the project's venv and the test images.
 #
 # Idempotent: every expensive step is skipped when its result is already in the cache
 # (${STASIS_CACHE:-/var/cache/stasis-testbed}), so a second run takes seconds.
@@ -29,10 +29,14 @@ GO=$CACHE/go-$GO_VERSION/usr/lib/go-$GO_VERSION/bin/go
 # critest and crictl (CRI validation), built with that Go from a release tree's vendor/.
 CRI_TOOLS_VERSION=v1.34.0
 CRI_TOOLS_MODULE=sigs.k8s.io/cri-tools
-# checkpointctl (checks checkpoint archives): the newest tag whose go.mod (go 1.18) and
-# vendor/ build offline with bookworm's Go 1.19; later tags need Go >= 1.21.
-CHECKPOINTCTL_VERSION=v1.1.0
-CHECKPOINTCTL_URL=https://github.com/checkpoint-restore/checkpointctl
+# checkpointctl (checks checkpoint archives), built with that Go from Debian's source
+# package and the Go library packages it builds against. sid's revision carries the
+# patch dropping olekukonko/tablewriter; the libraries come from trixie, whose
+# dependency closure is smaller (and moves less) than sid's.
+CHECKPOINTCTL_VERSION=1.3.0
+CHECKPOINTCTL_SOURCE=golang-github-checkpoint-restore-checkpointctl
+CHECKPOINTCTL_SRC_SUITE=sid
+CHECKPOINTCTL_LIBS_SUITE=trixie
 
 APT_PACKAGES=(
     runc iptables busybox-static tmux util-linux
@@ -41,8 +45,8 @@ APT_PACKAGES=(
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
     libnl-3-dev libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev
     uuid-dev libaio-dev
-    # a local registry for the CRI restore tests; Go and git for checkpointctl (git
-    # also for CRI_TOOLS_GIT); bookworm's Go also builds Kubernetes 1.20
+    # a local registry for the CRI restore tests; git for CRI_TOOLS_GIT; bookworm's
+    # Go for Kubernetes 1.20
     docker-registry golang-go git
 )
 
@@ -368,47 +372,78 @@ step_cri_tools() {
     log "critest and crictl $CRI_TOOLS_VERSION built into $dest"
 }
 
-# checkpointctl from its own vendor/ (no module downloads): the source tarball is kept
-# in the cache ($CACHE/src/checkpointctl-<tag>.tar.gz). Without it, a git clone of
-# $CHECKPOINTCTL_GIT (a local clone or mirror, if set) or of GitHub provides it. Not
-# fatal: the tests that need checkpointctl skip, saying why, when it is missing.
+# checkpointctl $CHECKPOINTCTL_VERSION into $CACHE/checkpointctl-$CHECKPOINTCTL_VERSION,
+# as dh-golang builds Debian's package: the source package's orig tarball with its
+# debian/patches applied, in a GOPATH (GO111MODULE=off) made of the golang-*-dev
+# packages its Build-Depends need (tests/bed/debian_go_deps.py), unpacked, not
+# installed. The source files are kept in $CACHE/src.
 step_checkpointctl() {
-    local dest=$CACHE/checkpointctl-$CHECKPOINTCTL_VERSION
-    local src=$CACHE/src/checkpointctl-$CHECKPOINTCTL_VERSION.tar.gz build
+    local dest=$CACHE/checkpointctl-$CHECKPOINTCTL_VERSION srcdir=$CACHE/src
+    local orig debian build gopath tree index indexes=() patch deb
     if [ -x "$dest/checkpointctl" ]; then
         STEP_RESULT=skipped
         return
     fi
-    mkdir -p "$CACHE/src"
-    if [ ! -f "$src" ]; then
-        local git_dir=${CHECKPOINTCTL_GIT:-} clone=
-        if [ -z "$git_dir" ]; then
-            clone=$(mktemp -d)
-            git_dir=$clone/checkpointctl
-            git clone -q --bare --depth 1 --branch "$CHECKPOINTCTL_VERSION" \
-                "$CHECKPOINTCTL_URL" "$git_dir" >&2 || true
-        fi
-        git -C "$git_dir" archive --format=tar.gz --prefix=checkpointctl/ \
-            -o "$src.tmp" "$CHECKPOINTCTL_VERSION" >&2 && mv "$src.tmp" "$src" || rm -f "$src.tmp"
-        [ -z "$clone" ] || rm -rf "$clone"
-        if [ ! -f "$src" ]; then
-            log "WARNING: no checkpointctl $CHECKPOINTCTL_VERSION source (offline? set CHECKPOINTCTL_GIT to a clone); its tests will skip"
-            STEP_RESULT=failed
-            return
-        fi
+    mkdir -p "$srcdir"
+    orig=$srcdir/${CHECKPOINTCTL_SOURCE}_$CHECKPOINTCTL_VERSION+ds1.orig.tar.xz
+    debian=$(ls "$srcdir/${CHECKPOINTCTL_SOURCE}_$CHECKPOINTCTL_VERSION"+ds1-*.debian.tar.xz \
+        2>/dev/null | tail -n1 || true)
+    if [ ! -f "$orig" ] || [ -z "$debian" ]; then
+        apt_knows_source "$CHECKPOINTCTL_SOURCE" "$CHECKPOINTCTL_VERSION+ds1" || apt_update_once
+        # The .dsc may 404; the two tarballs are all the build needs.
+        (cd "$srcdir" && apt-get source -q --download-only \
+            "$CHECKPOINTCTL_SOURCE/$CHECKPOINTCTL_SRC_SUITE" >&2) || true
+        rm -f "$srcdir/$CHECKPOINTCTL_SOURCE"_*.dsc
+        debian=$(ls "$srcdir/${CHECKPOINTCTL_SOURCE}_$CHECKPOINTCTL_VERSION"+ds1-*.debian.tar.xz \
+            2>/dev/null | tail -n1 || true)
+        [ -f "$orig" ] && [ -n "$debian" ] || die "no $CHECKPOINTCTL_SOURCE" \
+            "$CHECKPOINTCTL_VERSION+ds1 orig and debian tarballs from $CHECKPOINTCTL_SRC_SUITE" \
+            "(has it moved on? update CHECKPOINTCTL_VERSION; ls $srcdir)"
     fi
     build=$(mktemp -d)
-    tar -xzf "$src" -C "$build" --strip-components=1
-    if ! (cd "$build" && GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local CGO_ENABLED=0 \
-        GOCACHE="$build/.gocache" go build -o checkpointctl . >"$build/build.log" 2>&1); then
+    gopath=$build/usr/share/gocode
+    tree=$gopath/src/github.com/checkpoint-restore/checkpointctl
+    mkdir -p "$tree"
+    tar -xf "$orig" -C "$tree" --strip-components=1
+    tar -xf "$debian" -C "$tree"
+    if [ -f "$tree/debian/patches/series" ]; then
+        while read -r patch; do
+            case "$patch" in '' | '#'*) continue ;; esac
+            patch -d "$tree" -p1 -s <"$tree/debian/patches/$patch" \
+                || die "debian/patches/$patch does not apply to $orig"
+        done <"$tree/debian/patches/series"
+    fi
+    apt_knows golang-github-containers-storage-dev "$CHECKPOINTCTL_LIBS_SUITE" || apt_update_once
+    while read -r index; do
+        /usr/lib/apt/apt-helper cat-file "$index" >"$build/Packages.${#indexes[@]}"
+        indexes+=("$build/Packages.${#indexes[@]}")
+    done < <(apt-get indextargets --format '$(FILENAME)' 'Identifier: Packages' \
+        "Codename: $CHECKPOINTCTL_LIBS_SUITE" "Architecture: $(dpkg --print-architecture)")
+    [ "${#indexes[@]}" -gt 0 ] || die "no $CHECKPOINTCTL_LIBS_SUITE Packages index (apt-get update?)"
+    "$PYTHON" "$REPO/tests/bed/debian_go_deps.py" "$tree/debian/control" "${indexes[@]}" \
+        >"$build/libs.txt" || die "the Build-Depends of $CHECKPOINTCTL_SOURCE do not resolve"
+    mkdir -p "$build/debs"
+    log "downloading $(wc -l <"$build/libs.txt") Go library packages from $CHECKPOINTCTL_LIBS_SUITE"
+    # shellcheck disable=SC2046 # one NAME=VERSION per line, no spaces
+    (cd "$build/debs" && apt-get download -q $(cat "$build/libs.txt") >&2) \
+        || die "apt-get download of $CHECKPOINTCTL_SOURCE's Go libraries failed"
+    for deb in "$build"/debs/*.deb; do
+        dpkg-deb -x "$deb" "$build"
+    done
+    if ! (cd "$tree" && GO111MODULE=off GOPATH="$gopath" GOCACHE="$build/.gocache" \
+        go_offline build -o checkpointctl \
+        -ldflags "-X main.name=checkpointctl -X main.version=$CHECKPOINTCTL_VERSION" . \
+        >"$build/build.log" 2>&1); then
         tail -n 20 "$build/build.log" >&2
         rm -rf "$build"
         die "checkpointctl $CHECKPOINTCTL_VERSION did not build"
     fi
-    rm -rf "$dest.tmp"
+    "$tree/checkpointctl" --version | grep -qF "version $CHECKPOINTCTL_VERSION" \
+        || die "the built checkpointctl does not say version $CHECKPOINTCTL_VERSION"
+    rm -rf "$dest.tmp" "$dest"
     mkdir -p "$dest.tmp"
-    install -m 0755 "$build/checkpointctl" "$dest.tmp/checkpointctl"
-    rm -rf "$build" "$dest"
+    install -m 0755 "$tree/checkpointctl" "$dest.tmp/checkpointctl"
+    rm -rf "$build"
     mv "$dest.tmp" "$dest"
     log "checkpointctl $CHECKPOINTCTL_VERSION built into $dest"
 }
