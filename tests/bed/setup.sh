@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the integration test bed: the Debian packages the tests need, two private
 # containerd versions (1.7 from trixie, 2.1 from sid, unpacked under the cache, never
-# installed system-wide), CRIU built from sid's source as /usr/local/sbin/criu, the
-# project's venv and the test images.
+# installed system-wide), CRIU built from sid's source as /usr/local/sbin/criu, Go 1.26
+# from sid unpacked under the cache, critest/crictl and checkpointctl built with it,
+# the project's venv and the test images.
 #
 # Idempotent: every expensive step is skipped when its result is already in the cache
 # (${STASIS_CACHE:-/var/cache/stasis-testbed}), so a second run takes seconds.
-# Needs root and the Debian apt mirrors (plus PyPI for the venv).
+# Needs root and the Debian apt mirrors (plus PyPI for the venv); cri-tools also needs
+# its source: the cached tarball, CRI_TOOLS_GIT or the Go module proxy (see below).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -19,10 +21,22 @@ PYTHON=${PYTHON:-python3}
 CONTAINERD_VERSIONS=("1.7:trixie" "2.1:sid")
 CRIU_VERSION=4.2.1
 CRIU_SUITE=sid
-# checkpointctl (checks checkpoint archives): the newest tag whose go.mod (go 1.18) and
-# vendor/ build offline with bookworm's Go 1.19; later tags need Go >= 1.21.
-CHECKPOINTCTL_VERSION=v1.1.0
-CHECKPOINTCTL_URL=https://github.com/checkpoint-restore/checkpointctl
+# A current Go, unpacked under the cache (bookworm's golang-go 1.19 stays the system Go,
+# for the Kubernetes 1.20 build): sid's golang-$GO_VERSION-go and -src.
+GO_VERSION=1.26
+GO_SUITE=sid
+GO=$CACHE/go-$GO_VERSION/usr/lib/go-$GO_VERSION/bin/go
+# critest and crictl (CRI validation), built with that Go from a release tree's vendor/.
+CRI_TOOLS_VERSION=v1.34.0
+CRI_TOOLS_MODULE=sigs.k8s.io/cri-tools
+# checkpointctl (checks checkpoint archives), built with that Go from Debian's source
+# package and the Go library packages it builds against. sid's revision carries the
+# patch dropping olekukonko/tablewriter; the libraries come from trixie, whose
+# dependency closure is smaller (and moves less) than sid's.
+CHECKPOINTCTL_VERSION=1.3.0
+CHECKPOINTCTL_SOURCE=golang-github-checkpoint-restore-checkpointctl
+CHECKPOINTCTL_SRC_SUITE=sid
+CHECKPOINTCTL_LIBS_SUITE=trixie
 
 APT_PACKAGES=(
     runc iptables busybox-static tmux util-linux
@@ -31,7 +45,8 @@ APT_PACKAGES=(
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
     libnl-3-dev libnet1-dev libcap-dev libbsd-dev libgnutls28-dev libnftables-dev
     uuid-dev libaio-dev
-    # a local registry for the CRI restore tests; Go and git for checkpointctl
+    # a local registry for the CRI restore tests; git for CRI_TOOLS_GIT; bookworm's
+    # Go for Kubernetes 1.20
     docker-registry golang-go git
 )
 
@@ -231,47 +246,204 @@ step_criu_cuda_plugin() {
     fi
 }
 
-# checkpointctl from its own vendor/ (no module downloads): the source tarball is kept
-# in the cache ($CACHE/src/checkpointctl-<tag>.tar.gz). Without it, a git clone of
-# $CHECKPOINTCTL_GIT (a local clone or mirror, if set) or of GitHub provides it. Not
-# fatal: the tests that need checkpointctl skip, saying why, when it is missing.
-step_checkpointctl() {
-    local dest=$CACHE/checkpointctl-$CHECKPOINTCTL_VERSION
-    local src=$CACHE/src/checkpointctl-$CHECKPOINTCTL_VERSION.tar.gz build
-    if [ -x "$dest/checkpointctl" ]; then
+# Go $GO_VERSION from $GO_SUITE's packages, unpacked (not installed) into
+# $CACHE/go-$GO_VERSION; only the steps below use it, by its path.
+step_go() {
+    local dest=$CACHE/go-$GO_VERSION debdir=$CACHE/debs/go-$GO_VERSION deb version
+    if [ -x "$GO" ] && [ -f "$dest/.version" ]; then
+        STEP_RESULT=skipped
+        return
+    fi
+    apt_knows "golang-$GO_VERSION-go" "$GO_SUITE" || apt_update_once
+    rm -rf "$debdir"
+    mkdir -p "$debdir"
+    (cd "$debdir" && apt-get download -q "golang-$GO_VERSION-go/$GO_SUITE" \
+        "golang-$GO_VERSION-src/$GO_SUITE" >&2) \
+        || die "golang-$GO_VERSION-go/-src not in $GO_SUITE (has it moved on? update GO_VERSION)"
+    rm -rf "$dest.tmp" "$dest"
+    for deb in "$debdir"/*.deb; do
+        dpkg-deb -x "$deb" "$dest.tmp"
+    done
+    version=$(dpkg-deb -f "$debdir"/golang-"$GO_VERSION"-go_*.deb Version)
+    "$dest.tmp/usr/lib/go-$GO_VERSION/bin/go" version | grep -q " go$GO_VERSION" \
+        || die "$dest.tmp/usr/lib/go-$GO_VERSION/bin/go does not run or is not Go $GO_VERSION"
+    echo "$version" >"$dest.tmp/.version"
+    mv "$dest.tmp" "$dest"
+    rm -rf "$debdir"
+    log "Go $version unpacked into $dest"
+}
+
+# Runs the cached Go offline, whatever the caller's Go settings (go.env says auto).
+go_offline() {
+    env -u GOFLAGS -u GOROOT GOTOOLCHAIN=local GOPROXY=off GOENV=off \
+        GOTELEMETRY=off CGO_ENABLED=0 "$GO" "$@"
+}
+
+# Builds critest and crictl in the cri-tools tree DIR as its Makefile does (GOFLAGS
+# -trimpath, CGO off, the version linked in); MODE is vendor (offline) or mod.
+cri_tools_build() {
+    local dir=$1 mode=$2 ldflags="-X $CRI_TOOLS_MODULE/pkg/version.Version=${CRI_TOOLS_VERSION#v}"
+    (cd "$dir" && GO111MODULE=on GOCACHE="$dir/.gocache" \
+        go_offline test -mod="$mode" -trimpath -c -o critest -ldflags "$ldflags" ./cmd/critest \
+        && GO111MODULE=on GOCACHE="$dir/.gocache" \
+            go_offline build -mod="$mode" -trimpath -o crictl -ldflags "$ldflags" ./cmd/crictl) \
+        >"$dir/build.log" 2>&1
+}
+
+# Module mode through the Go module proxy ($GOPROXY, else proxy.golang.org) into the
+# temporary BUILD (module zips leave out vendor/, so nothing here goes into the cache's
+# source tarball). Fails quietly when the proxy is unreachable.
+cri_tools_from_proxy() {
+    local build=$1 proxy=${GOPROXY:-https://proxy.golang.org} json= dir=
+    # (the read-only module cache goes with $build: root's rm -rf removes it)
+    local -x GOMODCACHE=$build/modcache
+    # (its errors are in the JSON it prints)
+    json=$(cd "$build" && timeout 600 env GOPROXY="$proxy" GOFLAGS=-mod=mod \
+        GOTOOLCHAIN=local GOENV=off "$GO" mod download -json \
+        "$CRI_TOOLS_MODULE@$CRI_TOOLS_VERSION" 2>>"$build/proxy.log") \
+        || { printf '%s\n' "$json" >>"$build/proxy.log"; return 1; }
+    dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$json")
+    [ -n "$dir" ] && [ -d "$dir" ] || return 1
+    cp -r "$dir" "$build/tree"
+    chmod -R u+w "$build/tree"
+    # The dependencies, through the proxy (go_offline says GOPROXY=off).
+    (cd "$build/tree" && timeout 600 env -u GOFLAGS GOPROXY="$proxy" GOTOOLCHAIN=local \
+        GOENV=off "$GO" mod download) >>"$build/proxy.log" 2>&1 || return 1
+    cri_tools_build "$build/tree" mod
+}
+
+# critest and crictl $CRI_TOOLS_VERSION into $CACHE/cri-tools-$CRI_TOOLS_VERSION, from
+# the first source there is: the cached source tarball ($CACHE/src), a git dir holding
+# the tag (CRI_TOOLS_GIT, archived into that tarball), the Go module proxy. Without
+# any, a warning says what is missing and the tests that need critest fail saying so.
+step_cri_tools() {
+    local dest=$CACHE/cri-tools-$CRI_TOOLS_VERSION name=cri-tools-$CRI_TOOLS_VERSION
+    local src=$CACHE/src/cri-tools-$CRI_TOOLS_VERSION.tar.gz build tree
+    if [ -x "$dest/critest" ] && [ -x "$dest/crictl" ]; then
         STEP_RESULT=skipped
         return
     fi
     mkdir -p "$CACHE/src"
-    if [ ! -f "$src" ]; then
-        local git_dir=${CHECKPOINTCTL_GIT:-} clone=
-        if [ -z "$git_dir" ]; then
-            clone=$(mktemp -d)
-            git_dir=$clone/checkpointctl
-            git clone -q --bare --depth 1 --branch "$CHECKPOINTCTL_VERSION" \
-                "$CHECKPOINTCTL_URL" "$git_dir" >&2 || true
+    if [ ! -f "$src" ] && [ -n "${CRI_TOOLS_GIT:-}" ]; then
+        if git -C "$CRI_TOOLS_GIT" archive --format=tar.gz --prefix="$name/" -o "$src.tmp" \
+            "$CRI_TOOLS_VERSION" >&2; then
+            mv "$src.tmp" "$src"
+            log "archived $CRI_TOOLS_VERSION of $CRI_TOOLS_GIT into $src"
+        else
+            rm -f "$src.tmp"
+            log "WARNING: CRI_TOOLS_GIT=$CRI_TOOLS_GIT has no tag $CRI_TOOLS_VERSION"
         fi
-        git -C "$git_dir" archive --format=tar.gz --prefix=checkpointctl/ \
-            -o "$src.tmp" "$CHECKPOINTCTL_VERSION" >&2 && mv "$src.tmp" "$src" || rm -f "$src.tmp"
-        [ -z "$clone" ] || rm -rf "$clone"
-        if [ ! -f "$src" ]; then
-            log "WARNING: no checkpointctl $CHECKPOINTCTL_VERSION source (offline? set CHECKPOINTCTL_GIT to a clone); its tests will skip"
+    fi
+    build=$(mktemp -d)
+    if [ -f "$src" ]; then
+        tar -xzf "$src" -C "$build"
+        tree=$build/$name
+        [ -d "$tree/vendor" ] || die "$src has no $name/vendor/: remove it and rerun"
+        log "building critest and crictl from $src"
+        if ! cri_tools_build "$tree" vendor; then
+            tail -n 20 "$tree/build.log" >&2
+            rm -rf "$build"
+            die "cri-tools $CRI_TOOLS_VERSION did not build from $src"
+        fi
+    else
+        log "no $src and no CRI_TOOLS_GIT: trying the Go module proxy"
+        tree=$build/tree
+        if ! cri_tools_from_proxy "$build"; then
+            tail -n 5 "$build/proxy.log" "$tree/build.log" >&2 2>/dev/null || true
+            rm -rf "$build"
+            log "WARNING: critest and crictl $CRI_TOOLS_VERSION NOT BUILT: no source tarball" \
+                "$src, no CRI_TOOLS_GIT, and no module-mode build through the Go module proxy" \
+                "(${GOPROXY:-https://proxy.golang.org}; its log's tail is above)." \
+                "Rerun with CRI_TOOLS_GIT=<a git dir of kubernetes-sigs/cri-tools holding" \
+                "tag $CRI_TOOLS_VERSION>, or put its release source tree (with vendor/) at $src" \
+                "(top directory $name/). The critest tests FAIL until then."
             STEP_RESULT=failed
             return
         fi
     fi
+    "$tree/critest" --help >/dev/null 2>&1 || die "the built critest does not run (--help)"
+    "$tree/crictl" --version | grep -qF "${CRI_TOOLS_VERSION#v}" \
+        || die "the built crictl is not ${CRI_TOOLS_VERSION#v}"
+    rm -rf "$dest.tmp" "$dest"
+    mkdir -p "$dest.tmp"
+    install -m 0755 "$tree/critest" "$tree/crictl" "$dest.tmp/"
+    rm -rf "$build"
+    mv "$dest.tmp" "$dest"
+    log "critest and crictl $CRI_TOOLS_VERSION built into $dest"
+}
+
+# checkpointctl $CHECKPOINTCTL_VERSION into $CACHE/checkpointctl-$CHECKPOINTCTL_VERSION,
+# as dh-golang builds Debian's package: the source package's orig tarball with its
+# debian/patches applied, in a GOPATH (GO111MODULE=off) made of the golang-*-dev
+# packages its Build-Depends need (tests/bed/debian_go_deps.py), unpacked, not
+# installed. The source files are kept in $CACHE/src.
+step_checkpointctl() {
+    local dest=$CACHE/checkpointctl-$CHECKPOINTCTL_VERSION srcdir=$CACHE/src
+    local orig debian build gopath tree index indexes=() patch deb
+    if [ -x "$dest/checkpointctl" ]; then
+        STEP_RESULT=skipped
+        return
+    fi
+    mkdir -p "$srcdir"
+    orig=$srcdir/${CHECKPOINTCTL_SOURCE}_$CHECKPOINTCTL_VERSION+ds1.orig.tar.xz
+    debian=$(ls "$srcdir/${CHECKPOINTCTL_SOURCE}_$CHECKPOINTCTL_VERSION"+ds1-*.debian.tar.xz \
+        2>/dev/null | tail -n1 || true)
+    if [ ! -f "$orig" ] || [ -z "$debian" ]; then
+        apt_knows_source "$CHECKPOINTCTL_SOURCE" "$CHECKPOINTCTL_VERSION+ds1" || apt_update_once
+        # The .dsc may 404; the two tarballs are all the build needs.
+        (cd "$srcdir" && apt-get source -q --download-only \
+            "$CHECKPOINTCTL_SOURCE/$CHECKPOINTCTL_SRC_SUITE" >&2) || true
+        rm -f "$srcdir/$CHECKPOINTCTL_SOURCE"_*.dsc
+        debian=$(ls "$srcdir/${CHECKPOINTCTL_SOURCE}_$CHECKPOINTCTL_VERSION"+ds1-*.debian.tar.xz \
+            2>/dev/null | tail -n1 || true)
+        [ -f "$orig" ] && [ -n "$debian" ] || die "no $CHECKPOINTCTL_SOURCE" \
+            "$CHECKPOINTCTL_VERSION+ds1 orig and debian tarballs from $CHECKPOINTCTL_SRC_SUITE" \
+            "(has it moved on? update CHECKPOINTCTL_VERSION; ls $srcdir)"
+    fi
     build=$(mktemp -d)
-    tar -xzf "$src" -C "$build" --strip-components=1
-    if ! (cd "$build" && GOFLAGS=-mod=vendor GOPROXY=off GOTOOLCHAIN=local CGO_ENABLED=0 \
-        GOCACHE="$build/.gocache" go build -o checkpointctl . >"$build/build.log" 2>&1); then
+    gopath=$build/usr/share/gocode
+    tree=$gopath/src/github.com/checkpoint-restore/checkpointctl
+    mkdir -p "$tree"
+    tar -xf "$orig" -C "$tree" --strip-components=1
+    tar -xf "$debian" -C "$tree"
+    if [ -f "$tree/debian/patches/series" ]; then
+        while read -r patch; do
+            case "$patch" in '' | '#'*) continue ;; esac
+            patch -d "$tree" -p1 -s <"$tree/debian/patches/$patch" \
+                || die "debian/patches/$patch does not apply to $orig"
+        done <"$tree/debian/patches/series"
+    fi
+    apt_knows golang-github-containers-storage-dev "$CHECKPOINTCTL_LIBS_SUITE" || apt_update_once
+    while read -r index; do
+        /usr/lib/apt/apt-helper cat-file "$index" >"$build/Packages.${#indexes[@]}"
+        indexes+=("$build/Packages.${#indexes[@]}")
+    done < <(apt-get indextargets --format '$(FILENAME)' 'Identifier: Packages' \
+        "Codename: $CHECKPOINTCTL_LIBS_SUITE" "Architecture: $(dpkg --print-architecture)")
+    [ "${#indexes[@]}" -gt 0 ] || die "no $CHECKPOINTCTL_LIBS_SUITE Packages index (apt-get update?)"
+    "$PYTHON" "$REPO/tests/bed/debian_go_deps.py" "$tree/debian/control" "${indexes[@]}" \
+        >"$build/libs.txt" || die "the Build-Depends of $CHECKPOINTCTL_SOURCE do not resolve"
+    mkdir -p "$build/debs"
+    log "downloading $(wc -l <"$build/libs.txt") Go library packages from $CHECKPOINTCTL_LIBS_SUITE"
+    # shellcheck disable=SC2046 # one NAME=VERSION per line, no spaces
+    (cd "$build/debs" && apt-get download -q $(cat "$build/libs.txt") >&2) \
+        || die "apt-get download of $CHECKPOINTCTL_SOURCE's Go libraries failed"
+    for deb in "$build"/debs/*.deb; do
+        dpkg-deb -x "$deb" "$build"
+    done
+    if ! (cd "$tree" && GO111MODULE=off GOPATH="$gopath" GOCACHE="$build/.gocache" \
+        go_offline build -o checkpointctl \
+        -ldflags "-X main.name=checkpointctl -X main.version=$CHECKPOINTCTL_VERSION" . \
+        >"$build/build.log" 2>&1); then
         tail -n 20 "$build/build.log" >&2
         rm -rf "$build"
         die "checkpointctl $CHECKPOINTCTL_VERSION did not build"
     fi
-    rm -rf "$dest.tmp"
+    "$tree/checkpointctl" --version | grep -qF "version $CHECKPOINTCTL_VERSION" \
+        || die "the built checkpointctl does not say version $CHECKPOINTCTL_VERSION"
+    rm -rf "$dest.tmp" "$dest"
     mkdir -p "$dest.tmp"
-    install -m 0755 "$build/checkpointctl" "$dest.tmp/checkpointctl"
-    rm -rf "$build" "$dest"
+    install -m 0755 "$tree/checkpointctl" "$dest.tmp/checkpointctl"
+    rm -rf "$build"
     mv "$dest.tmp" "$dest"
     log "checkpointctl $CHECKPOINTCTL_VERSION built into $dest"
 }
@@ -347,6 +519,8 @@ step "apt install" step_apt_install
 step "containerd" step_containerd
 step "criu" step_criu
 step "criu cuda_plugin" step_criu_cuda_plugin
+step "go" step_go
+step "cri-tools" step_cri_tools
 step "checkpointctl" step_checkpointctl
 step "proto sources" step_proto_sources
 step "venv" step_venv
