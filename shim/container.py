@@ -359,7 +359,10 @@ class Container:
         def done(f: asyncio.Future[int]) -> None:
             if f.cancelled() or (isinstance(proc, ExecProcess) and proc.adopted):
                 return  # an adopted exec's end is seen through its pidfd
-            self._on_exit(self, proc, proc.exited(f.result()))
+            code = f.result()
+            # Clients stop reading output once they see the exit (ctr run closes
+            # its FIFOs): the exit counts once what the process wrote was read.
+            proc.io.when_delivered(lambda: self._on_exit(self, proc, proc.exited(code)))
 
         exited.add_done_callback(done)
 
