@@ -362,12 +362,13 @@ class Container:
         def done(f: asyncio.Future[int]) -> None:
             if f.cancelled() or (isinstance(proc, ExecProcess) and proc.adopted):
                 return  # an adopted exec's end is seen through its pidfd
+            code = f.result()
             if proc is self.init and self.shares_pid_namespace:
-                task = asyncio.get_running_loop().create_task(self._init_ended(f.result()))
+                task = asyncio.get_running_loop().create_task(self._init_ended(code))
                 self._ending.add(task)
                 task.add_done_callback(self._ending.discard)
                 return
-            self._on_exit(self, proc, proc.exited(f.result()))
+            self._exited_once_delivered(proc, code)
 
         exited.add_done_callback(done)
 
@@ -389,7 +390,12 @@ class Container:
             await self.runc.kill(self.id, signal.SIGKILL, all=True)
         except StasisError as e:
             log.warning("killing what the init of %s left: %s", self.id, e)
-        self._on_exit(self, self.init, self.init.exited(code))
+        self._exited_once_delivered(self.init, code)
+
+    def _exited_once_delivered(self, proc: Process, code: int) -> None:
+        # Clients stop reading output once they see the exit (ctr run closes
+        # its FIFOs): the exit counts once what the process wrote was read.
+        proc.io.when_delivered(lambda: self._on_exit(self, proc, proc.exited(code)))
 
     def watch_oom(self, on_oom: OOMCallback) -> None:
         """Call ``on_oom`` whenever the kernel OOM-kills inside this container's cgroup."""

@@ -7,18 +7,30 @@ never enters Python); a thread per stream keeps the event loop free of
 blocking I/O. Once started, a copier owns its fds and is the only one to close
 them, so an fd number can never be reused under a running copy; the shim stops
 copiers through eventfds.
+
+Output FIFOs are opened as containerd's runc shim opens them: for writing only
+once a reader (the client) has the FIFO open, plus a read end the shim keeps so
+that writes never fail while the client is away (a containerd restart). Nothing
+is written before a reader came, so output cannot be dropped by the kernel with
+a FIFO that no one had open. ``delivered()`` says whether everything a process
+wrote has been read from its FIFOs: its exit is reported only then (bounded),
+since clients stop reading once they see the exit (``ctr run`` closes its FIFOs
+on TaskExit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import select
 import stat
+import sys
 import threading
+from collections.abc import Callable
 
 from runtime.errors import InvalidArgument
 from runtime.proc import Stdio
@@ -26,12 +38,16 @@ from runtime.proc import Stdio
 log = logging.getLogger("stasis.stdio")
 
 _CHUNK = 1 << 20
+# How long a copier sleeps at most between looks for the reader of an output FIFO.
+_READER_POLL_MAX = 0.05
+# How long an exit waits at most for its output to be read (a client that
+# stopped reading must not hold it back for good).
+DELIVERY_TIMEOUT = 2.0
 
 
-def _open_output(path: str) -> int:
-    """Open where a container's output goes: a FIFO, a ``file://`` URI or a plain file."""
-    if not path:
-        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+def _output_path(path: str) -> str:
+    """Where a container's output goes: a FIFO or a plain file path (``file://``
+    URIs resolved, their directory made), or "" for none."""
     if "://" in path:
         scheme, _, rest = path.partition("://")
         if scheme != "file":
@@ -41,37 +57,85 @@ def _open_output(path: str) -> int:
         if not path.startswith("/"):
             raise InvalidArgument(f"stdio URI {path!r} needs an absolute path")
         os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
-    try:
-        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
-    except FileNotFoundError:
-        is_fifo = False
-    if is_fifo:
-        # Read-write keeps a reader on the FIFO: writes never fail with EPIPE
-        # while containerd (the real reader) restarts.
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    return path
+
+
+def _open_file_output(path: str) -> int:
+    """Open a plain file (appended to, created when missing) or /dev/null for ""."""
+    if not path:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-def _wait(fds: list[tuple[int, int]]) -> set[int]:
-    """poll() until one of ``(fd, events)`` is ready; the set of ready fds."""
+def _is_fifo(path: str) -> bool:
+    if not path:
+        return False
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _open_fifo_output(path: str) -> tuple[int, int] | None:
+    """``(write end, read end the shim keeps)`` of an output FIFO, or None while
+    no reader has it open.
+
+    A write end is opened only once a reader is there: bytes written to a FIFO
+    that no one has open are lost when the last end closes, and a reader that
+    opens afterwards waits for a writer that never comes back. The kept read
+    end means a write never fails with EPIPE when the reader goes away for a
+    while (a containerd restart).
+    """
+    try:
+        w = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            return None
+        raise
+    try:
+        keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Blocking writes, like any other destination (splice asks for non-blocking).
+        fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(w)
+        raise
+    return w, keep
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting to be read in a pipe, FIFO or terminal (FIONREAD)."""
+    from termios import FIONREAD
+
+    return int.from_bytes(fcntl.ioctl(fd, FIONREAD, bytes(4)), sys.byteorder)
+
+
+def _wait(fds: list[tuple[int, int]], timeout: float | None = None) -> set[int]:
+    """poll() until one of ``(fd, events)`` is ready (or ``timeout`` seconds
+    passed: then the set is empty); the set of ready fds."""
     poller = select.poll()
     for fd, events in fds:
         poller.register(fd, events)
+    ms = None if timeout is None else int(timeout * 1000)
     while True:
         try:
-            return {fd for fd, _ in poller.poll()}
+            return {fd for fd, _ in poller.poll(ms)}
         except InterruptedError:
             continue
 
 
-def _copy(src: int, dst: int, stop: int, *, buffered: bool = False) -> None:
+def _copy(
+    src: int, dst: int, stop: int, *, buffered: bool = False, moving: list[int] | None = None
+) -> None:
     """Move bytes from ``src`` to ``dst`` until EOF or until ``stop`` fires.
 
     ``src`` is a pipe (moved with splice) or, with ``buffered``, anything
     readable such as a pty master (EIO there means the terminal closed: EOF).
     On a write error (the reader went away for good) it keeps draining into
     /dev/null, so the container never blocks on a full pipe. Closes nothing.
+    A buffered copy marks bytes it holds (read, not yet written) in
+    ``moving``: ``[holding, chunks moved]``.
     """
+    moving = [0, 0] if moving is None else moving
     # splice(2) refuses a destination opened O_APPEND (EINVAL), and file
     # outputs are: copy to those through a buffer instead.
     buffered = buffered or bool(fcntl.fcntl(dst, fcntl.F_GETFL) & os.O_APPEND)
@@ -81,6 +145,7 @@ def _copy(src: int, dst: int, stop: int, *, buffered: bool = False) -> None:
             if stop in _wait([(src, select.POLLIN), (stop, select.POLLIN)]):
                 return
             if buffered:
+                moving[0] = 1
                 try:
                     data = memoryview(os.read(src, _CHUNK))
                 except OSError:
@@ -94,6 +159,8 @@ def _copy(src: int, dst: int, stop: int, *, buffered: bool = False) -> None:
                     if null < 0:
                         log.debug("stdio copy to fd %d stopped: %s; draining", dst, e)
                         null = dst = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+                moving[1] += 1
+                moving[0] = 0
                 continue
             try:
                 n = os.splice(src, dst, _CHUNK, flags=os.SPLICE_F_NONBLOCK)
@@ -111,6 +178,7 @@ def _copy(src: int, dst: int, stop: int, *, buffered: bool = False) -> None:
             if n == 0:
                 return
     finally:
+        moving[0] = 0
         if null >= 0:
             os.close(null)
 
@@ -125,9 +193,11 @@ class ProcessIO:
 
     Lifecycle: ``ProcessIO(...)`` creates the pipes; ``child`` is handed to
     runc; ``started()`` closes the child's ends in the shim and hands every
-    other fd to a copier thread; ``close_stdin()`` ends stdin; ``close()``
-    stops the copiers. Guarded by ``_lock``: ``_fds`` (what the shim itself
-    still owns), the closed flags and the count of running copiers, whose last
+    other fd to a copier thread; ``close_stdin()`` ends stdin;
+    ``when_delivered()`` calls back once the clients have read what the
+    process wrote (its exit is reported then); ``close()`` stops the copiers.
+    Guarded by ``_lock``: ``_fds`` (what the shim itself still owns) and
+    ``_probes``, the closed flags and the count of running copiers, whose last
     one closes the eventfds.
     """
 
@@ -146,7 +216,14 @@ class ProcessIO:
         self._running = 0
         self._threads: list[threading.Thread] = []
         self._output_done: list[asyncio.Future[None]] = []
-        self._outputs: list[tuple[int, int]] = []  # (pipe read end, destination)
+        # (source, destination or -1 until the FIFO at path has a reader, path)
+        self._outputs: list[tuple[int, int, str]] = []
+        # Output sources' duplicates and kept FIFO read ends: where delivered()
+        # looks for unread bytes (also in _fds). Per buffered copier, _moving
+        # holds [bytes in hand, chunks moved] (written by the copier only).
+        self._probes: list[int] = []
+        self._moving: list[list[int]] = []
+        self._delivery_waits: set[asyncio.Task[bool]] = set()
         self._eventfds: list[int] = []  # closed once, when closed and no copier runs
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         self._eventfds.append(self._stop)
@@ -162,11 +239,7 @@ class ProcessIO:
         try:
             # Open destinations first: a bad path fails before any process exists,
             # one at a time so that a failure closes what was opened.
-            dests = []
-            for path in (stdout, stderr):
-                fd = _open_output(path)
-                self._fds.append(fd)
-                dests.append(fd)
+            dests = [self._open_destination(path) for path in (stdout, stderr)]
             child_in = None
             if stdin:
                 child_in, self._stdin_w = os.pipe()
@@ -175,11 +248,32 @@ class ProcessIO:
             self._fds += [out_r, out_w]
             err_r, err_w = os.pipe()
             self._fds += [err_r, err_w]
-            self._outputs = [(out_r, dests[0]), (err_r, dests[1])]
+            for src in (out_r, err_r):
+                self._add_probe(os.dup(src))
+            self._outputs = [(out_r, dests[0][0], dests[0][1]), (err_r, dests[1][0], dests[1][1])]
             self.child = Stdio(child_in, out_w, err_w)
         except BaseException:
             self.close()
             raise
+
+    def _add_probe(self, fd: int) -> None:
+        self._fds.append(fd)
+        self._probes.append(fd)
+
+    def _open_destination(self, path: str) -> tuple[int, str]:
+        """``(fd, FIFO path)`` of where an output goes; fd -1 for a FIFO that no
+        reader has open yet (its copier opens it once one has), path "" for a file."""
+        path = _output_path(path)
+        if not _is_fifo(path):
+            fd = _open_file_output(path)
+            self._fds.append(fd)
+            return fd, ""
+        ends = _open_fifo_output(path)
+        if ends is None:
+            return -1, path
+        self._fds.append(ends[0])
+        self._add_probe(ends[1])
+        return ends[0], path
 
     def started(self, loop: asyncio.AbstractEventLoop) -> None:
         """The child holds its ends now: close ours and start copying."""
@@ -191,12 +285,15 @@ class ProcessIO:
                     self._fds.remove(fd)
                     os.close(fd)
             jobs: list[tuple[object, tuple[object, ...]]] = []
-            for src, dst in self._outputs:
+            for src, dst, path in self._outputs:
                 fut: asyncio.Future[None] = loop.create_future()
                 self._output_done.append(fut)
-                jobs.append((self._copy_output, (src, dst, loop, fut)))
+                moving = [0, 0]
+                self._moving.append(moving)
+                jobs.append((self._copy_output, (src, dst, path, moving, loop, fut)))
                 self._fds.remove(src)
-                self._fds.remove(dst)
+                if dst >= 0:
+                    self._fds.remove(dst)
             if self._stdin_w >= 0 and not self._stdin_closed:
                 jobs.append((self._copy_stdin, (self._stdin_w,)))
                 self._fds.remove(self._stdin_w)
@@ -215,14 +312,46 @@ class ProcessIO:
             self._release_eventfds()
 
     def _copy_output(
-        self, src: int, dst: int, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
+        self,
+        src: int,
+        dst: int,
+        path: str,
+        moving: list[int],
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[None],
     ) -> None:
         try:
-            _copy(src, dst, self._stop, buffered=self._buffered_output)
+            if dst < 0:
+                dst = self._await_reader(path)
+            if dst >= 0:
+                _copy(src, dst, self._stop, buffered=self._buffered_output, moving=moving)
         finally:
-            self._copier_done(src, dst)
+            self._copier_done(*(fd for fd in (src, dst) if fd >= 0))
             with contextlib.suppress(RuntimeError):  # loop already closed at exit
                 loop.call_soon_threadsafe(_resolve, fut)
+
+    def _await_reader(self, path: str) -> int:
+        """In a copier: wait until a reader has the output FIFO at ``path`` open,
+        meanwhile the output waits in its pipe. The write end; -1 when stopped first."""
+        delay = 0.001
+        while True:
+            try:
+                ends = _open_fifo_output(path)
+            except OSError as e:
+                # The FIFO is gone (its client with it): keep the pipe drained.
+                log.debug("output FIFO %s unusable: %s; discarding the output", path, e)
+                return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            if ends is not None:
+                with self._lock:
+                    if not self._closed:
+                        self._add_probe(ends[1])
+                        return ends[0]
+                for fd in ends:
+                    os.close(fd)
+                return -1
+            if _wait([(self._stop, select.POLLIN)], delay):
+                return -1
+            delay = min(delay * 2, _READER_POLL_MAX)
 
     def _copy_stdin(self, dst: int) -> None:
         path = self.paths[0]
@@ -269,6 +398,55 @@ class ProcessIO:
                 os.eventfd_write(self._stop_stdin, 1)
             self._stdin_w = -1
 
+    def delivered(self) -> bool:
+        """Whether everything the process wrote so far has been read by the
+        clients from the FIFOs (or went to files): no bytes wait in its pipes,
+        in a copier's hands or in a FIFO. True once closed."""
+        with self._lock:
+            if self._closed:
+                return True
+            # Chunks moved before and after the look: a buffered copier may take
+            # bytes from a source after it was looked at and write them to a FIFO
+            # before that was looked at.
+            moved = [m[1] for m in self._moving]
+            try:
+                if any(_unread(fd) for fd in self._probes):
+                    return False
+            except OSError as e:
+                log.debug("cannot tell whether output was read: %s", e)
+                return True
+            return not any(m[0] for m in self._moving) and moved == [m[1] for m in self._moving]
+
+    async def wait_delivered(self, timeout: float) -> bool:
+        """Wait until ``delivered()``; False on timeout (no client reads)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.001
+        while not self.delivered():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return True
+
+    def when_delivered(
+        self, callback: Callable[[], None], timeout: float = DELIVERY_TIMEOUT
+    ) -> None:
+        """Call ``callback`` on the event loop once ``delivered()`` (at once when
+        it already is), or after ``timeout`` seconds at most."""
+        if self.delivered():
+            callback()
+            return
+        wait = asyncio.ensure_future(self.wait_delivered(timeout))
+        self._delivery_waits.add(wait)
+
+        def done(task: asyncio.Task[bool]) -> None:
+            self._delivery_waits.discard(task)
+            if not task.cancelled():
+                callback()
+
+        wait.add_done_callback(done)
+
     async def wait_output(self, timeout: float) -> bool:
         """Wait until stdout and stderr reached EOF; False on timeout."""
         if not self._output_done:
@@ -286,6 +464,7 @@ class ProcessIO:
             if self._running:
                 os.eventfd_write(self._stop, 1)
             fds, self._fds = self._fds, []
+            self._probes = []
             self._release_eventfds()
         for fd in fds:
             os.close(fd)
@@ -312,8 +491,7 @@ class TerminalIO(ProcessIO):
         self._init_common(stdin, stdout, "")
         self._resize_fd = -1
         try:
-            self._dest = _open_output(stdout)
-            self._fds.append(self._dest)
+            self._dest = self._open_destination(stdout)
         except BaseException:
             self.close()
             raise
@@ -322,7 +500,8 @@ class TerminalIO(ProcessIO):
         """Take the pty master runc sent (the shim owns it from now on)."""
         with self._lock:
             self._fds.append(master)
-            self._outputs = [(master, self._dest)]
+            self._outputs = [(master, *self._dest)]
+            self._add_probe(os.dup(master))
             self._resize_fd = os.dup(master)
             self._fds.append(self._resize_fd)
             if self.paths[0] and not self._stdin_closed:

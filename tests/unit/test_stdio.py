@@ -183,7 +183,7 @@ def test_large_output_is_copied_whole(tmp_path: Path, children: Children) -> Non
 
 
 def test_output_kept_while_the_reader_is_away(tmp_path: Path, children: Children) -> None:
-    # The shim holds the FIFO read-write: output written while containerd's
+    # The shim keeps a read end of the FIFO: output written while containerd's
     # reader is gone (a restart) waits in the FIFO instead of failing with EPIPE.
     out = fifo(tmp_path, "out")
 
@@ -285,6 +285,137 @@ def test_wait_output_times_out_while_the_child_writes(children: Children) -> Non
             assert not await io.wait_output(0.05)
             assert await children.wait(pid) == 0
             assert await io.wait_output(2.0)
+        finally:
+            io.close()
+
+    run(body())
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+def test_output_waits_for_a_reader_that_comes_late(tmp_path: Path, children: Children) -> None:
+    """Nothing goes into a FIFO no one has open: the kernel would drop it when the
+    shim closes its ends, and the late reader would wait for a writer forever."""
+    out = fifo(tmp_path, "out")
+
+    async def body() -> None:
+        io = ProcessIO("", out, "")
+        try:
+            pid = children.spawn(["echo", "early"], io)
+            io.started(asyncio.get_running_loop())
+            assert await children.wait(pid) == 0
+            await asyncio.sleep(0.1)
+            assert not io.delivered()  # still in the pipe
+            rout = open_reader(out)
+            with closing_fds(rout):
+                assert await read_until(rout, b"early\n") == b"early\n"
+                assert await io.wait_output(2.0)
+                assert os.read(rout, 100) == b""  # EOF: the shim closed its write end
+            assert io.delivered()
+        finally:
+            io.close()
+
+    run(body())
+
+
+def test_delivered_once_the_reader_read_everything(tmp_path: Path, children: Children) -> None:
+    out, err = fifo(tmp_path, "out"), fifo(tmp_path, "err")
+
+    async def body() -> None:
+        rout, rerr = open_reader(out), open_reader(err)
+        with closing_fds(rout, rerr):
+            io = ProcessIO("", out, err)
+            try:
+                pid = children.spawn(["sh", "-c", "echo hello; echo oops >&2"], io)
+                io.started(asyncio.get_running_loop())
+                assert await children.wait(pid) == 0
+                assert await io.wait_output(2.0)  # everything is in the FIFOs
+                assert not io.delivered()
+                assert not await io.wait_delivered(0.05)
+                assert await read_until(rout, b"hello\n") == b"hello\n"
+                assert not io.delivered()  # stderr is still unread
+                assert await read_until(rerr, b"oops\n") == b"oops\n"
+                assert io.delivered()
+            finally:
+                io.close()
+
+    run(body())
+
+
+def test_not_delivered_while_the_copier_lags_behind_the_exit(
+    tmp_path: Path, children: Children, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind lost `ctr run --rm` output: the process has exited (and
+    would be reported) while its output is still in the pipe, not yet copied."""
+    import shim.stdio
+
+    out = fifo(tmp_path, "out")
+    copy = shim.stdio._copy
+    late = threading.Event()
+
+    def lagging(*args: Any, **kw: Any) -> None:
+        late.wait(2)
+        copy(*args, **kw)
+
+    monkeypatch.setattr(shim.stdio, "_copy", lagging)
+
+    async def body() -> None:
+        rout = open_reader(out)
+        with closing_fds(rout):
+            io = ProcessIO("", out, "")
+            try:
+                pid = children.spawn(["echo", "hello"], io)
+                io.started(asyncio.get_running_loop())
+                assert await children.wait(pid) == 0
+                reported: list[float] = []
+                io.when_delivered(lambda: reported.append(time.monotonic()))
+                await asyncio.sleep(0.1)
+                assert not reported, "exit reported with its output still in the pipe"
+                late.set()
+                assert await read_until(rout, b"hello\n") == b"hello\n"
+                await asyncio.sleep(0.1)
+                assert len(reported) == 1
+            finally:
+                late.set()
+                io.close()
+
+    run(body())
+
+
+def test_when_delivered_gives_up_on_a_client_that_never_reads(
+    tmp_path: Path, children: Children
+) -> None:
+    out = fifo(tmp_path, "out")
+
+    async def body() -> None:
+        rout = open_reader(out)
+        with closing_fds(rout):
+            io = ProcessIO("", out, "")
+            try:
+                pid = children.spawn(["echo", "unread"], io)
+                io.started(asyncio.get_running_loop())
+                assert await children.wait(pid) == 0
+                done = asyncio.Event()
+                t0 = time.monotonic()
+                io.when_delivered(done.set, timeout=0.2)
+                await done.wait()
+                assert 0.15 < time.monotonic() - t0 < 1.5
+                assert not io.delivered()
+            finally:
+                io.close()
+        assert io.delivered()  # closed: nothing more to wait for
+
+    run(body())
+
+
+def test_when_delivered_calls_back_at_once_when_nothing_is_pending() -> None:
+    async def body() -> None:
+        io = ProcessIO("", "", "")
+        try:
+            called: list[int] = []
+            io.when_delivered(lambda: called.append(1))
+            assert called == [1]
         finally:
             io.close()
 
