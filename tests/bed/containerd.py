@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -115,6 +116,7 @@ class Containerd:
         log_level: str = "debug",
         cri: bool = False,
         registry_config_path: Path | None = None,
+        cni_port_mappings: bool = False,
     ) -> None:
         if version not in _CONFIG_VERSION:
             raise ValueError(f"containerd version {version!r} not in the bed")
@@ -137,6 +139,9 @@ class Containerd:
         self.cni_subnet = _free_subnet() if cri else None
         # CRI's registry hosts directory (certs.d layout: <host:port>/hosts.toml), if any.
         self.registry_config_path = registry_config_path
+        # CNI portmap after the bridge: pods' host ports (iptables DNAT), off by default
+        # because its teardown runs iptables for every pod.
+        self.cni_port_mappings = cni_port_mappings
 
     @classmethod
     def in_run_dir(cls, version: str, extra_path: Sequence[Path] = (), **kw: Any) -> Containerd:
@@ -274,26 +279,26 @@ disabled_plugins = [{disabled}]
 """
 
     def cni_conflist(self) -> dict[str, object]:
-        """A bridge + host-local network (IPAM state under the workdir); CRI adds lo."""
-        return {
-            "cniVersion": "0.4.0",
-            "name": f"stasis-{self.cni_bridge}",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": self.cni_bridge,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "hairpinMode": True,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": str(self.cni_subnet)}]],
-                        "routes": [{"dst": "0.0.0.0/0"}],
-                        "dataDir": str(self.workdir / "cni" / "ipam"),
-                    },
-                }
-            ],
-        }
+        """A bridge + host-local network (IPAM state under the workdir), with portmap
+        when cni_port_mappings; CRI adds lo."""
+        plugins: list[dict[str, object]] = [
+            {
+                "type": "bridge",
+                "bridge": self.cni_bridge,
+                "isGateway": True,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": str(self.cni_subnet)}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(self.workdir / "cni" / "ipam"),
+                },
+            }
+        ]
+        if self.cni_port_mappings:
+            plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
+        return {"cniVersion": "0.4.0", "name": f"stasis-{self.cni_bridge}", "plugins": plugins}
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -360,10 +365,29 @@ disabled_plugins = [{disabled}]
         for ctrl in Path("/sys/fs/cgroup").glob(f"*/{self.namespace}"):
             with contextlib.suppress(OSError):  # busy while another instance uses it
                 ctrl.rmdir()
+        if self.cri and self.cni_port_mappings:
+            self._remove_portmap_rules()
         if self.cri and Path(f"/sys/class/net/{self.cni_bridge}").exists():
             subprocess.run(["ip", "link", "delete", self.cni_bridge], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
         return found
+
+    def _remove_portmap_rules(self) -> None:
+        """Deletes the NAT rules CNI portmap left for this instance's pods (those whose
+        CNI DEL never ran): the rules whose comment names this network, and their chains."""
+        listed = subprocess.run(
+            ["iptables", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT"],
+            capture_output=True, text=True, check=False,
+        ).stdout  # fmt: skip
+        for line in listed.splitlines():
+            if not line.startswith("-A ") or f"stasis-{self.cni_bridge}" not in line:
+                continue
+            rule = shlex.split(line)[1:]
+            subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False)
+            chain = rule[rule.index("-j") + 1] if "-j" in rule else ""
+            if chain.startswith("CNI-DN-"):
+                subprocess.run(["iptables", "-t", "nat", "-F", chain], check=False)
+                subprocess.run(["iptables", "-t", "nat", "-X", chain], check=False)
 
     def _delete_everything(self) -> None:
         """Best effort: kill and delete every task and container in every namespace."""

@@ -58,7 +58,7 @@ class Entry:
     """One file system entry of a layer."""
 
     path: str  # relative, no leading slash
-    kind: str  # "dir", "file" or "symlink"
+    kind: str  # "dir", "file", "symlink" or "hardlink" (target: a path in the layer)
     mode: int = 0o755
     data: bytes = b""
     target: str = ""
@@ -145,7 +145,8 @@ def layer_tar(entries: list[Entry]) -> bytes:
     """An uncompressed, deterministic layer tar of entries (sorted, mtime 0, root-owned)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for e in sorted(entries, key=lambda e: e.path):
+        # Hard links after the files they name: an extractor needs the target first.
+        for e in sorted(entries, key=lambda e: (e.kind == "hardlink", e.path)):
             info = tarfile.TarInfo(e.path)
             info.mtime = 0
             info.uid = info.gid = 0
@@ -159,20 +160,25 @@ def layer_tar(entries: list[Entry]) -> bytes:
                 info.linkname = e.target
                 info.mode = 0o777
                 tar.addfile(info)
+            elif e.kind == "hardlink":
+                info.type = tarfile.LNKTYPE
+                info.linkname = e.target
+                tar.addfile(info)
             else:
                 info.size = len(e.data)
                 tar.addfile(info, io.BytesIO(e.data))
     return buf.getvalue()
 
 
-def image_tar(
+def image_layout(
     ref: str,
     entries: list[Entry],
     *,
     cmd: list[str] | None = None,
     entrypoint: list[str] | None = None,
-) -> bytes:
-    """An OCI image layout (oci-layout, index.json, blobs/sha256/...) as a tar, for ref."""
+    user: str | None = None,
+) -> tuple[Layout, dict[str, Any]]:
+    """The blobs of a one-layer image for ref, and its OCI index (one manifest)."""
     layout = Layout()
     layer = layer_tar(entries)
     layer_desc = layout.add(layer, MT_LAYER)
@@ -181,6 +187,8 @@ def image_tar(
         container_config["Cmd"] = cmd
     if entrypoint is not None:
         container_config["Entrypoint"] = entrypoint
+    if user is not None:
+        container_config["User"] = user
     config = {
         "architecture": oci_arch(),
         "os": "linux",
@@ -204,7 +212,19 @@ def image_tar(
     }
     manifest_desc["platform"] = {"architecture": oci_arch(), "os": "linux"}
     index = {"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": [manifest_desc]}
+    return layout, index
 
+
+def image_tar(
+    ref: str,
+    entries: list[Entry],
+    *,
+    cmd: list[str] | None = None,
+    entrypoint: list[str] | None = None,
+    user: str | None = None,
+) -> bytes:
+    """An OCI image layout (oci-layout, index.json, blobs/sha256/...) as a tar, for ref."""
+    layout, index = image_layout(ref, entries, cmd=cmd, entrypoint=entrypoint, user=user)
     files: list[tuple[str, bytes]] = [
         ("oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"})),
         ("index.json", canonical_json(index)),

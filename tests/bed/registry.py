@@ -11,16 +11,25 @@ a containerd hosts directory (certs.d layout) for it:
     containerd.ctr("images", "push", "--plain-http", registry.ref("stasis/busybox:test"), ...)
     ...
     registry.stop()  # ends the process this object started (by PID), removes nothing else
+
+push_layout() uploads an OCI layout tar (images.py) over the registry's HTTP API, no
+containerd needed; mirror() makes containerd pull a public registry's names from here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import socket
 import subprocess
+import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterable
+from email.message import Message
 from pathlib import Path
 
 BINARY = "docker-registry"  # Debian's docker-registry package (distribution 2.x)
@@ -79,6 +88,81 @@ server = "http://{self.host}"
 [host."http://{self.host}"]
   capabilities = ["pull", "resolve", "push"]
 """
+
+    def mirror(self, upstream: str) -> None:
+        """Makes containerd (registry config_path = hosts_dir) pull and resolve
+        ``upstream``'s names (e.g. "registry.k8s.io") from this registry: repository
+        upstream/a/b is served here as a/b."""
+        hosts = self.hosts_dir / upstream / "hosts.toml"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text(
+            f'server = "https://{upstream}"\n\n'
+            f'[host."http://{self.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        )
+
+    def push_layout(self, tar: Path, repository: str, tags: Iterable[str]) -> str:
+        """Uploads the one image of an OCI layout tar as repository:tag for each tag;
+        returns its manifest digest."""
+        with tarfile.open(tar) as layout:
+
+            def blob(digest: str) -> bytes:
+                member = layout.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+                if member is None:
+                    raise ValueError(f"{tar}: blob {digest} missing")
+                return member.read()
+
+            index_file = layout.extractfile("index.json")
+            if index_file is None:
+                raise ValueError(f"{tar}: no index.json")
+            index = json.loads(index_file.read())
+            if len(index["manifests"]) != 1:
+                raise ValueError(f"{tar}: {len(index['manifests'])} manifests, want 1")
+            desc = index["manifests"][0]
+            manifest = blob(desc["digest"])
+            parsed = json.loads(manifest)
+            for part in [parsed["config"], *parsed["layers"]]:
+                self._put_blob(repository, part["digest"], blob(part["digest"]))
+            for tag in tags:
+                self._request(
+                    "PUT",
+                    f"/v2/{repository}/manifests/{tag}",
+                    manifest,
+                    {"Content-Type": desc["mediaType"]},
+                )
+            return str(desc["digest"])
+
+    def _put_blob(self, repository: str, digest: str, data: bytes) -> None:
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(f"blob {digest} does not match its content")
+        try:
+            self._request("HEAD", f"/v2/{repository}/blobs/{digest}")
+            return  # already there
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                raise
+        started = self._request("POST", f"/v2/{repository}/blobs/uploads/")
+        location = urllib.parse.urljoin(f"http://{self.host}", started["Location"])
+        sep = "&" if "?" in location else "?"
+        self._request(
+            "PUT",
+            f"{location}{sep}digest={urllib.parse.quote(digest)}",
+            data,
+            {"Content-Type": "application/octet-stream"},
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Message:
+        """One registry API call; returns the reply's headers (HTTPError when not 2xx)."""
+        url = path if path.startswith("http") else f"http://{self.host}{path}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=60) as reply:
+            reply.read()
+            return reply.headers
 
     def start(self, timeout: float = 20.0) -> None:
         """Starts the registry and waits until /v2/ answers."""

@@ -39,7 +39,7 @@ CHECKPOINTCTL_SRC_SUITE=sid
 CHECKPOINTCTL_LIBS_SUITE=trixie
 
 APT_PACKAGES=(
-    runc iptables busybox-static tmux util-linux
+    runc iptables busybox-static tmux util-linux procps
     build-essential pkg-config xz-utils dpkg-dev python3 python3-venv
     # CRIU build deps (ENVIRONMENT.md's list, plus libprotobuf-dev for descriptor.proto)
     libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
@@ -492,6 +492,27 @@ step_images() {
     echo "$want" >"$stamp"
 }
 
+# The images the CRI conformance suite (critest) pulls, rebuilt offline by
+# tests/bed/critest_images.py from Debian's busybox and nginx binaries (their .debs kept
+# in the cache, never installed: nginx would start a server) and procps/util-linux tools.
+step_critest_images() {
+    local debdir=$CACHE/debs/critest out=$CACHE/images/critest pkg before
+    local -A debs=()
+    for pkg in nginx busybox; do
+        debs[$pkg]=$(ls "$debdir/${pkg}"_*.deb 2>/dev/null | head -n1 || true)
+        if [ -z "${debs[$pkg]}" ]; then
+            apt_knows "$pkg" bookworm || apt_update_once
+            mkdir -p "$debdir"
+            (cd "$debdir" && apt-get download -q "$pkg/bookworm" >&2)
+            debs[$pkg]=$(ls "$debdir/${pkg}"_*.deb | head -n1)
+        fi
+    done
+    before=$(cat "$out/.stamp" 2>/dev/null || true)
+    "$REPO/.venv/bin/python" "$REPO/tests/bed/critest_images.py" "$out" \
+        --nginx-deb "${debs[nginx]}" --busybox-deb "${debs[busybox]}" >/dev/null
+    [ "$before" != "$(cat "$out/.stamp")" ] || STEP_RESULT=skipped
+}
+
 # A single-node Kubernetes 1.20 (tests/bed/kube.py): its own script, cached the same way.
 step_kubernetes() {
     [ -f "$CACHE/kubernetes-1.20/.version" ] && STEP_RESULT=skipped
@@ -525,5 +546,6 @@ step "checkpointctl" step_checkpointctl
 step "proto sources" step_proto_sources
 step "venv" step_venv
 step "images" step_images
+step "critest images" step_critest_images
 step "kubernetes" step_kubernetes
 log "test bed ready in $CACHE"
