@@ -14,8 +14,8 @@ Holds for the reference: no failures (else the bed is unsound). Holds for Stasis
 failures, at least as many passes as runc, the same skipped specs, and at most 1.5x
 runc's wall time, except for the specs containerd 2.1 itself withholds from a runtime
 type other than runc's (CONTAINERD_GAPS, with the reason). Specs that cannot run here
-for either runtime are skipped by name (SKIPS, each with its reason). Host ports 12000-12003 must be free (critest's fixed
-port-mapping and port-forward ports).
+for either runtime are skipped by name (SKIPS, each with its reason). Host ports
+12000-12003 must be free (critest's fixed port-mapping and port-forward ports).
 """
 
 from __future__ import annotations
