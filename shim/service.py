@@ -37,8 +37,8 @@ from runtime.errors import (
     StasisError,
 )
 from runtime.runc import CheckpointOpts
-from shim import ttrpc
-from shim.container import Container, CreateConfig, RuncOptions, read_spec
+from shim import runtimeoptions, ttrpc
+from shim.container import Container, CreateConfig, read_spec
 from shim.events import Publisher
 from shim.main import RESTORE_ANNOTATION
 from shim.process import Exit, Process
@@ -262,17 +262,10 @@ class TaskService:
     # -- RPCs -----------------------------------------------------------------------
 
     async def _create(self, req: api.CreateTaskRequest) -> api.CreateTaskResponse:
-        opts = RuncOptions()
-        if req.options.type_url.endswith("containerd.runc.v1.Options"):
-            o = options_pb2.Options()
-            o.ParseFromString(req.options.value)
-            opts = RuncOptions(
-                root=o.root,
-                binary_name=o.binary_name,
-                systemd_cgroup=o.systemd_cgroup,
-                no_pivot_root=o.no_pivot_root,
-                no_new_keyring=o.no_new_keyring,
-            )
+        # runc's Options, or (a CRI handler of Stasis's own type) runtimeoptions'
+        opts = await asyncio.to_thread(
+            runtimeoptions.decode, req.options.type_url, req.options.value
+        )
         cfg = CreateConfig(
             id=req.id,
             bundle=req.bundle,

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,7 @@ class Containerd:
         cri: bool = False,
         registry_config_path: Path | None = None,
         cni_port_mappings: bool = False,
+        stasis_handlers: Mapping[str, Mapping[str, str | bool]] | None = None,
     ) -> None:
         if version not in _CONFIG_VERSION:
             raise ValueError(f"containerd version {version!r} not in the bed")
@@ -142,6 +143,8 @@ class Containerd:
         # CNI portmap after the bridge: pods' host ports (iptables DNAT), off by default
         # because its teardown runs iptables for every pod.
         self.cni_port_mappings = cni_port_mappings
+        # More CRI handlers of Stasis's runtime type: name -> their `options` table.
+        self.stasis_handlers = dict(stasis_handlers or {})
 
     @classmethod
     def in_run_dir(cls, version: str, extra_path: Sequence[Path] = (), **kw: Any) -> Containerd:
@@ -242,7 +245,7 @@ disabled_plugins = [{disabled}]
       runtime_type = "{STASIS_RUNTIME_TYPE}"
       pod_annotations = ["{STASIS_ANNOTATIONS}"]
       container_annotations = ["{STASIS_ANNOTATIONS}"]
-{registry}"""
+{self._stasis_handlers_toml(f"{cri}.containerd.runtimes")}{registry}"""
 
     def _cri_toml_v3(self) -> str:
         """containerd 2.x's CRI sections (same settings as the 1.7 ones)."""
@@ -272,11 +275,21 @@ disabled_plugins = [{disabled}]
       runtime_type = "{STASIS_RUNTIME_TYPE}"
       pod_annotations = ["{STASIS_ANNOTATIONS}"]
       container_annotations = ["{STASIS_ANNOTATIONS}"]
-
+{self._stasis_handlers_toml(f"{runtime}.containerd.runtimes")}
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 """
+
+    def _stasis_handlers_toml(self, runtimes: str) -> str:
+        """The extra Stasis handlers' tables under ``runtimes`` (strings and booleans)."""
+        out = ""
+        for name, options in self.stasis_handlers.items():
+            out += f'    [{runtimes}.{name}]\n      runtime_type = "{STASIS_RUNTIME_TYPE}"\n'
+            out += f"    [{runtimes}.{name}.options]\n"
+            for key, value in options.items():  # JSON's strings and booleans are TOML's
+                out += f"      {key} = {json.dumps(value)}\n"
+        return out
 
     def cni_conflist(self) -> dict[str, object]:
         """A bridge + host-local network (IPAM state under the workdir), with portmap

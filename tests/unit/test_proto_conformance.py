@@ -5,12 +5,14 @@ tests/bed/proto_sources.sh unpacks under
 $STASIS_CACHE/proto-sources/ (default /var/cache/stasis-testbed). They are
 compiled here, at test time, with grpc_tools' protoc into FileDescriptorSets;
 ours are read from the generated *_pb2 modules (which `genprotos.py --check`
-ties to the .proto files). Three suites are checked:
+ties to the .proto files). Four suites are checked:
 
 * bookworm: containerd 1.6.20 (gogo-annotated) with cgroups 1.0.4;
 * sid: containerd 2.1.9's api module with cgroups 3.x, where
   containerd.types.Envelope stands for our (1.x layout)
   containerd.services.events.ttrpc.v1.Envelope;
+* bookworm-runtimeoptions: containerd 1.6.20's runtimeoptions.v1 (a suite of
+  its own: it imports gogo.proto under another name than the bookworm files);
 * ttrpc: trixie's ttrpc 1.2.4 request.proto. Debian ships only a stub
   proto/status.proto there (package-less `Status` with just `code`), which
   stands for our ttrpc.Status; upstream ttrpc uses google.rpc.Status, whose
@@ -156,17 +158,30 @@ SUITES = (
             f"{CONTAINERD}/api/services/ttrpc/events/v1/events.proto",
             f"{CONTAINERD}/api/services/containers/v1/containers.proto",
             f"{CONTAINERD}/api/types/runc/options/oci.proto",
+            f"{CONTAINERD}/api/types/runtimeoptions/v1/api.proto",
             f"{CONTAINERD}/api/types/introspection.proto",
             "github.com/containerd/cgroups/v3/cgroup1/stats/metrics.proto",
             "github.com/containerd/cgroups/v3/cgroup2/stats/metrics.proto",
         ),
-        packages=CONTAINERD_PACKAGES,
+        packages=CONTAINERD_PACKAGES | {"runtimeoptions.v1"},
         renames={
             # 2.x moved the envelope to api/types/event.proto, fields unchanged
             "containerd.types.Envelope": "containerd.services.events.ttrpc.v1.Envelope",
         },
         extra_fields={
             ("containerd.runc.v1.Options", "criu_path"): "removed in containerd 2.0 (reserved 8)",
+        },
+    ),
+    Suite(
+        # its own suite: 1.6's runtimeoptions imports gogo.proto by its full path,
+        # which clashes with the bookworm suite's "gogoproto/gogo.proto"
+        name="bookworm-runtimeoptions",
+        sources={"containerd-bookworm": r"_1\.6\.", "gogo-protobuf-bookworm": r"_1\.3\."},
+        includes=(f"containerd-bookworm/{GOCODE}", f"gogo-protobuf-bookworm/{GOCODE}"),
+        files=(f"{CONTAINERD}/pkg/runtimeoptions/v1/api.proto",),
+        packages=frozenset({"runtimeoptions.v1"}),
+        extra_fields={
+            ("runtimeoptions.v1.Options", "config_body"): "added in containerd 1.7",
         },
     ),
     Suite(
