@@ -36,6 +36,15 @@ def wait_threads(baseline: int, timeout: float = 3.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture(autouse=True)
+def _copiers_end() -> Iterator[None]:
+    """A test's copier threads end (and close the fds they own) before the next test
+    starts: a copier that outlived its test closed fds under the next one's count."""
+    baseline = threading.active_count()
+    yield
+    wait_threads(baseline)
+
+
 def run(coro: Coroutine[Any, Any, None]) -> None:
     async def guarded() -> None:
         async with asyncio.timeout(5):
