@@ -220,6 +220,7 @@ def containerd(request: pytest.FixtureRequest) -> Containerd:
 # -- a single-node Kubernetes 1.20 on a private containerd 1.7 with CRI --------------
 
 from bed.containerd import CRI_NAMESPACE  # noqa: E402
+from bed.cri import CriClient, cri_missing  # noqa: E402
 from bed.kube import KubeCluster, kube_bed_missing  # noqa: E402
 from bed.registry import Registry, registry_missing  # noqa: E402
 from bed.workload import IMAGE  # noqa: E402
@@ -291,6 +292,24 @@ def cri_containerd_2_1(registry: Registry) -> Iterator[Containerd]:
         left = c.stop()
     if left:
         pytest.fail(f"containerd 2.1 with CRI left behind (now cleaned up): {left}")
+
+
+@pytest.fixture(scope="session")
+def cri(
+    cri_containerd_2_1: Containerd, registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CriClient]:
+    """A CRI v1 client of the session's containerd 2.1, the base image pulled through CRI.
+
+    Pulled through CRI, the image has a repo digest: CRI records it as the container's
+    image_ref (config.dump's rootfsImageRef), which a CRI restore pulls. An image only
+    imported and tagged has none, and its ID is no reference.
+    """
+    if why := cri_missing("v1"):
+        pytest.fail(why, pytrace=False)
+    with CriClient(cri_containerd_2_1.address, tmp_path_factory.mktemp("cri")) as client:
+        image = client.api.ImageSpec(image=registry.ref(REGISTRY_BASE))
+        client.image_call("PullImage", image=image, timeout=120)
+        yield client
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ bundle, remove a container."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +31,24 @@ def holding_memory(mib: int) -> str:
 def bundle(c: Containerd, id: str) -> Path:
     """The task's bundle directory (shim.pid, log, rootfs ...)."""
     return c.state / "io.containerd.runtime.v2.task" / c.namespace / id
+
+
+def shim_pids(c: Containerd) -> list[int]:
+    """PIDs of our shim daemons serving this containerd (by their environment)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if b"containerd-shim-stasis-v2" in cmdline and str(c.address).encode() in environ:
+            found.append(int(entry))
+    return found
 
 
 def stasis_argv(c: Containerd) -> list[str]:

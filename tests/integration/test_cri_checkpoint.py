@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from bed.containerd import STASIS_HANDLER, Containerd
-from bed.cri import CriClient, Pods, cri_missing
+from bed.cri import CriClient, Pods
 from bed.registry import Registry
 from bed.workload import task, wait_count
 from conftest import REGISTRY_BASE
@@ -49,21 +49,6 @@ HANDLERS = {STASIS_HANDLER: "io.containerd.stasis.v2", "runc": "io.containerd.ru
 def containerd(cri_containerd_2_1: Containerd) -> Containerd:
     """The session's containerd 2.1 with CRI (tests/conftest.py)."""
     return cri_containerd_2_1
-
-
-@pytest.fixture(scope="module")
-def cri(
-    containerd: Containerd, registry: Registry, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CriClient]:
-    if why := cri_missing("v1"):
-        pytest.fail(why, pytrace=False)
-    with CriClient(containerd.address, tmp_path_factory.mktemp("cri")) as client:
-        # Pulled through CRI, the image has a repo digest: CRI records it as the
-        # container's image_ref (config.dump's rootfsImageRef), which the restore
-        # pulls. An image only imported and tagged has none, and its ID is no reference.
-        image = client.api.ImageSpec(image=registry.ref(BASE))
-        client.image_call("PullImage", image=image, timeout=120)
-        yield client
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from bed.containerd import STASIS_HANDLER, Containerd
-from bed.cri import CriClient, Pods, cri_missing
+from bed.cri import CriClient, Pods
 from bed.registry import Registry
 from conftest import REGISTRY_BASE
 
@@ -34,19 +34,6 @@ CRI_TIMEOUT = 60.0
 EXITED = 2  # runtime.v1.ContainerState.CONTAINER_EXITED
 # The init exits after 1 s; the `sleep 600` it started lives on in the shared namespace.
 LEAVES_A_CHILD = ["sh", "-c", "sleep 600 & echo started; sleep 1; echo done"]
-
-
-@pytest.fixture(scope="module")
-def cri(
-    cri_containerd_2_1: Containerd, registry: Registry, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CriClient]:
-    if why := cri_missing("v1"):
-        pytest.fail(why, pytrace=False)
-    with CriClient(cri_containerd_2_1.address, tmp_path_factory.mktemp("cri")) as client:
-        client.image_call(
-            "PullImage", image=client.api.ImageSpec(image=registry.ref(REGISTRY_BASE)), timeout=120
-        )
-        yield client
 
 
 def _start_time(pid: int) -> str | None:

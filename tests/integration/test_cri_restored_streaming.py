@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from bed.containerd import CRI_NAMESPACE, STASIS_HANDLER, Containerd, cache_dir
-from bed.cri import CriClient, Pods, cri_missing
+from bed.cri import CriClient, Pods
 from bed.registry import Registry
 from bed.workload import stasis, wait_count
 from conftest import REGISTRY_BASE
@@ -103,19 +103,10 @@ def _background(containerd: Containerd, *args: str) -> Iterator[subprocess.Popen
                 f.close()
 
 
-@pytest.fixture(scope="module")
-def cri(
-    cri_containerd_2_1: Containerd, registry: Registry, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CriClient]:
-    if why := cri_missing("v1"):
-        pytest.fail(why, pytrace=False)
+@pytest.fixture(scope="module", autouse=True)
+def _crictl_built() -> None:
     if not os.access(CRICTL, os.X_OK):
         pytest.fail(f"no crictl at {CRICTL}: run bash tests/bed/setup.sh", pytrace=False)
-    with CriClient(cri_containerd_2_1.address, tmp_path_factory.mktemp("cri")) as client:
-        client.image_call(
-            "PullImage", image=client.api.ImageSpec(image=registry.ref(REGISTRY_BASE)), timeout=120
-        )
-        yield client
 
 
 # How the container is checkpointed and restored: CRI's CheckpointContainer archive

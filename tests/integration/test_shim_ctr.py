@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from bed.containerd import Containerd, unique_id
+from bed.workload import shim_pids
 
 pytestmark = pytest.mark.integration
 
@@ -35,24 +36,6 @@ def run(c: Containerd, id: str, *cmd: str, input: str | None = None, timeout: fl
         input=input,
         timeout=timeout,
     )
-
-
-def shim_pids(c: Containerd) -> list[int]:
-    """PIDs of our shim daemons serving this containerd (by their environment)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if b"containerd-shim-stasis-v2" in cmdline and str(c.address).encode() in environ:
-            found.append(int(entry))
-    return found
 
 
 def wait_for(pred, timeout: float = 20.0, what: str = "condition"):

@@ -8,7 +8,6 @@ FIFO for writing only once a reader has it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from bed.containerd import Containerd, unique_id
+from bed.workload import shim_pids
 
 pytestmark = pytest.mark.integration
 
@@ -28,24 +28,6 @@ ROUNDS = 10
 
 def ctr_argv(c: Containerd, *args: str) -> list[str]:
     return [str(c.bin_dir / "ctr"), "--address", str(c.address), "--namespace", c.namespace, *args]
-
-
-def shims_of(c: Containerd) -> list[int]:
-    """PIDs of our shim daemons serving this containerd (by their environment)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if b"containerd-shim-stasis-v2" in cmdline and str(c.address).encode() in environ:
-            found.append(int(entry))
-    return found
 
 
 @pytest.fixture
@@ -79,9 +61,9 @@ def test_parallel_short_lived_containers_lose_no_output(
     left = containerd.ctr("containers", "ls", "-q").stdout.split()
     assert not set(ids) & set(left)
     deadline = time.monotonic() + 30
-    while shims_of(containerd) and time.monotonic() < deadline:
+    while shim_pids(containerd) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not shims_of(containerd), "shims left running"
+    assert not shim_pids(containerd), "shims left running"
 
 
 def test_exit_waits_until_the_client_read_the_output(containerd: Containerd) -> None:
