@@ -18,9 +18,9 @@ import subprocess
 import sys
 from typing import BinaryIO
 
-from protos.containerd.runc.v1 import options_pb2
 from protos.containerd.types import introspection_pb2
 from runtime.errors import InvalidArgument
+from shim import runtimeoptions
 
 NAME = "io.containerd.stasis.v2"
 # containerd's typeurl registration of runtime-spec's features.Features (JSON-encoded).
@@ -47,12 +47,8 @@ def read_options(stdin: BinaryIO) -> introspection_pb2.RuntimeRequest:
 
 
 def runc_binary(req: introspection_pb2.RuntimeRequest) -> str:
-    """The OCI runtime the options name (runc's Options.binary_name), else runc."""
-    name = "runc"
-    if req.options.type_url.endswith("containerd.runc.v1.Options"):
-        o = options_pb2.Options()
-        o.ParseFromString(req.options.value)
-        name = o.binary_name or name
+    """The OCI runtime the options name (BinaryName, read as Create reads it), else runc."""
+    name = runtimeoptions.decode(req.options.type_url, req.options.value).binary_name or "runc"
     found = shutil.which(name)
     if found is None:
         raise InvalidArgument(f"-info: OCI runtime {name!r} not found in PATH")
