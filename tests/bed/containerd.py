@@ -536,7 +536,9 @@ def mounts_under(path: Path) -> list[Path]:
     return [p for _, _, p in sorted(found, reverse=True)]
 
 
-def _process_start_ticks(pid: int) -> str | None:
+def process_start_ticks(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), None once it is gone: with the
+    PID, it names one process even after the PID is reused."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -559,7 +561,7 @@ def _runc_states(workdir: Path, runc_roots: Sequence[Path]) -> list[RuncState]:
             if not bundle.startswith(prefix):
                 continue
             pid = state.get("init_process_pid")
-            if not (pid and _process_start_ticks(pid) == str(state.get("init_process_start"))):
+            if not (pid and process_start_ticks(pid) == str(state.get("init_process_start"))):
                 pid = None
             found.append(
                 RuncState(state_file.parent.parent, state_file.parent.name, state_file.parent, pid)

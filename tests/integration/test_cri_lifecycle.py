@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bed.containerd import STASIS_HANDLER, Containerd
+from bed.containerd import STASIS_HANDLER, Containerd, process_start_ticks
 from bed.cri import CriClient, Pods
 from bed.registry import Registry
 from conftest import REGISTRY_BASE
@@ -36,13 +36,6 @@ EXITED = 2  # runtime.v1.ContainerState.CONTAINER_EXITED
 LEAVES_A_CHILD = ["sh", "-c", "sleep 600 & echo started; sleep 1; echo done"]
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 class _Started:
     """Host PIDs of what a test's containers ran, to end any the runtime left behind."""
 
@@ -54,11 +47,11 @@ class _Started:
         done = self.containerd.ctr("task", "ps", cid, check=False)
         for line in done.stdout.splitlines()[1:]:
             pid = int(line.split()[0])
-            if (started := _start_time(pid)) is not None:
+            if (started := process_start_ticks(pid)) is not None:
                 self.seen[pid] = started
 
     def alive(self) -> list[int]:
-        return [pid for pid, t in self.seen.items() if _start_time(pid) == t]
+        return [pid for pid, t in self.seen.items() if process_start_ticks(pid) == t]
 
     def end(self) -> None:
         for pid in self.alive():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 from bed.containerd import CRI_NAMESPACE, STASIS_HANDLER, Containerd, cache_dir
 from bed.cri import CriClient, Pods
+from bed.kube import free_port
 from bed.registry import Registry
 from bed.workload import stasis, wait_count
 from conftest import REGISTRY_BASE
@@ -211,16 +211,10 @@ def test_attach_to_restored_container(cri_containerd_2_1: Containerd, restored: 
         assert ticks and ticks[-1] > restored.count, seen[-5:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_port_forward_to_restored_listener(
     cri_containerd_2_1: Containerd, restored: Restored
 ) -> None:
-    port = _free_port()
+    port = free_port()
     with _background(cri_containerd_2_1, "port-forward", restored.sandbox, f"{port}:8080"):
         deadline = time.monotonic() + 30
         body, error = "", None
