@@ -242,13 +242,19 @@ class Runc:
 
         A container whose init has already exited raises NotFound, as containerd's
         runc shim reports it ("process already finished"), not FailedPrecondition:
-        containerd ignores that error when it stops or deletes a task.
+        containerd ignores that error when it stops or deletes a task. So does an init
+        that exits between runc's state check and its signal ("unable to signal init:
+        os: process already finished").
         """
         args = ["--all"] if all else []
         try:
             await self._run("kill", [*args, id, str(sig)])
         except FailedPrecondition as e:
             if "not running" not in str(e):
+                raise
+            raise NotFound(f"process already finished: {e}") from e
+        except RuncError as e:
+            if "process already finished" not in e.detail:
                 raise
             raise NotFound(f"process already finished: {e}") from e
 

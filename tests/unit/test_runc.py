@@ -339,6 +339,8 @@ def test_classification(tmp_path: Path, msg: str, cls: type[Exception]) -> None:
         ("container does not exist", NotFound),
         ("container is paused", FailedPrecondition),
         ("unable to signal", RuncError),
+        # the init exited between runc's state check and its kill(2)
+        ("unable to signal init: os: process already finished", NotFound),
     ],
 )
 def test_kill_classification(tmp_path: Path, msg: str, cls: type[Exception]) -> None:
