@@ -1,9 +1,9 @@
 """A private containerd instance for integration tests, and a leak check.
 
 The binaries come from the test bed (tests/bed/setup.sh unpacks containerd 1.7 and 2.1
-under the cache, never system-wide). Each instance has its own root, state and sockets
-under a short work directory (/run/stasis-test/<id>/: unix socket paths are limited to
-108 bytes) and finds runtime shims by binary name in PATH.
+and builds 2.3 under the cache, never system-wide). Each instance has its own root,
+state and sockets under a short work directory (/run/stasis-test/<id>/: unix socket
+paths are limited to 108 bytes) and finds runtime shims by binary name in PATH.
 """
 
 from __future__ import annotations
@@ -44,7 +44,11 @@ _DISABLED_PLUGINS: dict[str, list[str]] = {
         "io.containerd.nri.v1.nri",
     ],
 }
-_CONFIG_VERSION = {"1.7": 2, "2.1": 3}
+_DISABLED_PLUGINS["2.3"] = _DISABLED_PLUGINS["2.1"]
+_CONFIG_VERSION = {"1.7": 2, "2.1": 3, "2.3": 3}
+# The versions from Debian's packages, which every integration test may use; 2.3 is
+# built from source (tests/bed/setup.sh) for the tests that compare CRI handlers.
+PACKAGED_VERSIONS = ("1.7", "2.1")
 _MNT_DETACH = 2
 
 # With cri=True: 1.7 for the Kubernetes tests (kubelet 1.20 speaks CRI v1alpha2, which
@@ -67,7 +71,7 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
-def bed_missing(versions: Iterable[str] = _CONFIG_VERSION) -> str | None:
+def bed_missing(versions: Iterable[str] = PACKAGED_VERSIONS) -> str | None:
     """Why the test bed cannot run (a sentence), or None when it is installed."""
     if os.geteuid() != 0:
         return "integration tests need root"
@@ -99,7 +103,7 @@ class CtrError(subprocess.CalledProcessError):
 
 
 class Containerd:
-    """A containerd daemon of the given version ("1.7" or "2.1") private to workdir.
+    """A containerd daemon of the given version ("1.7", "2.1" or "2.3") private to workdir.
 
     Lifecycle: start() -> [restart()]* -> stop(). stop() is a full teardown: it
     removes every task and container, ends the daemon and its leftover shims and
@@ -181,7 +185,7 @@ class Containerd:
         return env
 
     def config_toml(self) -> str:
-        """The daemon's configuration (schema 2 for 1.7, 3 for 2.1)."""
+        """The daemon's configuration (schema 2 for 1.7, 3 for 2.x)."""
         plugins = _DISABLED_PLUGINS[self.version]
         if self.cri:
             plugins = [p for p in plugins if p == "io.containerd.nri.v1.nri"]
@@ -212,7 +216,7 @@ disabled_plugins = [{disabled}]
     def _cri_toml(self) -> str:
         """The CRI plugin's section: runc (default) and stasis handlers, CNI bridge.
 
-        1.7 keeps it all under the grpc.v1.cri plugin (schema 2); 2.1 splits it into
+        1.7 keeps it all under the grpc.v1.cri plugin (schema 2); 2.x splits it into
         cri.v1.images and cri.v1.runtime (schema 3): see _cri_toml_v3.
 
         restrict_oom_score_adj: sandboxes ask for oom_score_adj -998, which a VM without

@@ -2,13 +2,14 @@
 # Installs the integration test bed: the Debian packages the tests need, two private
 # containerd versions (1.7 from trixie, 2.1 from sid, unpacked under the cache, never
 # installed system-wide), CRIU built from sid's source as /usr/local/sbin/criu, Go 1.26
-# from sid unpacked under the cache, critest/crictl and checkpointctl built with it,
-# the project's venv and the test images.
+# from sid unpacked under the cache, critest/crictl, checkpointctl and containerd 2.3
+# built with it, the project's venv and the test images.
 #
 # Idempotent: every expensive step is skipped when its result is already in the cache
 # (${STASIS_CACHE:-/var/cache/stasis-testbed}), so a second run takes seconds.
-# Needs root and the Debian apt mirrors (plus PyPI for the venv); cri-tools also needs
-# its source: the cached tarball, CRI_TOOLS_GIT or the Go module proxy (see below).
+# Needs root and the Debian apt mirrors (plus PyPI for the venv); cri-tools and
+# containerd 2.3 also need their source: the cached tarball, CRI_TOOLS_GIT and
+# CONTAINERD_GIT, or the Go module proxy (see go_source_build).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -29,6 +30,12 @@ GO=$CACHE/go-$GO_VERSION/usr/lib/go-$GO_VERSION/bin/go
 # critest and crictl (CRI validation), built with that Go from a release tree's vendor/.
 CRI_TOOLS_VERSION=v1.34.0
 CRI_TOOLS_MODULE=sigs.k8s.io/cri-tools
+# containerd 2.3, built with that Go from its release tree's vendor/ (no Debian suite
+# has 2.2 or later): its CRI asks any runtime type for its features, where 2.1's asks
+# runc's only, so critest compares the stasis handler with runc spec for spec.
+CONTAINERD_SOURCE_VERSION=v2.3.4
+CONTAINERD_SOURCE_SHORT=2.3
+CONTAINERD_MODULE=github.com/containerd/containerd/v2
 # checkpointctl (checks checkpoint archives), built with that Go from Debian's source
 # package and the Go library packages it builds against. sid's revision carries the
 # patch dropping olekukonko/tablewriter; the libraries come from trixie, whose
@@ -290,17 +297,35 @@ cri_tools_build() {
         >"$dir/build.log" 2>&1
 }
 
-# Module mode through the Go module proxy ($GOPROXY, else proxy.golang.org) into the
-# temporary BUILD (module zips leave out vendor/, so nothing here goes into the cache's
-# source tarball). Fails quietly when the proxy is unreachable.
-cri_tools_from_proxy() {
-    local build=$1 proxy=${GOPROXY:-https://proxy.golang.org} json= dir=
+# Builds containerd, ctr and containerd-shim-runc-v2 in the containerd tree DIR as its
+# Makefile does (the version and revision linked in, the shim without gRPC); CGO off,
+# which leaves out only the btrfs snapshotter the bed does not use.
+containerd_build() {
+    local dir=$1 mode=$2 pkg=$CONTAINERD_MODULE/version ldflags
+    ldflags="-X $pkg.Version=$CONTAINERD_SOURCE_VERSION -X $pkg.Revision=$CONTAINERD_SOURCE_VERSION"
+    ldflags+=" -X $pkg.Package=$CONTAINERD_MODULE"
+    (cd "$dir" && GO111MODULE=on GOCACHE="$dir/.gocache" \
+        go_offline build -mod="$mode" -trimpath -tags urfave_cli_no_docs -ldflags "$ldflags" \
+            -o bin/ ./cmd/containerd ./cmd/ctr \
+        && GO111MODULE=on GOCACHE="$dir/.gocache" \
+            go_offline build -mod="$mode" -trimpath -tags "urfave_cli_no_docs no_grpc" \
+                -ldflags "$ldflags" -o bin/ ./cmd/containerd-shim-runc-v2) \
+        >"$dir/build.log" 2>&1
+}
+
+# Module mode through the Go module proxy ($GOPROXY, else proxy.golang.org): MODULE at
+# VERSION and its dependencies into the temporary BUILD (module zips leave out vendor/,
+# so nothing here goes into the cache's source tarball), built there by BUILD_FN DIR
+# mod. Fails quietly when the proxy is unreachable.
+go_from_proxy() {
+    local build=$1 module=$2 version=$3 build_fn=$4 proxy=${GOPROXY:-https://proxy.golang.org}
+    local json= dir=
     # (the read-only module cache goes with $build: root's rm -rf removes it)
     local -x GOMODCACHE=$build/modcache
     # (its errors are in the JSON it prints)
     json=$(cd "$build" && timeout 600 env GOPROXY="$proxy" GOFLAGS=-mod=mod \
         GOTOOLCHAIN=local GOENV=off "$GO" mod download -json \
-        "$CRI_TOOLS_MODULE@$CRI_TOOLS_VERSION" 2>>"$build/proxy.log") \
+        "$module@$version" 2>>"$build/proxy.log") \
         || { printf '%s\n' "$json" >>"$build/proxy.log"; return 1; }
     dir=$(sed -n 's/^\t"Dir": "\(.*\)",$/\1/p' <<<"$json")
     [ -n "$dir" ] && [ -d "$dir" ] || return 1
@@ -309,67 +334,108 @@ cri_tools_from_proxy() {
     # The dependencies, through the proxy (go_offline says GOPROXY=off).
     (cd "$build/tree" && timeout 600 env -u GOFLAGS GOPROXY="$proxy" GOTOOLCHAIN=local \
         GOENV=off "$GO" mod download) >>"$build/proxy.log" 2>&1 || return 1
-    cri_tools_build "$build/tree" mod
+    "$build_fn" "$build/tree" mod
 }
 
-# critest and crictl $CRI_TOOLS_VERSION into $CACHE/cri-tools-$CRI_TOOLS_VERSION, from
-# the first source there is: the cached source tarball ($CACHE/src), a git dir holding
-# the tag (CRI_TOOLS_GIT, archived into that tarball), the Go module proxy. Without
-# any, a warning says what is missing and the tests that need critest fail saying so.
-step_cri_tools() {
-    local dest=$CACHE/cri-tools-$CRI_TOOLS_VERSION name=cri-tools-$CRI_TOOLS_VERSION
-    local src=$CACHE/src/cri-tools-$CRI_TOOLS_VERSION.tar.gz build tree
-    if [ -x "$dest/critest" ] && [ -x "$dest/crictl" ]; then
-        STEP_RESULT=skipped
-        return
-    fi
+# Builds NAME at tag VERSION of Go module MODULE with BUILD_FN DIR MODE, from the first
+# source there is: the cached source tarball $CACHE/src/NAME-VERSION.tar.gz, the git
+# dir in GIT_VAR (the tag archived into that tarball), the Go module proxy. Sets
+# BUILT_TREE to the built tree, under a temporary directory the caller removes with its
+# parent; on no source at all, warns (naming the variable that would help), returns 1.
+go_source_build() {
+    local name=$1 version=$2 module=$3 git_var=$4 build_fn=$5
+    local git_dir=${!git_var:-} src=$CACHE/src/$1-$2.tar.gz build tree
     mkdir -p "$CACHE/src"
-    if [ ! -f "$src" ] && [ -n "${CRI_TOOLS_GIT:-}" ]; then
-        if git -C "$CRI_TOOLS_GIT" archive --format=tar.gz --prefix="$name/" -o "$src.tmp" \
-            "$CRI_TOOLS_VERSION" >&2; then
+    if [ ! -f "$src" ] && [ -n "$git_dir" ]; then
+        if git -C "$git_dir" archive --format=tar.gz --prefix="$name-$version/" \
+            -o "$src.tmp" "$version" >&2; then
             mv "$src.tmp" "$src"
-            log "archived $CRI_TOOLS_VERSION of $CRI_TOOLS_GIT into $src"
+            log "archived $version of $git_dir into $src"
         else
             rm -f "$src.tmp"
-            log "WARNING: CRI_TOOLS_GIT=$CRI_TOOLS_GIT has no tag $CRI_TOOLS_VERSION"
+            log "WARNING: $git_var=$git_dir has no tag $version"
         fi
     fi
     build=$(mktemp -d)
     if [ -f "$src" ]; then
         tar -xzf "$src" -C "$build"
-        tree=$build/$name
-        [ -d "$tree/vendor" ] || die "$src has no $name/vendor/: remove it and rerun"
-        log "building critest and crictl from $src"
-        if ! cri_tools_build "$tree" vendor; then
+        tree=$build/$name-$version
+        [ -d "$tree/vendor" ] || die "$src has no $name-$version/vendor/: remove it and rerun"
+        log "building $name $version from $src"
+        if ! "$build_fn" "$tree" vendor; then
             tail -n 20 "$tree/build.log" >&2
             rm -rf "$build"
-            die "cri-tools $CRI_TOOLS_VERSION did not build from $src"
+            die "$name $version did not build from $src"
         fi
     else
-        log "no $src and no CRI_TOOLS_GIT: trying the Go module proxy"
+        log "no $src and no $git_var: trying the Go module proxy"
         tree=$build/tree
-        if ! cri_tools_from_proxy "$build"; then
+        if ! go_from_proxy "$build" "$module" "$version" "$build_fn"; then
             tail -n 5 "$build/proxy.log" "$tree/build.log" >&2 2>/dev/null || true
             rm -rf "$build"
-            log "WARNING: critest and crictl $CRI_TOOLS_VERSION NOT BUILT: no source tarball" \
-                "$src, no CRI_TOOLS_GIT, and no module-mode build through the Go module proxy" \
+            log "WARNING: $name $version NOT BUILT: no source tarball $src, no $git_var," \
+                "and no module-mode build through the Go module proxy" \
                 "(${GOPROXY:-https://proxy.golang.org}; its log's tail is above)." \
-                "Rerun with CRI_TOOLS_GIT=<a git dir of kubernetes-sigs/cri-tools holding" \
-                "tag $CRI_TOOLS_VERSION>, or put its release source tree (with vendor/) at $src" \
-                "(top directory $name/). The critest tests FAIL until then."
-            STEP_RESULT=failed
-            return
+                "Rerun with $git_var=<a git dir of $module holding tag $version>, or put" \
+                "its release source tree (with vendor/) at $src (top directory" \
+                "$name-$version/). The tests that need it FAIL until then."
+            return 1
         fi
     fi
+    BUILT_TREE=$tree
+}
+
+# critest and crictl $CRI_TOOLS_VERSION into $CACHE/cri-tools-$CRI_TOOLS_VERSION
+# (sources: go_source_build, CRI_TOOLS_GIT).
+step_cri_tools() {
+    local dest=$CACHE/cri-tools-$CRI_TOOLS_VERSION tree
+    if [ -x "$dest/critest" ] && [ -x "$dest/crictl" ]; then
+        STEP_RESULT=skipped
+        return
+    fi
+    if ! go_source_build cri-tools "$CRI_TOOLS_VERSION" "$CRI_TOOLS_MODULE" CRI_TOOLS_GIT \
+        cri_tools_build; then
+        STEP_RESULT=failed
+        return
+    fi
+    tree=$BUILT_TREE
     "$tree/critest" --help >/dev/null 2>&1 || die "the built critest does not run (--help)"
     "$tree/crictl" --version | grep -qF "${CRI_TOOLS_VERSION#v}" \
         || die "the built crictl is not ${CRI_TOOLS_VERSION#v}"
     rm -rf "$dest.tmp" "$dest"
     mkdir -p "$dest.tmp"
     install -m 0755 "$tree/critest" "$tree/crictl" "$dest.tmp/"
-    rm -rf "$build"
+    rm -rf "$(dirname "$tree")"
     mv "$dest.tmp" "$dest"
     log "critest and crictl $CRI_TOOLS_VERSION built into $dest"
+}
+
+# containerd $CONTAINERD_SOURCE_VERSION into $CACHE/containerd-$CONTAINERD_SOURCE_SHORT,
+# laid out as the .debs are (usr/bin/, .version); sources: go_source_build,
+# CONTAINERD_GIT.
+step_containerd_source() {
+    local dest=$CACHE/containerd-$CONTAINERD_SOURCE_SHORT tree
+    local version=${CONTAINERD_SOURCE_VERSION#v}
+    if [ -x "$dest/usr/bin/containerd" ] && [ "$(cat "$dest/.version" 2>/dev/null)" = "$version" ]; then
+        STEP_RESULT=skipped
+        return
+    fi
+    if ! go_source_build containerd "$CONTAINERD_SOURCE_VERSION" "$CONTAINERD_MODULE" \
+        CONTAINERD_GIT containerd_build; then
+        STEP_RESULT=failed
+        return
+    fi
+    tree=$BUILT_TREE
+    "$tree/bin/containerd" --version | grep -qF "$CONTAINERD_SOURCE_VERSION" \
+        || die "the built containerd is not $CONTAINERD_SOURCE_VERSION"
+    rm -rf "$dest.tmp" "$dest"
+    mkdir -p "$dest.tmp/usr/bin"
+    install -m 0755 "$tree/bin/containerd" "$tree/bin/ctr" "$tree/bin/containerd-shim-runc-v2" \
+        "$dest.tmp/usr/bin/"
+    echo "$version" >"$dest.tmp/.version"
+    rm -rf "$(dirname "$tree")"
+    mv "$dest.tmp" "$dest"
+    log "containerd $version built into $dest"
 }
 
 # checkpointctl $CHECKPOINTCTL_VERSION into $CACHE/checkpointctl-$CHECKPOINTCTL_VERSION,
@@ -542,6 +608,7 @@ step "criu" step_criu
 step "criu cuda_plugin" step_criu_cuda_plugin
 step "go" step_go
 step "cri-tools" step_cri_tools
+step "containerd source" step_containerd_source
 step "checkpointctl" step_checkpointctl
 step "proto sources" step_proto_sources
 step "venv" step_venv

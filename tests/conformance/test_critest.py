@@ -1,6 +1,6 @@
-"""Kubernetes' CRI conformance suite (critest, cri-tools v1.34.0) on containerd 2.1, run
-twice on one containerd with the same images, one run after the other: first with
-containerd's runc shim (handler `runc`, the reference), then with Stasis (handler
+"""Kubernetes' CRI conformance suite (critest, cri-tools v1.34.0) on containerd 2.1 and
+2.3, run twice on each containerd with the same images, one run after the other: first
+with containerd's runc shim (handler `runc`, the reference), then with Stasis (handler
 `stasis`).
 
 The images critest pulls are rebuilt offline (tests/bed/critest_images.py), pushed to
@@ -12,8 +12,9 @@ test's temporary directory, beside each run's log and report.
 
 Holds for the reference: no failures (else the bed is unsound). Holds for Stasis: no
 failures, at least as many passes as runc, the same skipped specs, and at most 1.5x
-runc's wall time, except for the specs containerd 2.1 itself withholds from a runtime
-type other than runc's (CONTAINERD_GAPS, with the reason). Specs that cannot run here
+runc's wall time. On containerd 2.1 only, the specs it withholds from a runtime type
+other than runc's may skip (CONTAINERD_GAPS, with the reason); 2.3 allows no difference
+at all. Specs that cannot run here
 for either runtime are skipped by name (SKIPS, each with its reason). Host ports
 12000-12003 must be free (critest's fixed port-mapping and port-forward ports).
 """
@@ -36,7 +37,14 @@ from typing import Any
 
 import pytest
 from bed import critest_images
-from bed.containerd import CRI_NAMESPACE, STASIS_HANDLER, Containerd, cache_dir, images_dir
+from bed.containerd import (
+    CRI_NAMESPACE,
+    STASIS_HANDLER,
+    Containerd,
+    bed_missing,
+    cache_dir,
+    images_dir,
+)
 from bed.registry import Registry, registry_missing
 from conftest import shim_path
 
@@ -49,6 +57,9 @@ CRICTL = CRI_TOOLS_DIR / "crictl"
 IMAGES = images_dir() / "critest"
 SETUP_HINT = "run `bash tests/bed/setup.sh` as root"
 
+# containerd 2.1: Debian's, what the rest of the suite uses; 2.3: the first release line
+# whose CRI reads every runtime type's features (built by tests/bed/setup.sh).
+CONTAINERD_VERSIONS = ("2.1", "2.3")
 REFERENCE = "runc"
 HANDLERS = (REFERENCE, STASIS_HANDLER)  # run in this order
 # critest's fixed host ports: port mapping, port forward, host-network port forward, and
@@ -103,16 +114,20 @@ SKIPS = (
 # Specs runc passes that containerd 2.1 itself withholds from a handler of Stasis's
 # runtime type: its CRI reads a handler's OCI features (recursive read-only mounts) only
 # for runtime_type io.containerd.runc.v2 (introspectRuntimeFeatures; every type since
-# containerd 2.4), so these specs skip themselves with the message below. The shim
-# answers containerd's -info with runc's features (tests/unit/test_shim_info.py). They
-# are the only differences allowed, and only while they skip with that message.
-CONTAINERD_GAPS = (
-    Skip(
-        r"recursive readonly mount",
-        "containerd 2.1 introspects runtime features only for runtime_type "
-        "io.containerd.runc.v2 (fixed in containerd 2.4)",
+# containerd 2.2.7, 2.3.4 and 2.4), so these specs skip themselves with the message
+# below. The shim answers containerd's -info with runc's features
+# (tests/unit/test_shim_info.py), which containerd 2.3 shows by passing them. They are
+# the only differences allowed, only on containerd 2.1, and only while they skip with
+# that message.
+CONTAINERD_GAPS = {
+    "2.1": (
+        Skip(
+            r"recursive readonly mount",
+            "containerd 2.1 introspects runtime features only for runtime_type "
+            "io.containerd.runc.v2 (fixed in 2.2.7, 2.3.4 and 2.4)",
+        ),
     ),
-)
+}
 GAP_MESSAGE = "runtime does not implement recursive readonly mounts"
 
 FAILED_STATES = frozenset({"failed", "panicked", "interrupted", "aborted", "timedout"})
@@ -123,7 +138,8 @@ def containerd_gap(run: CritestRun, name: str) -> Skip | None:
     spec = run.specs.get(name)
     if spec is None or spec.state != "skipped" or GAP_MESSAGE not in spec.message:
         return None
-    return next((g for g in CONTAINERD_GAPS if re.search(g.pattern, name)), None)
+    gaps = CONTAINERD_GAPS.get(run.containerd, ())
+    return next((g for g in gaps if re.search(g.pattern, name)), None)
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,7 @@ class CritestRun:
     """One critest run against one runtime handler."""
 
     handler: str
+    containerd: str  # the containerd version it ran on ("2.1")
     wall: float
     returncode: int | None  # None: killed after RUN_TIMEOUT + GRACE
     log: Path
@@ -217,7 +234,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 # -- the bed ---------------------------------------------------------------------------
 
 
-def _bed_missing() -> str | None:
+def _tools_missing() -> str | None:
     for binary in (CRITEST, CRICTL):
         if not os.access(binary, os.X_OK):
             return f"{binary} not found: {SETUP_HINT} (it builds cri-tools {CRI_TOOLS_VERSION})"
@@ -251,7 +268,7 @@ def _split_ref(ref: str) -> tuple[str, str, str]:
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A local registry serving every critest image under its upstream repository and
     tag, mirrored for registry.k8s.io and gcr.io."""
-    if why := _bed_missing():
+    if why := _tools_missing():
         pytest.fail(why, pytrace=False)
     reg = Registry(tmp_path_factory.mktemp("critest-registry"))
     reg.start()
@@ -277,12 +294,16 @@ class Bed:
     unremovable: bool = False  # some pod could not be stopped: its mounts stay to the end
 
 
-@pytest.fixture(scope="module")
-def bed(registry: Registry) -> Iterator[Bed]:
-    """A containerd 2.1 of its own with CRI (runc and stasis handlers, CNI bridge with
-    portmap, stream server on 127.0.0.1), pulling through the registry's mirrors."""
+@pytest.fixture(scope="module", params=CONTAINERD_VERSIONS, ids=lambda v: f"ctrd{v}")
+def bed(request: pytest.FixtureRequest, registry: Registry) -> Iterator[Bed]:
+    """A containerd of its own with CRI (runc and stasis handlers, CNI bridge with
+    portmap, stream server on 127.0.0.1), pulling through the registry's mirrors; one
+    per version, one version after the other."""
+    version: str = request.param
+    if why := bed_missing([version]):
+        pytest.fail(f"containerd {version}: {why} (it builds containerd 2.3)", pytrace=False)
     c = Containerd.in_run_dir(
-        "2.1",
+        version,
         shim_path(),
         namespace=CRI_NAMESPACE,
         cri=True,
@@ -304,7 +325,7 @@ def bed(registry: Registry) -> Iterator[Bed]:
         left = c.stop()
     # Pods a runtime could not stop are reported by the tests; their mounts stay here.
     if left and not made.unremovable:
-        pytest.fail(f"containerd 2.1 for critest left behind (now cleaned up): {left}")
+        pytest.fail(f"containerd {version} for critest left behind (now cleaned up): {left}")
 
 
 class CrictlError(Exception):
@@ -373,6 +394,7 @@ def run_critest(bed: Bed, handler: str, outdir: Path) -> CritestRun:
     endpoint = f"unix://{bed.containerd.address}"
     run = CritestRun(
         handler,
+        containerd=bed.containerd.version,
         wall=0.0,
         returncode=None,
         log=outdir / f"critest-{handler}.log",
@@ -493,7 +515,7 @@ def runs(
     busy = _busy_ports()
     if busy:
         pytest.fail(f"host ports {busy} are in use; critest needs {HOST_PORTS} free")
-    outdir = tmp_path_factory.mktemp("critest")
+    outdir = tmp_path_factory.mktemp(f"critest-{bed.containerd.version}")
     shm_before = _shm_segments()
     result: dict[str, CritestRun] = {}
     try:
