@@ -167,7 +167,7 @@ if [ "$UNINSTALL" = 1 ]; then
         log "packages installed by install.sh stay: $(grep '^package ' "$MANIFEST" | cut -d' ' -f2 | tr '\n' ' ')"
     fi
     rm -f "$MANIFEST" "$STATE/source.sha256"
-    # Shim zygotes (shim/zygote.py) exit within 5 s once their socket is gone;
+    # Shim zygotes (shim/bootstrap/zygote.py) exit within 5 s once their socket is gone;
     # running shims are not theirs to stop and keep running.
     rm -rf /run/stasis/zygote
     rmdir /run/stasis 2>/dev/null || true
@@ -188,7 +188,7 @@ fi
 # -- packages, CRIU, containerd (not in --node mode) -----------------------------------
 if [ "$NODE" = 0 ]; then
     missing=()
-    # gcc + libc6-dev: the static exec shepherd (shim/shepherd.c) is compiled at install.
+    # gcc + libc6-dev: the static exec shepherd (shim/bootstrap/shepherd.c) is compiled at install.
     for pkg in runc iptables iproute2 util-linux busybox-static python3-venv gcc libc6-dev; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done
@@ -267,7 +267,7 @@ case $REPO in "$PREFIX"/*) record tree "$REPO" ;; esac # the installer image's p
 venv=$PREFIX/venv
 record tree "$venv" # Stasis's own, even when an older install.sh made it
 if [ "$(cat "$STATE/source.sha256" 2>/dev/null)" = "$source_id" ] &&
-    "$venv/bin/python" -c 'import shim.main, runtime.cli' 2>/dev/null; then
+    "$venv/bin/python" -c 'import shim.main, runtime.cli.main' 2>/dev/null; then
     log "Stasis in $PREFIX is up to date"
 else
     log "installing Stasis into $PREFIX"
@@ -284,7 +284,7 @@ else
             --no-deps "$REPO" >&2
     fi
     # The fast shim launcher and the static exec shepherd, built beside the venv's python.
-    "$venv/bin/python" -m shim.launcher "$venv/bin" >/dev/null
+    "$venv/bin/python" -m shim.bootstrap.launcher "$venv/bin" >/dev/null
     printf '%s\n' "$source_id" >"$STATE/source.sha256"
 fi
 record file "$STATE/source.sha256"
@@ -294,7 +294,7 @@ fi
 put_link "$venv/bin/containerd-shim-stasis-v2" "$BIN_DIR/containerd-shim-stasis-v2"
 put_link "$venv/bin/stasis" "$BIN_DIR/stasis"
 
-# -- the node's checkpoint signing key (runtime/signing.py) -----------------------------
+# -- the node's checkpoint signing key (runtime/store/signing.py) -----------------------------
 # Made once; an existing key (a cluster's shared one, say) is never touched or listed.
 SIGNING_KEY=${STASIS_SIGNING_KEY_FILE:-/etc/stasis/signing.key}
 if [ ! -e "$SIGNING_KEY" ]; then

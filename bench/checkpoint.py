@@ -24,12 +24,12 @@ containerd (tests/bed/containerd.py), imports the busybox image and measures:
     in containerd's log), as the median of restore / (restore - hold), target <= 1.03;
   - and, not in the target, raw runc doing what a Stasis checkpoint adds to CRIU's
     work, measured the same way: the images' sha256 as CRIU writes them with early
-    writeback (runtime.digest.TailDigester, as the shim) and their fsync, inside the
+    writeback (runtime.capture.digest.TailDigester, as the shim) and their fsync, inside the
     timed checkpoint; the restore timed until a sha256 of the images computed
     alongside (as the shim's restore gate) is done too. Ours / that ratio separates
     the cost of the guarantees on this machine from Stasis's own overhead;
 * rootfs diff capture: an image of --files (10,000) small files, a container on our
-  runtime that modified 10 of them; `runtime.rootfs.capture` on its overlay upperdir
+  runtime that modified 10 of them; `runtime.capture.rootfs.capture` on its overlay upperdir
   (ours) against `ctr snapshots diff` of the same snapshot (containerd's diff service,
   what `ctr container checkpoint --rw` uses), uncompressed tar and gzip; ratio
   containerd / ours, target >= 10.
@@ -98,8 +98,8 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.common import cmd_out as _cmd_out  # noqa: E402
-from runtime import rootfs  # noqa: E402
-from runtime.digest import TailDigester  # noqa: E402
+from runtime.capture import rootfs  # noqa: E402
+from runtime.capture.digest import TailDigester  # noqa: E402
 
 OURS = "io.containerd.stasis.v2"
 IMAGE = "docker.io/stasis/busybox:test"
@@ -581,7 +581,7 @@ class RawRunc:
 
         ``guarded``: runc doing the work a Stasis checkpoint adds to CRIU's, in this
         process: the images' sha256 as CRIU writes them, with early writeback
-        (runtime.digest.TailDigester, what the shim runs), then their fsync, all
+        (runtime.capture.digest.TailDigester, what the shim runs), then their fsync, all
         inside the timed checkpoint; and the restore timed until a sha256 of the
         images, computed alongside as the shim's restore gate does, is done too.
         Not in the target's ratio: it shows what Stasis's guarantees cost on this
@@ -842,7 +842,7 @@ def bench_diff(
         "runs": args.diff_runs,
         "warmup": args.diff_warmup,
         "commands": {
-            "stasis": "runtime.rootfs.capture(upperdir, TAR, DELETED) in this process",
+            "stasis": "runtime.capture.rootfs.capture(upperdir, TAR, DELETED) in this process",
             "containerd_tar": f"ctr snapshots diff --media-type {MT_TAR} --ref R ID > FILE",
             "containerd_gzip": "ctr snapshots diff --ref R ID > FILE (gzip, the default, "
             "as ctr container checkpoint --rw)",

@@ -42,7 +42,7 @@ class BenchError(RuntimeError):
 def precompile() -> None:
     """Bytecode for the code under test, so no run pays for compiling it (the stasis
     CLI writes none itself where PYTHONDONTWRITEBYTECODE is set)."""
-    from shim.launcher import precompile as compile_packages
+    from shim.bootstrap.launcher import precompile as compile_packages
 
     compile_packages()
 
@@ -327,7 +327,7 @@ def pss_rss_kib(pid: int) -> tuple[int, int]:
 
 
 def zygote_of(pid: int) -> int | None:
-    """The shim zygote (shim/zygote.py) that forked shim `pid`, if one did."""
+    """The shim zygote (shim/bootstrap/zygote.py) that forked shim `pid`, if one did."""
     with suppress(OSError, ValueError, IndexError):
         ppid = int(read_bytes(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[1])
         if read_bytes(f"/proc/{ppid}/cmdline").split(b"\0")[1:2] == [b"zygote"]:
@@ -340,7 +340,7 @@ MEMORY_SUMS = ("VmRSS", "Pss", "USS", "RssAnon")
 
 def end_zygote(pid: int) -> dict[str, Any] | None:
     """End the shim zygote that forked shim `pid`, if one did, and return its memory
-    just before. A zygote leaves by itself 60 s after its last start (shim/zygote.py):
+    just before. A zygote leaves by itself 60 s after its last start (shim/bootstrap/zygote.py):
     ending it now measures that steady state, in which the shims it forked keep
     sharing its pages among themselves, without waiting a minute per reading."""
     z = zygote_of(pid)

@@ -9,7 +9,7 @@ network:
 1. starts a worker process (its own session, stdio in files) that puts a >= --gib GiB
    int32 tensor of seeded random values on the GPU and computes its checksum there
    (two int64 sums: plain and position-weighted), and recomputes it on request;
-2. the driver alone, in place: Stasis's own backend (runtime/gpu.py over
+2. the driver alone, in place: Stasis's own backend (runtime/capture/gpu.py over
    libcuda.so.1) locks and checkpoints the worker's GPU state into host memory, then
    restores and unlocks it; the worker's checksum must not change;
 3. Stasis's order for a checkpoint that leaves the workload running: lock +
@@ -56,7 +56,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime import gpu  # noqa: E402  (the backend under test)
+from runtime.capture import gpu  # noqa: E402
 from runtime.errors import FailedPrecondition  # noqa: E402
 
 GPU_WORKER = r"""

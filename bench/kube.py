@@ -10,7 +10,7 @@ Starts a private containerd 1.7 with CRI and a KubeCluster (tests/bed/kube.py), 
   until it is Running with its container ready;
 * restore: checkpoint one such pod that has counted for a while (`stasis kube
   checkpoint --leave-running`, local store), then `--runs` times create a pod
-  restored from it (`runtime.kube.restore_pod`, what `stasis kube restore` calls) and
+  restored from it (`runtime.kube.pods.restore_pod`, what `stasis kube restore` calls) and
   time until it is Running *and* its counter is read past the checkpointed count
   (exec `cat /tmp/count`, the check included in the time);
 * prints the medians and the ratio restore / cold.
@@ -91,7 +91,7 @@ def cold(cluster: KubeCluster) -> float:
 
 
 def restore(cluster: KubeCluster, core: Any, ref: str, at_least: int) -> float:
-    from runtime import kube
+    from runtime.kube import pods as kube
 
     name = unique_id("restored")
     t0 = time.monotonic()
@@ -127,7 +127,7 @@ def main() -> int:
         cluster.start()
         from kubernetes import client
 
-        from runtime import kube
+        from runtime.kube import pods as kube
 
         api = kube.connect(str(cluster.kubeconfig))
         core = client.CoreV1Api(api)

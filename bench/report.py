@@ -77,7 +77,7 @@ def explain_latency(doc: dict[str, Any], ours: float, runc: float) -> str:
     cli = p.get("cli_startup_s")
     if cli:
         daemon = (
-            "the shim zygote (shim/zygote.py) forks the daemon with that code already "
+            "the shim zygote (shim/bootstrap/zygote.py) forks the daemon with that code already "
             "imported, so Create is answered within milliseconds"
             if _zygote_used(doc)
             else "the daemon forked by `shim start` then imports its serving code (above) "
@@ -618,7 +618,7 @@ def gpu_section(gdoc: dict[str, Any]) -> list[str]:
     out.append(
         "`bench/gpu_device.sh` (one command on a GPU machine; `bench/gpu_check.py` does the "
         "work): a process holding a PyTorch tensor on the GPU is checkpointed through "
-        "Stasis's driver-API backend (`runtime/gpu.py`: cuCheckpointProcessLock + "
+        "Stasis's driver-API backend (`runtime/capture/gpu.py`: cuCheckpointProcessLock + "
         "Checkpoint) and `criu dump --leave-running`, its GPU state given back, then killed "
         "and restored (`criu restore`, then cuCheckpointProcessRestore + Unlock); the "
         "restored process recomputes the tensor's checksum on the GPU, which must match the "
@@ -807,8 +807,8 @@ def render(doc: dict[str, Any], page: Path = PAGE) -> None:
         "memory is VmRSS and PSS (`/proc/PID/smaps_rollup`) of the shim daemon, the parent "
         "of the task's init; the idle readings are one shim alive at a time.\n"
         "- **3-container pod**: 3 x `ctr run -d --annotation io.containerd.runc.v2.group=POD`; "
-        "both shims group containers by that annotation (ours: `shim/main.py` `bundle_facts`), "
-        "so one shim serves all three, checked through the inits' parent.\n"
+        "both shims group containers by that annotation (ours: `shim/bootstrap/start.py` "
+        "`bundle_facts`), so one shim serves all three, checked through the inits' parent.\n"
         "- **50 pods**: 50 x `ctr run -d ... sleep 1000` with each runtime in turn, the sum "
         "over the 50 shims (PSS counts pages shared between the shims once in all).\n"
         "- **checkpoint/restore sweep and rootfs diff**: `bench/checkpoint.py`'s workload "

@@ -462,11 +462,8 @@ def section_s3(cfg: dict[str, Any], out: dict[str, Any], workdir_base: Path) -> 
 
 # -- profile: what explains the gaps ---------------------------------------------------
 
-# As shim/main.py's forked daemon imports them (ssl hidden while asyncio imports).
-DAEMON_IMPORTS = (
-    "import sys, gc, shim.main; sys.modules['ssl'] = None; import asyncio; "
-    "del sys.modules['ssl']; import socket, shim.serve"
-)
+# As the forked daemon imports them (shim/bootstrap/serving.py).
+DAEMON_IMPORTS = "import sys, gc, shim.main; import socket, shim.daemon.serve"
 
 
 def importtime(statement: str) -> dict[str, Any]:
@@ -561,7 +558,7 @@ def section_profile(cfg: dict[str, Any], out: dict[str, Any], workdir_base: Path
     out["loadavg_start"] = common.loadavg()
     progress("profile: imports, interpreter memory, CLI start-up, disk, sha256/zstd")
     out["importtime_daemon"] = importtime(DAEMON_IMPORTS)
-    out["importtime_cli"] = importtime("import runtime.cli")
+    out["importtime_cli"] = importtime("import runtime.cli.main")
     out["python_bare_kib"] = python_memory("pass")
     out["python_daemon_imports_kib"] = python_memory(f"{DAEMON_IMPORTS}\ngc.collect()")
     out["cli_startup_s"] = cli_startup(3)

@@ -66,10 +66,10 @@ from bench import checkpoint as ck  # noqa: E402
 NAMESPACE = "stasis-bench-s3"  # not the other benches' nor the tests': no shared runc root
 BUCKET = "stasis-bench"
 ACCESS_KEY, SECRET_KEY = "stasis-bench-key", "stasis-bench-secret"
-SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.s3store.DEFAULT_SPOOL_DIR (the shims')
+SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.store.s3.DEFAULT_SPOOL_DIR (the shims')
 TARGET = 1.5  # ours / raw runc, checkpoint and restore: at most
 MiB = 1 << 20
-PART = 8 * MiB  # runtime.s3store.PART_SIZE
+PART = 8 * MiB  # runtime.store.s3.PART_SIZE
 IN_FLIGHT = 8  # S3Store's default concurrency
 DEFAULT_JSON = BENCH / "results-s3.json"
 

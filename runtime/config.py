@@ -116,7 +116,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class EncryptionConfig:
-    """Client-side encryption of checkpoints at rest (``runtime.crypt``).
+    """Client-side encryption of checkpoints at rest (``runtime.store.crypt``).
 
     ``key_file`` None: new checkpoints are stored unencrypted and encrypted
     ones cannot be opened. The file is read when a store is opened.
@@ -127,9 +127,9 @@ class EncryptionConfig:
 
 @dataclass(frozen=True)
 class SigningConfig:
-    """Checkpoint signatures (``runtime.signing``): the node's key, the keys it trusts.
+    """Checkpoint signatures (``runtime.store.signing``): the node's key, the keys it trusts.
 
-    ``key_file`` None means ``runtime.signing.DEFAULT_KEY_FILE``
+    ``key_file`` None means ``runtime.store.signing.DEFAULT_KEY_FILE``
     (``/etc/stasis/signing.key``), created on the first checkpoint; restores
     always require a signature by a trusted key.
     """

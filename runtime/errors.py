@@ -1,7 +1,7 @@
 """The error classes every Stasis layer raises.
 
 Each class mirrors one gRPC status code; the shim's RPC edge converts them once
-(``shim.service``), and the CLI prints them as one line. Lower layers chain the
+(``shim.daemon.task_api``), and the CLI prints them as one line. Lower layers chain the
 cause with ``raise ... from``.
 """
 

@@ -66,7 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(lambda: _forget_config(directory))
     os.environ["STASIS_TEST_SIGNING_KEY"] = str(Path(directory) / "signing" / "signing.key")
     # What a Config() built in a test signs with: never the machine's key.
-    from runtime import signing
+    from runtime.store import signing
 
     signing.DEFAULT_KEY_FILE = os.environ["STASIS_TEST_SIGNING_KEY"]
     # And what every process the tests start signs with, whatever config it reads

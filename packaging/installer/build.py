@@ -39,9 +39,18 @@ def build_wheels(dest: Path) -> None:
 
 
 def build_shepherd(dest: Path) -> bool:
-    """Compiles shim/shepherd.c statically into dest; False without a compiler."""
+    """Compiles shim/bootstrap/shepherd.c statically into dest; False without a compiler."""
     done = subprocess.run(
-        ["cc", "-static", "-Os", "-s", "-Wall", "-o", str(dest), str(REPO / "shim/shepherd.c")],
+        [
+            "cc",
+            "-static",
+            "-Os",
+            "-s",
+            "-Wall",
+            "-o",
+            str(dest),
+            str(REPO / "shim/bootstrap/shepherd.c"),
+        ],
         capture_output=True,
         check=False,
     )

@@ -1,5 +1,5 @@
-"""A shim.ttrpc.Server on a unix socket, served from an event loop in a thread of
-its own, for tests whose clients block (the stasis CLI's, shim.ttrpc_client)."""
+"""A runtime.rpc.ttrpc_server.Server on a unix socket, served from an event loop in a thread of
+its own, for tests whose clients block (the stasis CLI's, runtime.rpc.ttrpc_client)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from shim import ttrpc
+from runtime.rpc import ttrpc_server as ttrpc
 
 T = TypeVar("T")
 

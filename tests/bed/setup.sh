@@ -542,7 +542,7 @@ step_venv() {
     fi
     # containerd runs the shim binary twice per container: replace pip's console
     # script with the isolated launcher (cheap, so always rewritten).
-    "$venv/bin/python" -m shim.launcher "$venv/bin" >/dev/null
+    "$venv/bin/python" -m shim.bootstrap.launcher "$venv/bin" >/dev/null
 }
 
 step_images() {

@@ -44,7 +44,7 @@ def edit_metadata(ckpt: Path, change: Callable[[dict[str, Any]], object]) -> Non
 
 def resign(ckpt: Path) -> None:
     """Sign the manifest as it now is with the test session's (trusted) key."""
-    from runtime.signing import Signing
+    from runtime.store.signing import Signing
 
     key = os.environ["STASIS_TEST_SIGNING_KEY"]
     sig = Signing(key).sign((ckpt / "manifest.json").read_bytes())

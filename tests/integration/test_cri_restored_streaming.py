@@ -31,7 +31,7 @@ from bed.registry import Registry
 from bed.workload import stasis, wait_count
 from conftest import REGISTRY_BASE
 
-from shim.main import socket_path
+from shim.bootstrap.start import socket_path
 
 pytestmark = pytest.mark.integration
 

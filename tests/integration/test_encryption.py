@@ -22,8 +22,8 @@ import pytest
 from bed.containerd import Containerd, bed_missing, images_dir, unique_id
 from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
 
-from runtime import crypt
-from runtime.store import DEFAULT_CACHE_DIR, LocalStore
+from runtime.store import crypt
+from runtime.store.local import DEFAULT_CACHE_DIR, LocalStore
 
 pytestmark = pytest.mark.integration
 

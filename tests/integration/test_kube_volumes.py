@@ -1,4 +1,4 @@
-"""The volumes of a pod checkpoint (runtime/kubevolumes.py) on the real Kubernetes 1.20
+"""The volumes of a pod checkpoint (runtime/kube/volumes.py) on the real Kubernetes 1.20
 cluster (tests/bed/kube.py): record_volumes and restore_volumes around plain pod and
 claim deletion.
 
@@ -44,7 +44,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from runtime.errors import DeadlineExceeded
-from runtime.kubevolumes import (
+from runtime.kube.volumes import (
     DEFAULT_CLASS_ANNOTATION,
     SNAPSHOT_ANNOTATION,
     record_volumes,

@@ -2,7 +2,7 @@
 the upload, and a wrong secret.
 
 The CLI asks the shim over ttrpc; the shim dumps into a local spool and a worker
-process of its own (`python -m runtime.upload`, its PID in the spool's
+process of its own (`python -m runtime.store.upload`, its PID in the spool's
 `.stasis-upload.pid`) compresses and uploads it. So "the checkpointing process"
 killed in the middle of the upload is that worker, and the shim and its container
 live on. The upload is slowed down by a throttling TCP proxy in front of the
@@ -40,13 +40,13 @@ from conftest import S3Server, signing_table
 
 pytestmark = pytest.mark.integration
 
-SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.s3store.DEFAULT_SPOOL_DIR, where shims spool
-WORKER_PID = ".stasis-upload.pid"  # runtime.s3store.PID_FILE, in the spool
-PENDING = ".stasis-pending.json"  # runtime.s3store.PENDING: the spool was committed
+SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.store.s3.DEFAULT_SPOOL_DIR, where shims spool
+WORKER_PID = ".stasis-upload.pid"  # runtime.store.s3.PID_FILE, in the spool
+PENDING = ".stasis-pending.json"  # runtime.store.s3.PENDING: the spool was committed
 # Shared objects that boto3/botocore (urllib3's ssl, the XML parsers) or zstandard load:
 # a shim that never imported them has none of them mapped.
 UPLOAD_LIBS = ("zstandard", "/_ssl.", "libssl.so", "/pyexpat.", "/_elementtree.")
-CACHE_DIR = "/var/lib/stasis/cache"  # runtime.s3store.DEFAULT_CACHE_DIR, restores download
+CACHE_DIR = "/var/lib/stasis/cache"  # runtime.store.s3.DEFAULT_CACHE_DIR, restores download
 MEM_MIB = 96  # random (incompressible) memory the container holds: the upload's bulk
 PROXY_RATE = 8 << 20  # bytes/s the proxy lets through towards moto: ~12 s for the upload
 

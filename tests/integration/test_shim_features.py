@@ -18,7 +18,7 @@ import pytest
 from bed.containerd import Containerd, unique_id
 
 from protos.containerd.task.v2 import shim_pb2 as api
-from shim import ttrpc
+from runtime.rpc import ttrpc_server as ttrpc
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 `ctr run --rm` closes its FIFOs as soon as it sees the task's exit, so output
 that the client has not read by then is gone. The shim reports an exit only
-once what the process wrote has been read (shim/stdio.py), and opens an output
+once what the process wrote has been read (shim/task/stdio.py), and opens an output
 FIFO for writing only once a reader has it.
 """
 

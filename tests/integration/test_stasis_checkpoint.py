@@ -254,12 +254,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 # `stasis ARGS` with a spy on the ttrpc client: what each call carried, and whether
 # asyncio, grpc, protobuf and argparse were imported when it was made (written as JSON to
-# argv[1]). The payloads are read with runtime.pbwire, which tests/unit/test_pbwire.py
+# argv[1]). The payloads are read with runtime.rpc.pbwire, which tests/unit/test_pbwire.py
 # checks against the generated classes: importing those would load protobuf.
 SPY = """
 import json, sys
-from runtime import cli
-from runtime.pbwire import Message
+from runtime.cli import main as cli
+from runtime.rpc.pbwire import Message
 from shim import ttrpc_client
 
 seen = []
@@ -308,8 +308,8 @@ def test_checkpoint_goes_out_before_containerd_is_asked_and_records_the_image(
     assert done.stderr == ""
     # Sent at once (containerd's lookup runs in a thread meanwhile), then the image
     # it found, on a connection of its own; neither asyncio nor grpcio nor protobuf
-    # is ever imported (the lookup speaks HTTP/2 itself: runtime.grpclite; the
-    # messages are runtime.pbwire's), nor argparse (cli.fast_checkpoint_args).
+    # is ever imported (the lookup speaks HTTP/2 itself: runtime.rpc.grpclite; the
+    # messages are runtime.rpc.pbwire's), nor argparse (cli.fast_checkpoint_args).
     none = {"asyncio": False, "grpc": False, "google.protobuf": False, "argparse": False}
     assert calls == [
         {"method": "Checkpoint", **none, "image_pending": True},
@@ -324,8 +324,8 @@ def test_image_set_before_the_checkpoint_arrives(
     containerd: Containerd, ids: list[str], tmp_path: Path
 ) -> None:
     from protos.stasis.v1 import checkpoint_pb2 as pb
-    from shim.main import socket_path
-    from shim.ttrpc_client import Client
+    from runtime.rpc.ttrpc_client import Client
+    from shim.bootstrap.start import socket_path
 
     id = start_counter(containerd, ids)
     wait_count(containerd, id, 5)
@@ -387,11 +387,11 @@ def test_fast_path_to_a_container_of_another_runtime_name(
 
 
 def test_containerd_lookup_without_grpcio(containerd: Containerd, ids: list[str]) -> None:
-    """runtime.containerd.get_container (runtime.grpclite's HTTP/2, the CLI's
+    """runtime.rpc.containerd.get_container (runtime.rpc.grpclite's HTTP/2, the CLI's
     lookup) against the real containerd: the container's image, runtime and spec,
     and containerd's NotFound for an unknown id or another namespace."""
-    from runtime.containerd import get_container
     from runtime.errors import NotFound
+    from runtime.rpc.containerd import get_container
 
     id = unique_id("look")
     containerd.ctr("container", "create", "--runtime", RUNTIME, "--label", "k=v",

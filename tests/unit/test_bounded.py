@@ -19,7 +19,8 @@ from typing import Any, cast
 
 import pytest
 
-from runtime import boundedjson, config, metadata, rootfs
+from runtime import boundedjson, config
+from runtime.capture import rootfs
 from runtime.config import Config, Limits, StorageConfig
 from runtime.errors import (
     DataLoss,
@@ -27,11 +28,13 @@ from runtime.errors import (
     ResourceExhausted,
     StasisError,
 )
-from runtime.proc import Stdio
-from runtime.runc import CheckpointOpts, RestoreOpts, Runc
-from runtime.store import LocalStore, Manifest, import_tar
-from shim.process import InitProcess, Status
-from shim.stdio import ProcessIO
+from runtime.linux.proc import Stdio
+from runtime.linux.runc import CheckpointOpts, RestoreOpts, Runc
+from runtime.store import metadata
+from runtime.store.archive import import_tar
+from runtime.store.local import LocalStore, Manifest
+from shim.task.process import InitProcess, Status
+from shim.task.stdio import ProcessIO
 from tests.unit.test_process import FakeIO, FakeRunc, run
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -99,7 +102,7 @@ def test_list_skips_a_broken_entry_with_a_warning(
 
 def signed_store(root: Path) -> LocalStore:
     """A store whose checkpoints a restore accepts: signed with the session's key."""
-    from runtime import signing
+    from runtime.store import signing
 
     return LocalStore(str(root), signing=signing.Signing(signing.DEFAULT_KEY_FILE))
 
@@ -109,7 +112,7 @@ def restore_config(root: Path, limits: Limits | None = None) -> Config:
 
 
 def test_restore_with_deep_stasis_json_is_dataloss(tmp_path: Path) -> None:
-    from shim import checkpointing
+    from shim.checkpoint import take as checkpointing
 
     store = signed_store(tmp_path / "s")
     make(store, "deep", {}, stasis=DEEP)
@@ -172,7 +175,7 @@ def test_wellformed_metadata_passes() -> None:
 
 
 def test_restore_of_malformed_execs_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    from shim import checkpointing
+    from shim.checkpoint import take as checkpointing
 
     store = signed_store(tmp_path / "s")
     make(store, "k", {"execs": [{"id": "x", "pid": "abc"}]})
@@ -187,7 +190,7 @@ def test_restore_of_malformed_execs_is_refused_before_anything_runs(tmp_path: Pa
 
 def test_restore_policy_fresh_starts_fresh_on_malformed_metadata(tmp_path: Path) -> None:
     """What the shim's restore-policy fresh catches: every failure is a StasisError."""
-    from shim import checkpointing
+    from shim.checkpoint import take as checkpointing
 
     store = signed_store(tmp_path / "s")
     make(store, "gpu", {"gpu": {"inventory": "x"}})
@@ -450,7 +453,7 @@ def test_restore_puts_dashdash_before_ctrs_positional_values(
 ) -> None:
     import argparse
 
-    from runtime import cli
+    from runtime.cli import main as cli
 
     store = signed_store(tmp_path / "s")
     make(store, "ok", {"image": "docker.io/x:1"})

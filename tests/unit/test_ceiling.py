@@ -1,4 +1,4 @@
-"""runtime.ceiling: what an OCI spec allows a process, and each excess the kernel's
+"""runtime.security.ceiling: what an OCI spec allows a process, and each excess the kernel's
 view of a restored tree shows (read from a fake /proc laid out in a directory)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from runtime import ceiling
-from runtime.ceiling import Ceiling
+from runtime.security import ceiling
+from runtime.security.ceiling import Ceiling
 
 DEFAULT_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",

@@ -1,4 +1,4 @@
-"""Tests for runtime.cgroups: systemd cgroup paths, the memory cgroup directory, the
+"""Tests for runtime.linux.cgroups: systemd cgroup paths, the memory cgroup directory, the
 host's cgroup mode, OOM notifications on a real cgroup v1 memory controller, and the
 freezer on a real cgroup v1 freezer.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cgroups
-from runtime.cgroups import OOMWatcher, _systemd_path, memory_dir, unified
-from runtime.proc import Stdio, spawn
+from runtime.linux import cgroups
+from runtime.linux.cgroups import OOMWatcher, _systemd_path, memory_dir, unified
+from runtime.linux.proc import Stdio, spawn
 
 V1_MEMORY = os.path.join(cgroups.CGROUP_ROOT, "memory")
 

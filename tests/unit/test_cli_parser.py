@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cli
+from runtime.cli import main as cli
 
 LINES = [
     ["checkpoint", "c1", "--exit", "--json"],
@@ -142,7 +142,7 @@ def test_checkpoint_command_line_imports_neither_argparse_nor_json() -> None:
     repo = Path(__file__).resolve().parents[2]
     code = (
         f"import sys; sys.path.insert(0, {str(repo)!r})\n"
-        "from runtime import cli\n"
+        "from runtime.cli import main as cli\n"
         "ns = cli.fast_checkpoint_args(['-n', 'ns', 'checkpoint', 'c1', '--exit', '--json'])\n"
         "out = cli.flat_json({'ref': 'file:///x', 'seconds': 1.5})\n"
         "print(ns.container, out, [m for m in ('argparse', 'json', 're') if m in sys.modules])\n"

@@ -1,4 +1,4 @@
-"""Tests for runtime.crypt: key files, key ids, and the chunked AES-256-GCM file streams."""
+"""Tests for runtime.store.crypt: key files, key ids, and the chunked AES-256-GCM file streams."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import crypt
 from runtime.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, PermissionDenied
+from runtime.store import crypt
 
 C = crypt.CHUNK
 KEY = crypt.Key(bytes(range(32)), "test")

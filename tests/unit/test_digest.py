@@ -8,8 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.digest import KnownDigest, TailDigester
-from runtime.store import LocalStore
+from runtime.capture.digest import KnownDigest, TailDigester
+from runtime.store.local import LocalStore
 
 
 def _write_slowly(path: Path, chunks: list[bytes], delay: float = 0.005) -> None:

@@ -1,4 +1,4 @@
-"""Tests for shim.events.Publisher against a real ttrpc server standing in for containerd."""
+"""Tests for shim.daemon.events.Publisher against a real ttrpc server standing in for containerd."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from protos.containerd.events import task_pb2
 from protos.containerd.services.events.ttrpc.v1 import events_pb2
-from shim.events import NAMESPACE_KEY, SERVICE, Publisher
-from shim.ttrpc import RequestContext, Server
+from runtime.rpc.ttrpc_server import RequestContext, Server
+from shim.daemon.events import NAMESPACE_KEY, SERVICE, Publisher
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

@@ -1,4 +1,4 @@
-"""Tests for shim.process.ExecProcess: ``runc exec --detach`` driven by a fake runc.
+"""Tests for shim.task.process.ExecProcess: ``runc exec --detach`` driven by a fake runc.
 
 The fake runc starts a real ``sleep`` as "the exec'd process" and writes its PID to
 the pid file, so kills reach a real process; the test plays the reaper (waitpid,
@@ -22,11 +22,11 @@ from typing import Any, cast
 import pytest
 
 from runtime.errors import FailedPrecondition, NotFound
-from runtime.proc import Stdio, exit_code, spawn
-from runtime.runc import ExecOpts, Runc, RuncError
-from shim import console
-from shim.process import ExecProcess, Exit, Status
-from shim.stdio import ProcessIO
+from runtime.linux.proc import Stdio, exit_code, spawn
+from runtime.linux.runc import ExecOpts, Runc, RuncError
+from shim.task import console
+from shim.task.process import ExecProcess, Exit, Status
+from shim.task.stdio import ProcessIO
 
 SPEC: dict[str, Any] = {
     "args": ["sh", "-c", "echo hi"],

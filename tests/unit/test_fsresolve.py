@@ -1,4 +1,4 @@
-"""Tests for runtime.fsresolve: opening beneath a directory through no symlink and no ``..``.
+"""Tests for runtime.linux.fsresolve: opening beneath a directory through no symlink and no ``..``.
 
 Every rule is checked twice: through the kernel's ``openat2`` and through the
 component-by-component walk used where the kernel lacks it (forced here by an
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import fsresolve
+from runtime.linux import fsresolve
 
 
 def _fds() -> set[str]:

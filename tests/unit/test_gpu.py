@@ -1,4 +1,4 @@
-"""runtime/gpu.py's ctypes backend against the fake libcuda (tests/fakes/libcuda_fake.c)
+"""runtime/capture/gpu.py's ctypes backend against the fake libcuda (tests/fakes/libcuda_fake.c)
 on ordinary child processes: call order, timeouts, undo after each injected failure,
 inventory and its gate."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fakes import libcuda as fake
 
-from runtime import gpu
+from runtime.capture import gpu
 from runtime.errors import FailedPrecondition
 
 if fake.compiler() is None:

@@ -1,4 +1,4 @@
-"""runtime.grpclite: one unary gRPC call over HTTP/2 without grpcio, against a
+"""runtime.rpc.grpclite: one unary gRPC call over HTTP/2 without grpcio, against a
 scripted HTTP/2 server on a unix socket (the real containerd answers it in the
 integration tests: every `stasis checkpoint` asks it for the container)."""
 
@@ -12,8 +12,8 @@ from collections.abc import Callable
 import hpack
 import pytest
 
-from runtime import grpclite as g
 from runtime.errors import Code
+from runtime.rpc import grpclite as g
 
 PATH = "/containerd.services.containers.v1.Containers/Get"
 

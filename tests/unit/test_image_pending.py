@@ -3,7 +3,7 @@ stasis.v1.Checkpointer/SetImage), and the stasis CLI's fast path that sends it.
 
 The shim side is the real TaskService behind the real ttrpc server (on an event
 loop in a thread of its own); only the checkpoint itself is a stand-in that asks
-for the image the way shim.checkpointing does, once its dump would be done. The
+for the image the way shim.checkpoint.take does, once its dump would be done. The
 CLI side runs `checkpoint` in this process against that server, listening where
 the container's own shim would, with containerd's lookup replaced.
 """
@@ -26,15 +26,16 @@ import pytest
 from bed.loopserver import LoopServer
 
 from protos.stasis.v1 import checkpoint_pb2 as pb
-from runtime import cli
-from runtime import containerd as ctrd
+from runtime import names
+from runtime.cli import main as cli
 from runtime.errors import Code, NotFound, Unavailable
-from shim import checkpointing, ttrpc
-from shim import main as shim_main
-from shim.events import Publisher
-from shim.reaper import Reaper
-from shim.service import STASIS_SERVICE, TaskService
-from shim.ttrpc_client import Client, RPCError
+from runtime.rpc import containerd as ctrd
+from runtime.rpc import ttrpc_server as ttrpc
+from runtime.rpc.ttrpc_client import Client, RPCError
+from shim.checkpoint import take as checkpointing
+from shim.daemon.events import Publisher
+from shim.daemon.task_api import STASIS_SERVICE, TaskService
+from shim.task.reaper import Reaper
 
 ID = "c1"
 NAMESPACE = "testns"
@@ -60,7 +61,7 @@ class Shim(LoopServer):
     async def checkpoint(
         self, container: object, spec: checkpointing.CheckpointSpec, *_: Any
     ) -> checkpointing.CheckpointResult:
-        """What shim.checkpointing.checkpoint does with the image."""
+        """What shim.checkpoint.take.checkpoint does with the image."""
         if self.dumped is not None:
             self.dumping.set()
             await self.dumped.wait()
@@ -88,9 +89,9 @@ class Shim(LoopServer):
 
 @pytest.fixture
 def socket_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    # Short: sun_path holds 108 bytes; shim.main.socket_path names sockets in it.
+    # Short: sun_path holds 108 bytes; shim.bootstrap.start.socket_path names sockets in it.
     directory = tempfile.mkdtemp(prefix="stasis-s-", dir="/tmp")
-    monkeypatch.setattr(shim_main, "SOCKET_DIR", directory)
+    monkeypatch.setattr(names, "SOCKET_DIR", directory)
     try:
         yield directory
     finally:
@@ -114,7 +115,7 @@ def _lookups_finish() -> Iterator[None]:
 @pytest.fixture
 def shim(socket_dir: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shim]:
     """The shim of container ID, where the CLI's fast path looks for it."""
-    s = Shim(shim_main.socket_path(ADDRESS, NAMESPACE, ID))
+    s = Shim(names.socket_path(ADDRESS, NAMESPACE, ID))
     monkeypatch.setattr(checkpointing, "checkpoint", s.checkpoint)
     s.start()
     try:
@@ -192,7 +193,7 @@ def test_image_that_never_comes(shim: Shim, caplog: pytest.LogCaptureFixture) ->
     started = time.monotonic()
     call(shim, "Checkpoint", checkpoint_req())
     assert time.monotonic() - started < 5
-    # "": shim.checkpointing records the image the annotations name instead.
+    # "": shim.checkpoint.take records the image the annotations name instead.
     assert shim.images == [""]
     assert any("no image came" in r.getMessage() and ID in r.getMessage() for r in caplog.records)
     assert shim.pending() == set()
@@ -302,7 +303,7 @@ def info(runtime: str = cli.RUNTIME, group: str = "", image: str = IMAGE) -> ctr
 
 
 class Lookups:
-    """Stands in for runtime.containerd.get_container: what it answers, and when."""
+    """Stands in for runtime.rpc.containerd.get_container: what it answers, and when."""
 
     def __init__(self, answer: ctrd.ContainerInfo | Exception) -> None:
         self.answer = answer
@@ -351,7 +352,7 @@ def test_cli_without_a_shim_of_its_own_asks_containerd_first(
     socket_dir: str, lookups: Callable[[Any], Lookups], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A pod's member: its sandbox's shim serves it, and nothing listens on its own socket.
-    pod = Shim(shim_main.socket_path(ADDRESS, NAMESPACE, "sandbox1"), ids=(ID,))
+    pod = Shim(names.socket_path(ADDRESS, NAMESPACE, "sandbox1"), ids=(ID,))
     monkeypatch.setattr(checkpointing, "checkpoint", pod.checkpoint)
     pod.start()
     try:
@@ -408,8 +409,8 @@ def test_cli_fast_path_reaches_a_shim_that_does_not_serve_it(
 ) -> None:
     # A shim listens on the container's own socket but serves other containers
     # (a group named like it): the Checkpoint fails there, and goes to its group's.
-    wrong = Shim(shim_main.socket_path(ADDRESS, NAMESPACE, ID), ids=("other",))
-    right = Shim(shim_main.socket_path(ADDRESS, NAMESPACE, "sandbox1"))
+    wrong = Shim(names.socket_path(ADDRESS, NAMESPACE, ID), ids=("other",))
+    right = Shim(names.socket_path(ADDRESS, NAMESPACE, "sandbox1"))
     monkeypatch.setattr(checkpointing, "checkpoint", right.checkpoint)
     wrong.start()
     right.start()
@@ -481,6 +482,6 @@ def _quiet(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_cli_names_agree_with_the_shims() -> None:
-    # The CLI spells them out to stay free of shim.ttrpc (asyncio) on its fast path.
+    # The CLI spells them out to stay free of runtime.rpc.ttrpc_server (asyncio) on its fast path.
     assert (cli.CHECKPOINTER, cli.NAMESPACE_KEY) == (STASIS_SERVICE, ttrpc.NAMESPACE_KEY)
     assert TaskService.image_claim_s < cli.SET_IMAGE_TIMEOUT

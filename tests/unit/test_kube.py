@@ -1,6 +1,6 @@
-"""Pod checkpoints without a cluster: runtime/kube.py's pure logic, the freeze/dump
+"""Pod checkpoints without a cluster: runtime/kube/pods.py's pure logic, the freeze/dump
 order against a recording fake of the shims, and the shim's restore side
-(shim/checkpointing.py) choosing a pod member by CRI container name."""
+(shim/checkpoint/take.py) choosing a pod member by CRI container name."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from runtime import kube
 from runtime.config import Config, SigningConfig, StorageConfig
 from runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, StasisError
-from runtime.signing import Signing
-from runtime.store import LocalStore
-from shim import checkpointing
+from runtime.kube import pods as kube
+from runtime.store.local import LocalStore
+from runtime.store.signing import Signing
+from shim.checkpoint import take as checkpointing
 
 TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount"
 

@@ -1,4 +1,4 @@
-"""Tests for runtime.kubevolumes: the pure core (reading and building claims, volumes
+"""Tests for runtime.kube.volumes: the pure core (reading and building claims, volumes
 and snapshots) and the two entry points against an in-memory fake of the API calls
 they make (the real cluster is tests/integration/test_kube_volumes.py)."""
 
@@ -13,7 +13,6 @@ import pytest
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from runtime import kubevolumes as kv
 from runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -23,6 +22,7 @@ from runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
+from runtime.kube import volumes as kv
 
 NS = "shop"
 

@@ -1,4 +1,4 @@
-"""Tests for shim.metrics: ``runc events --stats`` data to containerd's cgroups Metrics."""
+"""Tests for shim.daemon.metrics: ``runc events --stats`` data to containerd's cgroups Metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from protos.containerd.cgroups.v1 import metrics_pb2 as v1
 from protos.containerd.cgroups.v2 import metrics_pb2 as v2
-from shim.metrics import metrics_v1, metrics_v2
+from shim.daemon.metrics import metrics_v1, metrics_v2
 
 # The "data" of one `runc events --stats` event on a cgroup v1 host (runc 1.1, a
 # busybox container), as JSON so the sample goes through the same decoder as runc's

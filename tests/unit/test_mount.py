@@ -1,4 +1,4 @@
-"""Tests for runtime.mount: option parsing, and (as root) real tmpfs and bind mounts.
+"""Tests for runtime.linux.mount: option parsing, and (as root) real tmpfs and bind mounts.
 
 Every test that mounts undoes its mounts in ``finally``, so a failed assertion
 never leaves anything stacked on a temporary directory.
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import mount as m
 from runtime.errors import InvalidArgument, Unavailable
-from runtime.mount import Mount, is_mountpoint, mount, mount_all, parse_options, unmount_all
+from runtime.linux import mount as m
+from runtime.linux.mount import Mount, is_mountpoint, mount, mount_all, parse_options, unmount_all
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 

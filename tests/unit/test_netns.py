@@ -1,4 +1,4 @@
-"""Tests for runtime.netns: loopback repair in a real network namespace of its own
+"""Tests for runtime.linux.netns: loopback repair in a real network namespace of its own
 (`unshare --net`), as CRIU leaves a restored one (lo down, no addresses)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from runtime import netns
-from runtime.proc import Completed, ForkSpawner
+from runtime.linux import netns
+from runtime.linux.proc import Completed, ForkSpawner
 
 
 @pytest.fixture

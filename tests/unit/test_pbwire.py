@@ -1,4 +1,4 @@
-"""Tests for runtime.pbwire against the generated protobuf classes: what it encodes
+"""Tests for runtime.rpc.pbwire against the generated protobuf classes: what it encodes
 parses as the same message, and what protobuf encodes it reads back the same."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from google.protobuf import any_pb2, timestamp_pb2
 
 from protos.containerd.services.containers.v1 import containers_pb2
 from protos.stasis.v1 import checkpoint_pb2
-from runtime.cli import CheckpointRequest, set_image_request
-from runtime.pbwire import Message, encode
+from runtime.cli.main import CheckpointRequest, set_image_request
+from runtime.rpc.pbwire import Message, encode
 
 U64_MAX = (1 << 64) - 1
 
@@ -73,7 +73,7 @@ def test_checkpoint_response_reads_as_protobuf_wrote_it() -> None:
 
 
 def test_container_reads_as_protobuf_wrote_it() -> None:
-    """What runtime.containerd.get_container reads of containerd's answer, among the
+    """What runtime.rpc.containerd.get_container reads of containerd's answer, among the
     fields it skips (labels, extensions, timestamps, runtime options)."""
     spec = {"ociVersion": "1.1.0", "annotations": {"a": "b"}}
     c = containers_pb2.Container(
@@ -155,9 +155,9 @@ def test_encode_refuses_what_it_cannot_write() -> None:
 
 
 def test_ttrpc_envelopes_match_protobufs() -> None:
-    """The ttrpc clients' Request and Response, as shim.ttrpc_wire writes and reads them."""
+    """The ttrpc clients' Request and Response, as runtime.rpc.ttrpc_wire writes and reads them."""
     from protos.ttrpc import request_pb2, status_pb2
-    from shim.ttrpc_wire import decode_response, encode_request
+    from runtime.rpc.ttrpc_wire import decode_response, encode_request
 
     data = encode_request(
         "stasis.v1.Checkpointer", "Checkpoint", b"\x0a\x01x", 2.5, {"k": "v", "e": ""}, 1 << 20

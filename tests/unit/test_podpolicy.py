@@ -1,4 +1,4 @@
-"""runtime/podpolicy.py: a pod.json may ask for no more than its container
+"""runtime/security/podpolicy.py: a pod.json may ask for no more than its container
 checkpoints' spec.dump recorded. A table of edits: each escalation refused with a
 message naming the pod, the container and the field; the recorded pod accepted;
 a pod that asks for less accepted."""
@@ -14,11 +14,13 @@ from typing import Any
 
 import pytest
 
-from runtime import kube, podpolicy, signing
 from runtime.config import Config, StorageConfig
 from runtime.errors import DataLoss, PermissionDenied
-from runtime.podpolicy import DEFAULT_CAPS, check_pod, recorded
-from runtime.store import LocalStore
+from runtime.kube import pods as kube
+from runtime.security import podpolicy
+from runtime.security.podpolicy import DEFAULT_CAPS, check_pod, recorded
+from runtime.store import signing
+from runtime.store.local import LocalStore
 
 SANDBOX = "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/abc"
 

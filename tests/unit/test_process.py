@@ -1,4 +1,4 @@
-"""Tests for shim.process: the init process state machine, driven by a fake runc and io."""
+"""Tests for shim.task.process: the init process state machine, driven by a fake runc and io."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any, cast
 import pytest
 
 from runtime.errors import FailedPrecondition, NotFound
-from runtime.proc import Stdio
-from runtime.runc import CreateOpts, Runc
-from shim.process import Exit, InitProcess, Status
-from shim.stdio import ProcessIO
+from runtime.linux.proc import Stdio
+from runtime.linux.runc import CreateOpts, Runc
+from shim.task.process import Exit, InitProcess, Status
+from shim.task.stdio import ProcessIO
 from tests.unit.test_cgroups import frozen_candidate  # noqa: F401  (a fixture)
 
 
@@ -385,7 +385,7 @@ def test_exit_after_delete_of_created_process(tmp_path: Path) -> None:
 
 
 def test_pause_tries_again_when_the_freezer_gives_up(tmp_path: Path) -> None:
-    from runtime.runc import RuncError
+    from runtime.linux.runc import RuncError
 
     async def body() -> None:
         p, runc, _ = make(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for runtime.proc (spawning, exit codes, ForkSpawner) and shim.reaper.
+"""Tests for runtime.linux.proc (spawning, exit codes, ForkSpawner) and shim.task.reaper.
 
 The Reaper calls ``waitpid(-1)``, so each test installs it on its own loop
 (``asyncio.run``) and uninstalls it before returning. ``set_subreaper`` is only
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from runtime.proc import Completed, ForkSpawner, Spawner, Stdio, exit_code, spawn
-from shim.reaper import Reaper
+from runtime.linux.proc import Completed, ForkSpawner, Spawner, Stdio, exit_code, spawn
+from shim.task.reaper import Reaper
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -315,8 +315,8 @@ def test_subreaper_reaps_orphans_in_a_child_process() -> None:
     script = textwrap.dedent(
         """
         import asyncio, os, sys
-        from runtime.proc import Stdio
-        from shim.reaper import Reaper, set_subreaper
+        from runtime.linux.proc import Stdio
+        from shim.task.reaper import Reaper, set_subreaper
 
         async def main():
             set_subreaper()

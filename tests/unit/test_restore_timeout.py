@@ -1,4 +1,4 @@
-"""Tests for a restore's deadline (shim.restoring, the _Restoring state of shim.process):
+"""Tests for a restore's deadline (shim.task.restoring, the _Restoring state of shim.task.process):
 a `runc restore` stand-in that hangs as a real process tree is killed whole at the
 timeout, by a kill or a delete of the task, or when Start is cancelled; the process
 lock is free meanwhile."""
@@ -16,10 +16,10 @@ from typing import Any, cast
 import pytest
 
 from runtime.errors import DeadlineExceeded, FailedPrecondition
-from runtime.proc import ForkSpawner, Stdio
-from runtime.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
-from shim.process import Exit, InitProcess, Status
-from shim.stdio import ProcessIO
+from runtime.linux.proc import ForkSpawner, Stdio
+from runtime.linux.runc import CheckpointOpts, RestoreOpts, Runc, RuncError
+from shim.task.process import Exit, InitProcess, Status
+from shim.task.stdio import ProcessIO
 from tests.unit.test_process import FakeIO, FakeRunc
 
 SOURCE = "file:///var/lib/stasis/checkpoints/ck1"

@@ -1,4 +1,4 @@
-"""Tests for runtime.rootfs: capturing an overlay upperdir and applying it to a fresh one.
+"""Tests for runtime.capture.rootfs: capturing an overlay upperdir and applying it to a fresh one.
 
 The round trip and capture tests mount real overlays (root) under tmp_path and
 unmount them in ``finally``. The hostile-input tests build tars by hand and
@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from runtime import rootfs
+from runtime.capture import rootfs
+from runtime.capture.rootfs import DiffStats, apply, capture, upperdir_of
 from runtime.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
-from runtime.mount import Mount, mount, unmount
-from runtime.rootfs import DiffStats, apply, capture, upperdir_of
+from runtime.linux.mount import Mount, mount, unmount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="overlay mounts need root")
 

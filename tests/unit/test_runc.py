@@ -1,4 +1,4 @@
-"""Tests for runtime.runc: the argv of every command, output parsing and error mapping.
+"""Tests for runtime.linux.runc: the argv of every command, output parsing and error mapping.
 
 A recording fake spawner stands in for the process layer; one test runs a
 stand-in runc *script* through the real ForkSpawner, as containerd's own
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from runtime.errors import FailedPrecondition, NotFound, Unavailable
-from runtime.proc import Completed, ForkSpawner, Stdio
-from runtime.runc import CreateOpts, ExecOpts, Runc, RuncError, last_error
+from runtime.linux.proc import Completed, ForkSpawner, Stdio
+from runtime.linux.runc import CreateOpts, ExecOpts, Runc, RuncError, last_error
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -234,7 +234,7 @@ def test_global_flags() -> None:
 def test_checkpoint_and_restore_die_with_the_shim() -> None:
     import shutil
 
-    from runtime.runc import CheckpointOpts, RestoreOpts
+    from runtime.linux.runc import CheckpointOpts, RestoreOpts
 
     setpriv = shutil.which("setpriv")
     assert setpriv, "util-linux's setpriv"

@@ -12,8 +12,8 @@ import pytest
 from protos.containerd.runc.v1 import options_pb2
 from protos.containerd.runtimeoptions.v1 import options_pb2 as runtimeoptions_pb2
 from runtime.errors import InvalidArgument
-from shim import runtimeoptions
-from shim.container import RuncOptions
+from shim.daemon import runtimeoptions
+from shim.task.container import RuncOptions
 
 RUNC_URL = "containerd.runc.v1.Options"
 GENERIC_URL = "runtimeoptions.v1.Options"

@@ -1,4 +1,4 @@
-"""Tests for runtime.s3store against a real S3-compatible server (moto's, in a thread).
+"""Tests for runtime.store.s3 against a real S3-compatible server (moto's, in a thread).
 
 One server for the session; every test gets its own bucket, deleted afterwards
 (moto keeps objects in RAM). Failures are injected by replacing a method of
@@ -38,19 +38,10 @@ from runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
-from runtime.s3store import S3Reader, S3Store, S3Writer
-from runtime.store import (
-    MANIFEST,
-    CheckpointReader,
-    CheckpointWriter,
-    LocalStore,
-    Store,
-    default_store,
-    export_tar,
-    import_tar,
-    open_store,
-    resolve,
-)
+from runtime.store.archive import export_tar, import_tar
+from runtime.store.local import MANIFEST, CheckpointReader, CheckpointWriter, LocalStore, Store
+from runtime.store.resolve import default_store, open_store, resolve
+from runtime.store.s3 import S3Reader, S3Store, S3Writer
 
 MiB = 1 << 20
 KEY_ID = "AKIDSTASISTEST"
@@ -692,11 +683,11 @@ def test_local_use_does_not_import_boto3(tmp_path: Path) -> None:
     code = f"""
 import sys
 from runtime.config import Config
-from runtime.store import open_store, resolve
+from runtime.store.resolve import open_store, resolve
 resolve({str(tmp_path / "x")!r}, Config())
 open_store("file://{tmp_path}/store")
 loaded = [m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "zstandard")]
-assert not loaded and "runtime.s3store" not in sys.modules, loaded
+assert not loaded and "runtime.store.s3" not in sys.modules, loaded
 """
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 

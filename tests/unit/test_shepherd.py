@@ -1,4 +1,4 @@
-"""The exec shepherd (shim/shepherd.c) run directly, without a container, the way
+"""The exec shepherd (shim/bootstrap/shepherd.c) run directly, without a container, the way
 runc runs it: as /proc/self/fd/3 with the control socket as fd 4; and the
 process events connector that reports the exit codes of processes handed over.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import procevents
-from runtime.proc import Stdio, exit_code, spawn
-from shim import launcher
+from runtime.linux import procevents
+from runtime.linux.proc import Stdio, exit_code, spawn
+from shim.bootstrap import launcher
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
 

@@ -13,8 +13,8 @@ import pytest
 
 from protos.containerd.runc.v1 import options_pb2
 from protos.containerd.types import introspection_pb2
-from shim import info
-from shim.main import VERSION
+from runtime.names import VERSION
+from shim.daemon import info
 
 ROOT = Path(__file__).resolve().parents[2]
 FEATURES = {"ociVersionMin": "1.0.0", "mountOptions": ["ro", "rro"], "linux": {}}

@@ -26,18 +26,13 @@ from pathlib import Path
 import pytest
 
 from protos.containerd.task.v2 import shim_pb2
-from runtime import cgroups
+from runtime.linux import cgroups
+from runtime.names import RESTORE_ANNOTATION, SOCKET_DIR, VERSION
+from runtime.rpc.ttrpc_server import Client
 from shim import main as shim_main
-from shim.main import (
-    RESTORE_ANNOTATION,
-    SOCKET_DIR,
-    _encode_delete_response,
-    bundle_facts,
-    parse_flags,
-    parse_json,
-    socket_path,
-)
-from shim.ttrpc import Client
+from shim.bootstrap.delete import _encode_delete_response, delete, remove_empty_cgroups
+from shim.bootstrap.flags import Flags, parse_flags
+from shim.bootstrap.start import bundle_facts, parse_json, socket_path
 
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / ".venv" / "bin" / "containerd-shim-stasis-v2"
@@ -119,7 +114,7 @@ def test_action_position_first_or_last() -> None:
 
 
 def test_empty_argv() -> None:
-    assert vars(parse_flags([])) == vars(shim_main.Flags())
+    assert vars(parse_flags([])) == vars(Flags())
 
 
 def test_unknown_flag_is_an_error() -> None:
@@ -141,9 +136,7 @@ def test_two_actions_are_an_error() -> None:
 
 def test_main_version_and_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert shim_main.main(["-v"]) == 0
-    assert capsys.readouterr().out.strip() == (
-        f"containerd-shim-stasis-v2 version {shim_main.VERSION}"
-    )
+    assert capsys.readouterr().out.strip() == (f"containerd-shim-stasis-v2 version {VERSION}")
     assert shim_main.main(["-id", "x"]) == 2
     assert "actions: start, delete" in capsys.readouterr().err
 
@@ -255,7 +248,7 @@ def test_bundle_facts_import_neither_json_nor_re(tmp_path: Path) -> None:
     )
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-        "from shim.main import bundle_facts\n"
+        "from shim.bootstrap.start import bundle_facts\n"
         f"facts = bundle_facts({bundle!r}, 'ctr')\n"
         "print(facts, 'json' in sys.modules, 're' in sys.modules)\n"
     )
@@ -271,9 +264,9 @@ def test_bundle_facts_import_neither_json_nor_re(tmp_path: Path) -> None:
 def test_load_serving_code_for_a_restore_loads_the_checkpoint_machinery() -> None:
     code = (
         "import sys\n"
-        "from shim.main import load_serving_code\n"
+        "from shim.bootstrap.serving import load_serving_code\n"
         "load_serving_code(restore=sys.argv[1] == '1')\n"
-        "print('shim.checkpointing' in sys.modules, 'shim.serve' in sys.modules)\n"
+        "print('shim.checkpoint.take' in sys.modules, 'shim.daemon.serve' in sys.modules)\n"
     )
     for restore, want in (("0", "False True"), ("1", "True True")):
         done = subprocess.run(
@@ -626,7 +619,7 @@ def test_delete_survives_bad_options_and_missing_runc(workdir: Path, options: st
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 def test_delete_unmounts_a_leftover_rootfs(workdir: Path) -> None:
-    from runtime.mount import Mount, is_mountpoint, mount, unmount_all
+    from runtime.linux.mount import Mount, is_mountpoint, mount, unmount_all
 
     bundle = workdir / "bundle with space"
     rootfs = bundle / "rootfs"
@@ -646,11 +639,11 @@ def test_delete_removes_a_dead_shim_socket_and_keeps_a_live_one(
 ) -> None:
     import socket as socketlib
 
-    from shim import main as shim_main
+    from shim.bootstrap import delete as delete_mod
 
     sockets = tmp_path / "s"
     sockets.mkdir()
-    monkeypatch.setattr(shim_main, "SOCKET_DIR", str(sockets))
+    monkeypatch.setattr(delete_mod, "SOCKET_DIR", str(sockets))
     dead, live = sockets / "dead", sockets / "live"
     with socketlib.socket(socketlib.AF_UNIX) as s:
         s.bind(str(dead))  # bound, never listening: what a killed shim leaves
@@ -662,9 +655,9 @@ def test_delete_removes_a_dead_shim_socket_and_keeps_a_live_one(
             bundle = tmp_path / name
             bundle.mkdir()
             (bundle / "address").write_text(f"unix://{path}")
-            f = shim_main.Flags()
+            f = Flags()
             f.bundle, f.namespace = str(bundle), "ns"
-            assert shim_main.delete(f) == 0
+            assert delete(f) == 0
         capsysbinary.readouterr()
         assert not dead.exists()
         assert live.exists()
@@ -674,7 +667,7 @@ def test_delete_removes_a_dead_shim_socket_and_keeps_a_live_one(
 
 def test_launchers_run_isolated_without_site(tmp_path: Path) -> None:
     """Both launchers start Python with -IS and find every package they need."""
-    from shim import launcher
+    from shim.bootstrap import launcher
 
     launcher.write(str(tmp_path))
     for name, args, want in (
@@ -715,7 +708,7 @@ def test_delete_removes_the_containers_empty_cgroups(
     if not v2:
         (root / "pids" / "ns" / "ctr" / "child").mkdir()  # not empty: kept
     bundle = _bundle_with(tmp_path, {"linux": {"cgroupsPath": "/ns/ctr"}})
-    shim_main.remove_empty_cgroups(bundle)
+    remove_empty_cgroups(bundle)
     for h in hierarchies:
         assert (h / "ns" / "other").is_dir()
         assert (h / "ns" / "ctr").exists() == (not v2 and h.name == "pids")
@@ -735,7 +728,7 @@ def test_delete_leaves_cgroups_it_does_not_own(
     monkeypatch.setattr(cgroups, "unified", lambda: False)
     (root / "memory" / "ns" / "ctr").mkdir(parents=True)
     config = None if cgroups_path is None else {"linux": {"cgroupsPath": cgroups_path}}
-    shim_main.remove_empty_cgroups(_bundle_with(tmp_path, config))
+    remove_empty_cgroups(_bundle_with(tmp_path, config))
     assert (root / "memory" / "ns" / "ctr").is_dir()
     assert sorted(p.name for p in root.iterdir()) == [
         "cpu", "cpu,cpuacct", "freezer", "memory", "pids", "unified"
@@ -744,11 +737,11 @@ def test_delete_leaves_cgroups_it_does_not_own(
 
 def test_start_imports_no_slow_standard_modules() -> None:
     """Every container start runs `start`, which waits for every import: shim.main
-    and shim.zygote keep to modules the interpreter has loaded anyway."""
+    and shim.bootstrap.zygote keep to modules the interpreter has loaded anyway."""
     code = (
         f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
         "before = set(sys.modules)\n"
-        "import shim.main, shim.zygote\n"
+        "import shim.main, shim.bootstrap.zygote\n"
         "slow = ('contextlib', 'json', 're', 'enum', 'typing', 'dataclasses', 'socket')\n"
         "print(sorted(m for m in slow if m in sys.modules and m not in before))\n"
     )

@@ -1,4 +1,4 @@
-"""Signed checkpoints (runtime.signing) and namespace-bound restores, without containers."""
+"""Signed checkpoints (runtime.store.signing) and namespace-bound restores, without containers."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime import cli
+from runtime.cli import main as cli
 from runtime.config import Config, RestorePolicy, SigningConfig, StorageConfig, load
 from runtime.errors import AlreadyExists, DataLoss, InvalidArgument, PermissionDenied
-from runtime.signing import SIG_FILE, Signing, key_id, load_private, write_private
-from runtime.store import LocalStore, MemoryStore, export_tar, import_tar
-from shim import checkpointing
+from runtime.store.archive import export_tar, import_tar
+from runtime.store.local import LocalStore, MemoryStore
+from runtime.store.signing import SIG_FILE, Signing, key_id, load_private, write_private
+from shim.checkpoint import take as checkpointing
 
 
 def signed_store(root: Path, key: Path, *trusted: str) -> LocalStore:

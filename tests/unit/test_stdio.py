@@ -1,4 +1,4 @@
-"""Tests for shim.stdio.ProcessIO with real FIFOs, files and child processes.
+"""Tests for shim.task.stdio.ProcessIO with real FIFOs, files and child processes.
 
 Each test plays containerd's part (it opens the FIFOs like a client does) and
 runs a real child with ``io.child`` as its stdio. Children are reaped with a
@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from runtime.errors import InvalidArgument
-from runtime.proc import exit_code, spawn
-from shim.stdio import ProcessIO
+from runtime.linux.proc import exit_code, spawn
+from shim.task.stdio import ProcessIO
 
 
 def fd_count() -> int:
@@ -357,17 +357,17 @@ def test_not_delivered_while_the_copier_lags_behind_the_exit(
 ) -> None:
     """The race behind lost `ctr run --rm` output: the process has exited (and
     would be reported) while its output is still in the pipe, not yet copied."""
-    import shim.stdio
+    import shim.task.stdio
 
     out = fifo(tmp_path, "out")
-    copy = shim.stdio._copy
+    copy = shim.task.stdio._copy
     late = threading.Event()
 
     def lagging(*args: Any, **kw: Any) -> None:
         late.wait(2)
         copy(*args, **kw)
 
-    monkeypatch.setattr(shim.stdio, "_copy", lagging)
+    monkeypatch.setattr(shim.task.stdio, "_copy", lagging)
 
     async def body() -> None:
         rout = open_reader(out)

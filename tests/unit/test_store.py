@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from runtime import store as st
 from runtime.config import Config, StorageConfig
 from runtime.errors import (
     AlreadyExists,
@@ -31,18 +30,10 @@ from runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from runtime.store import (
-    MANIFEST,
-    CheckpointWriter,
-    LocalStore,
-    Manifest,
-    MemoryStore,
-    Store,
-    export_tar,
-    import_tar,
-    open_store,
-    resolve,
-)
+from runtime.store import local as st
+from runtime.store.archive import export_tar, import_tar
+from runtime.store.local import MANIFEST, CheckpointWriter, LocalStore, Manifest, MemoryStore, Store
+from runtime.store.resolve import default_store, open_store, resolve
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -695,7 +686,7 @@ def test_existing_root_keeps_its_mode(tmp_path: Path) -> None:
 def test_cli_list_leaves_the_named_store_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from runtime import cli
+    from runtime.cli import main as cli
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -863,7 +854,7 @@ def test_resolve_round_trips_info_ref(config: Config, tmp_path: Path) -> None:
 
 
 def test_resolve_s3(config: Config) -> None:
-    from runtime.s3store import S3Store
+    from runtime.store.s3 import S3Store
 
     store, name = resolve("s3://bucket/prefix/ckpt", config)
     assert isinstance(store, S3Store) and store.url == "s3://bucket/prefix" and name == "ckpt"
@@ -898,14 +889,12 @@ def test_open_store(tmp_path: Path) -> None:
         s = open_store(url)
         assert isinstance(s, LocalStore)
         assert s.root == f"{tmp_path}/s"
-    from runtime.s3store import S3Store
+    from runtime.store.s3 import S3Store
 
     assert isinstance(open_store("s3://b", Config()), S3Store)
     with pytest.raises(InvalidArgument):
         open_store("relative")
-    assert isinstance(
-        st.default_store(Config(StorageConfig(url=f"file://{tmp_path}/d"))), LocalStore
-    )
+    assert isinstance(default_store(Config(StorageConfig(url=f"file://{tmp_path}/d"))), LocalStore)
 
 
 # --------------------------------------------------------------------------- archives
@@ -1221,7 +1210,7 @@ def test_no_fd_leaks(local: LocalStore, tmp_path: Path) -> None:
 def test_restore_references_outside_the_configured_stores_are_refused(tmp_path: Path) -> None:
     from runtime.config import Config, StorageConfig
     from runtime.errors import PermissionDenied
-    from runtime.store import check_source
+    from runtime.store.resolve import check_source
 
     store = tmp_path / "store"
     nas = tmp_path / "nas"
@@ -1250,7 +1239,7 @@ def test_restore_references_outside_the_configured_stores_are_refused(tmp_path: 
 
 def signed(root: Path) -> LocalStore:
     """A store whose checkpoints a restore accepts: signed with the session's key."""
-    from runtime import signing
+    from runtime.store import signing
 
     return LocalStore(str(root), signing=signing.Signing(signing.DEFAULT_KEY_FILE))
 
@@ -1267,7 +1256,7 @@ def attack(tmp_path: Path) -> tuple[Config, Path, Path]:
 
 
 def _restore(ref: str, config: Config) -> None:
-    from shim import checkpointing
+    from shim.checkpoint import take as checkpointing
 
     plan = checkpointing.prepare_restore(ref, None, config)
     if plan is not None:
@@ -1297,7 +1286,7 @@ def test_restore_ref_through_a_symlink_below_the_store_is_refused(
     attack: tuple[Config, Path, Path],
 ) -> None:
     from runtime.errors import PermissionDenied
-    from runtime.store import check_source, resolve_source
+    from runtime.store.resolve import check_source, resolve_source
 
     config, store, rootfs = attack
     (store / "sub").symlink_to(rootfs)  # a directory of the store leading out
@@ -1316,7 +1305,7 @@ def test_name_that_is_a_symlink_in_the_store_is_refused(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from runtime import cli
+    from runtime.cli import main as cli
     from runtime.errors import PermissionDenied
 
     config, store, rootfs = attack
@@ -1338,7 +1327,7 @@ def test_name_that_is_a_symlink_in_the_store_is_refused(
     with signed(store).begin("pod") as w:
         w.write_bytes("pod.json", json.dumps(pod).encode())
         w.commit()
-    from shim import checkpointing
+    from shim.checkpoint import take as checkpointing
 
     with pytest.raises(PermissionDenied, match=r"alias .* is a symlink"):
         checkpointing.prepare_restore("pod", None, config, container_name="a")
@@ -1409,7 +1398,7 @@ def test_closed_reader_refuses_and_keeps_no_descriptor(local: LocalStore, tmp_pa
 
 
 def _keyed(tmp_path: Path, name: str = "k1") -> Any:
-    from runtime import crypt
+    from runtime.store import crypt
 
     return crypt.Key(hashlib.sha256(name.encode()).digest(), str(tmp_path / f"{name}.key"))
 
@@ -1419,7 +1408,7 @@ def _stored_bytes(directory: Path) -> bytes:
 
 
 def test_encrypted_local_checkpoint_round_trip(tmp_path: Path, root: Path) -> None:
-    from runtime.digest import KnownDigest
+    from runtime.capture.digest import KnownDigest
 
     key = _keyed(tmp_path)
     cache = tmp_path / "cache"
@@ -1580,7 +1569,7 @@ def test_stores_take_the_key_from_the_config(tmp_path: Path, root: Path) -> None
     assert getattr(resolve("s3://bucket/p/c1", cfg)[0], "key", None) == store.key
     key_file.chmod(0o644)
     with pytest.raises(PermissionDenied, match=f"encryption key file {key_file} has mode 0644"):
-        st.default_store(cfg)
+        default_store(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -1600,10 +1589,10 @@ def test_encrypted_s3_checkpoint(tmp_path: Path, moto_endpoint: str) -> None:
     """Encrypted on the way up (zstd inside), verified then decrypted on the way down."""
     import boto3
 
-    from runtime import crypt
     from runtime.config import S3Config
     from runtime.errors import PermissionDenied
-    from runtime.s3store import S3Store
+    from runtime.store import crypt
+    from runtime.store.s3 import S3Store
 
     client = boto3.client(
         "s3", endpoint_url=moto_endpoint, region_name="us-east-1",

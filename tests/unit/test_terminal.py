@@ -1,4 +1,4 @@
-"""Tests for terminals: shim.console (runc's console socket) and shim.stdio.TerminalIO.
+"""Tests for terminals: shim.task.console (runc's console socket) and shim.task.stdio.TerminalIO.
 
 The test plays runc: it connects to the console socket and sends the master of a
 pty made with ``os.openpty()``; a real child runs on the pty's slave, and the test
@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from runtime.errors import Unavailable
-from runtime.proc import Stdio, exit_code, spawn
-from shim import console
-from shim.console import ConsoleSocket, with_console
-from shim.stdio import TerminalIO
+from runtime.linux.proc import Stdio, exit_code, spawn
+from shim.task import console
+from shim.task.console import ConsoleSocket, with_console
+from shim.task.stdio import TerminalIO
 
 
 def fd_count() -> int:

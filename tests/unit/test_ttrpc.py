@@ -1,4 +1,4 @@
-"""Tests for shim.ttrpc: wire format, server robustness and the client.
+"""Tests for runtime.rpc.ttrpc_server: wire format, server robustness and the client.
 
 Most server tests talk to a real unix socket with hand-made frames so that the
 bytes on the wire are what is checked, not just our own client's view of them.
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from protos.ttrpc import request_pb2, status_pb2
 from runtime.errors import Code, NotFound
-from shim.ttrpc import (
+from runtime.rpc.ttrpc_server import (
     MAX_MESSAGE_SIZE,
     Client,
     RequestContext,

@@ -1,5 +1,5 @@
-"""Tests for shim.ttrpc_client, the blocking client, against the real asyncio
-server of shim.ttrpc (run on an event loop in a thread of its own)."""
+"""Tests for runtime.rpc.ttrpc_client, the blocking client, against the real asyncio
+server of runtime.rpc.ttrpc_server (run on an event loop in a thread of its own)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,17 @@ import pytest
 from bed.loopserver import LoopServer
 
 from runtime.errors import Code, NotFound
-from shim import ttrpc, ttrpc_client
-from shim.ttrpc import RequestContext
-from shim.ttrpc_client import Client, RPCError
+from runtime.rpc import ttrpc_client
+from runtime.rpc import ttrpc_server as ttrpc
+from runtime.rpc.ttrpc_client import Client, RPCError
+from runtime.rpc.ttrpc_server import RequestContext
 
 SERVICE = "test.v1.Sync"
 
 
 class Server(LoopServer):
-    """A shim.ttrpc.Server serving SERVICE on a unix socket, from a background loop."""
+    """A runtime.rpc.ttrpc_server.Server serving SERVICE on a unix socket, from a
+    background loop."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -215,8 +217,8 @@ def test_agrees_with_the_asyncio_module() -> None:
 def test_imports_no_asyncio_nor_protobuf() -> None:
     # Neither the client nor the CLI that uses it on its fast path.
     code = (
-        "import sys, shim.ttrpc_client, runtime.cli\n"
-        "bad = ('asyncio', 'grpc', 'google.protobuf', 'shim.ttrpc')\n"
+        "import sys, runtime.rpc.ttrpc_client, runtime.cli.main\n"
+        "bad = ('asyncio', 'grpc', 'google.protobuf', 'runtime.rpc.ttrpc_server')\n"
         "bad = sorted(m for m in bad if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

@@ -1,7 +1,7 @@
-"""Tests for runtime.upload (an S3 checkpoint's commit in a worker process) and for the
-spool bookkeeping it relies on (runtime.s3store: locks, the worker's pid file, gc).
+"""Tests for runtime.store.upload (an S3 checkpoint's commit in a worker process) and for the
+spool bookkeeping it relies on (runtime.store.s3: locks, the worker's pid file, gc).
 
-The worker is real (`python -m runtime.upload`, started through ForkSpawner); the
+The worker is real (`python -m runtime.store.upload`, started through ForkSpawner); the
 S3 server is moto's, in a thread of the test process.
 """
 
@@ -26,12 +26,12 @@ import pytest
 from botocore.config import Config as BotoConfig
 from moto.server import ThreadedMotoServer
 
-from runtime import upload
 from runtime.config import S3Config
 from runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from runtime.proc import Completed, ForkSpawner, Stdio
-from runtime.s3store import PENDING, PID_FILE, S3Store, collect_spools, new_spool, spool_worker
-from runtime.store import LocalStore, MemoryStore
+from runtime.linux.proc import Completed, ForkSpawner, Stdio
+from runtime.store import upload
+from runtime.store.local import LocalStore, MemoryStore
+from runtime.store.s3 import PENDING, PID_FILE, S3Store, collect_spools, new_spool, spool_worker
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "stasis-upload-secret-9Fq2"
@@ -237,11 +237,11 @@ def test_the_callers_process_never_imports_boto3(store: S3Store) -> None:
     botocore and zstandard out of its memory: only the worker loads them."""
     code = f"""
 import asyncio, json, sys
-import shim.checkpointing
-from runtime import upload
+import shim.checkpoint.take
+from runtime.store import upload
 from runtime.config import S3Config
-from runtime.proc import ForkSpawner
-from runtime.s3store import S3Store
+from runtime.linux.proc import ForkSpawner
+from runtime.store.s3 import S3Store
 
 store = S3Store({store.url!r}, S3Config(**json.loads(sys.argv[1])), **json.loads(sys.argv[2]))
 

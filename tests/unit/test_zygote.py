@@ -1,4 +1,4 @@
-"""Tests for shim.zygote: a real zygote process forking real shim daemons.
+"""Tests for shim.bootstrap.zygote: a real zygote process forking real shim daemons.
 
 Each test runs its own zygote under a key of its own (not the key of this
 code's real zygote), launched from a helper process as ``start`` would launch
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import zygote
+from shim.bootstrap import zygote
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ def _running_zygote(k: str) -> Iterator[int]:
     env = {**os.environ, zygote.IDLE_ENV: "1"}
     code = (
         "import sys; sys.argv = ['containerd-shim-stasis-v2']\n"
-        f"from shim import zygote; zygote.launch({k!r})"
+        f"from shim.bootstrap import zygote; zygote.launch({k!r})"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=30)
     sock_path, lock_path = zygote._paths(k)
@@ -180,7 +180,7 @@ def test_a_caller_in_another_namespace_is_refused(
     _, path = listener
     code = (
         "import socket, sys\n"
-        "from shim import zygote\n"
+        "from shim.bootstrap import zygote\n"
         f"s = socket.socket(socket.AF_UNIX); s.bind({path + '.2'!r}); s.listen(1)\n"
         f"request = {{'env': {{}}, 'bundle': '/', 'namespace': 'n', 'path': {path + '.2'!r},"
         " 'address': '/x', 'debug': False}\n"

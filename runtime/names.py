@@ -1,0 +1,32 @@
+"""The names Stasis's parts share: annotation keys, socket paths, file names.
+
+Standard library only and cheap to import: the shim's start path reads it too.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The annotation naming a checkpoint to restore a container (or, on a pod, its
+# containers) from.
+RESTORE_ANNOTATION = "stasis.dev/restore-from"
+# The annotations that group containers onto one shim, as containerd's runc shim does:
+# its own group annotation, then CRI's sandbox id.
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+# Where shim sockets live (containerd's directory for them).
+SOCKET_DIR = "/run/containerd/s"
+VERSION = "0.1.0"
+
+
+def socket_key(containerd_address: str, namespace: str, group: str) -> bytes:
+    """What a group's shim socket is named after (hashed: ``socket_path``)."""
+    key = os.path.normpath(os.path.join("/", containerd_address, namespace, group))
+    return f"stasis:{key}".encode()
+
+
+def socket_path(containerd_address: str, namespace: str, group: str) -> str:
+    """The shim socket for a group; distinct from the runc shim's for the same group."""
+    import hashlib
+
+    digest = hashlib.sha256(socket_key(containerd_address, namespace, group)).hexdigest()
+    return os.path.join(SOCKET_DIR, digest)

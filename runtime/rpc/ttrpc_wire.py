@@ -1,0 +1,116 @@
+"""What both ttrpc clients and the server share, without asyncio.
+
+The wire format (github.com/containerd/ttrpc): a 10-byte big-endian header
+(uint32 payload length, uint32 stream id, uint8 message type, uint8 flags), then
+a protobuf ``ttrpc.Request`` or ``ttrpc.Response``. :mod:`runtime.rpc.ttrpc_server` (asyncio
+server and client) and :mod:`runtime.rpc.ttrpc_client` (the CLI's blocking client,
+which must import neither asyncio nor protobuf) both build on this module; the
+clients' envelopes are encoded and decoded with :mod:`runtime.rpc.pbwire`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+from runtime.errors import Code
+from runtime.rpc import pbwire
+
+#: ttrpc's default limit on one frame's payload (channel.go messageLengthMax).
+MAX_MESSAGE_SIZE = 4 << 20
+
+#: Metadata key containerd uses for the namespace when calling a shim over ttrpc
+#: (containerd pkg/namespaces/ttrpc.go, TTRPCHeader).
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+
+#: The gRPC spelling of the namespace key; accepted as a fallback.
+GRPC_NAMESPACE_KEY = "containerd-namespace"
+
+HEADER = struct.Struct(">IIBB")
+
+TYPE_REQUEST = 0x1
+TYPE_RESPONSE = 0x2
+TYPE_DATA = 0x3
+
+MAX_STREAM_ID = 0xFFFFFFFF
+
+# Oversized frames are skipped in pieces of this size so that a peer declaring
+# 4 GiB never makes us allocate it.
+DISCARD_CHUNK = 64 << 10
+
+# The texts a Go ttrpc peer produces for the same conditions (context errors,
+# ErrClosed), so containerd's logs read the same with this shim.
+DEADLINE_MESSAGE = "context deadline exceeded"
+CANCELED_MESSAGE = "context canceled"
+CLOSED_MESSAGE = "ttrpc: closed"
+
+
+class RPCError(Exception):
+    """A non-OK ttrpc status.
+
+    Handlers raise it to answer with a specific code; the clients raise it for
+    every non-OK response and for transport failures (``UNAVAILABLE`` when the
+    connection is gone or could not be made, ``DEADLINE_EXCEEDED`` on timeout).
+    """
+
+    code: Code
+    message: str
+
+    def __init__(self, code: Code | int, message: str) -> None:
+        try:
+            resolved = Code(code)
+        except ValueError:
+            # A peer sent a code outside google.rpc.Code; keep the text and
+            # treat it the way gRPC does with codes it does not know.
+            resolved = Code.UNKNOWN
+        super().__init__(resolved, message)
+        self.code = resolved
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection closed before the answer came."""
+        return self.code == Code.UNAVAILABLE and self.message == CLOSED_MESSAGE
+
+
+def oversized_message(length: int, limit: int) -> str:
+    """Same text as ttrpc's OversizedMessageError / channel.recv."""
+    return f"message length {length} exceed maximum message size of {limit}"
+
+
+def encode_request(
+    service: str,
+    method: str,
+    payload: bytes,
+    timeout: float | None,
+    metadata: Mapping[str, str] | None,
+    max_message_size: int,
+) -> bytes:
+    """A serialized ``ttrpc.Request``; RPCError(RESOURCE_EXHAUSTED) when it is too big."""
+    # Request{service 1, method 2, payload 3, timeout_nano 4, repeated metadata 5
+    # KeyValue{key 1, value 2}}
+    fields: list[tuple[int, pbwire.Value]] = [(1, service), (2, method), (3, payload)]
+    if timeout is not None:
+        fields.append((4, max(1, int(timeout * 1e9))))
+    for key, value in (metadata or {}).items():
+        # (a pair of empty strings encodes to nothing, and is left out)
+        fields.append((5, pbwire.encode([(1, key), (2, value)])))
+    data = pbwire.encode(fields)
+    if len(data) > max_message_size:
+        raise RPCError(Code.RESOURCE_EXHAUSTED, oversized_message(len(data), max_message_size))
+    return data
+
+
+def decode_response(data: bytes) -> tuple[int, str, bytes]:
+    """(status code, status message, payload) of a serialized ``ttrpc.Response``
+    (Response{status 1 Status{code 1, message 2}, payload 2}); ValueError when it
+    is malformed."""
+    response = pbwire.Message(data)
+    status = response.message(1)
+    code = status.uint(1)
+    if code >= 1 << 63:  # a negative int32, sign-extended to 64 bits on the wire
+        code -= 1 << 64
+    return code, status.string(2), response.bytes(2)
