@@ -260,7 +260,7 @@ SPY = """
 import json, sys
 from runtime.cli import main as cli
 from runtime.rpc.pbwire import Message
-from shim import ttrpc_client
+from runtime.rpc import ttrpc_client
 
 seen = []
 call = ttrpc_client.Client.call
