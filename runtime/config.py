@@ -199,7 +199,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     config = Config()
     try:
         with open(path, "rb") as f:
-            import tomllib  # ~3 ms, paid only where a config file exists
+            import tomllib  # only where a config file exists
 
             data = tomllib.load(f)
     except FileNotFoundError:

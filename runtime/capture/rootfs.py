@@ -1,38 +1,17 @@
-"""A container's filesystem changes, read from its overlay upperdir and written back into one.
+"""A container's filesystem changes, read from its overlay upperdir and written back
+into one, in the files Podman, CRI-O and the Kubernetes checkpoint archive use.
 
-A container's rootfs is an overlay: the image layers below (lowerdir) and the
-container's own writes in the upperdir. Everything the container changed is in
-the upperdir and nothing else is, so :func:`capture` walks only the upperdir:
-its cost is the size of the change, not of the image (containerd's walking
-differ compares the whole lower tree with the merged tree).
+:func:`capture` walks only the upperdir (its cost is the size of the change) and
+writes ``rootfs-diff.tar`` (PAX, relative names, numeric owners, nanosecond mtimes,
+xattrs as ``SCHILY.xattr.*``) and ``deleted.files`` (a JSON array of absolute paths:
+whiteouts, and opaque directories, which are in the tar too). It refuses overlays
+that keep data outside the upperdir (``metacopy``, ``redirect_dir``) rather than
+write an incomplete diff; SELinux labels and overlay's own xattrs are never carried.
 
-Overlay keeps a deletion as a whiteout (a character device 0/0 of the same
-name) and a directory that was deleted and created again as an opaque directory
-(``trusted.overlay.opaque=y``, or ``user.overlay.opaque`` on userxattr mounts).
-The checkpoint holds the change in the files Podman, CRI-O and the Kubernetes
-checkpoint archive use:
-
-* ``rootfs-diff.tar``: a plain PAX tar of what was added or modified, names
-  relative to the rootfs root (``etc/motd``), numeric owners, nanosecond
-  mtimes and extended attributes as ``SCHILY.xattr.*`` records (as GNU tar).
-* ``deleted.files``: a JSON array of absolute container paths (``"/etc/motd"``).
-  An opaque directory is listed there too (its lower content is gone) and is in
-  the tar with its new content.
-
-:func:`apply` writes such a pair into the fresh upperdir of a new container
-before its overlay is mounted. The pair may come from anywhere, so apply treats
-it as hostile: it resolves every path one component at a time from a directory
-descriptor with ``O_NOFOLLOW``, never through a symlink, and refuses (with
-:class:`~runtime.errors.InvalidArgument` naming the entry) anything that would
-reach outside the upperdir.
-
-Overlay features that keep data outside the upperdir (``metacopy=on``,
-``redirect_dir=on``) cannot be captured this way; capture refuses them rather
-than writing an incomplete diff. ``security.selinux`` labels are host policy
-(set by the mount's ``context=``), so they are neither captured nor applied;
-overlay's own xattrs (``trusted.overlay.*``, ``user.overlay.*``) are never
-carried, and apply refuses them. The upperdir's root itself (the container's
-``/``) is not captured: the new snapshotter's root stands in for it.
+:func:`apply` writes such a pair into a new container's upperdir before its overlay
+is mounted, treating it as hostile: every path is resolved one component at a time
+from a directory descriptor with ``O_NOFOLLOW``, and anything that would reach
+outside the upperdir is refused with InvalidArgument naming the entry.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def contains(pid: int, cgroups_path: str) -> bool:
 class Freezer:
     """A container's freezer, written directly: what ``runc pause`` and ``runc
     resume`` do (v1: freezer.state; v2: cgroup.freeze, and cgroup.events says when
-    every process is frozen), less a runc process each (~10-20 ms).
+    every process is frozen), without a runc process each.
 
     ``freeze_step`` asks for the freeze (again: on v1 that also catches processes
     forked meanwhile) and says whether the whole cgroup is frozen; the caller polls.

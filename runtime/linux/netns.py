@@ -5,10 +5,10 @@ the spec), CRIU restores the namespace with ``lo`` down and without its
 addresses, so 127.0.0.1 is unreachable although the processes came back.
 
 Bringing ``lo`` up makes the kernel give it 127.0.0.1/8 and ::1 again, as in a
-fresh namespace. That is done in-process (~1 ms; a socket opened in the
-container's namespace by a thread of its own, then ``SIOCSIFFLAGS``), on the
-critical path of every restore; the ``ip`` commands (three processes, ~20 ms)
-remain for when it cannot be (no 127.0.0.1 afterwards, setns refused).
+fresh namespace. That is done in-process (a socket opened in the container's
+namespace by a thread of its own, then ``SIOCSIFFLAGS``), on the critical path of
+every restore; the ``ip`` commands remain for when it cannot be (no 127.0.0.1
+afterwards, setns refused).
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
-"""Write fast launchers for containerd-shim-stasis-v2 and the stasis CLI.
+"""Write the launchers of containerd-shim-stasis-v2 and the stasis CLI, build the exec
+shepherd, and compile the packages' bytecode.
 
-containerd runs the shim binary at least twice per container (``start`` and
-``delete``), so interpreter start-up is on every container's critical path.
-pip's console script starts Python with ``site`` (and, for editable installs,
-an import finder), which costs tens of milliseconds. The launcher written here
-runs Python isolated and without ``site`` (``-I -S``) and puts exactly the two
-directories the shim needs on ``sys.path``.
+A launcher runs Python isolated and without ``site`` (``-I -S``) with exactly the
+package root and site-packages on ``sys.path``: containerd runs the shim binary twice
+per container. The shepherd (``shim/bootstrap/shepherd.c``, a small static binary that
+makes exec'd processes checkpointable) goes next to it, where the shim looks for it
+(``SHEPHERD``); without a C compiler, execs are left out of checkpoints.
 
-It also builds the exec shepherd (``shim/bootstrap/shepherd.c``, a small static binary
-that makes exec'd processes checkpointable) into the same directory, where the
-shim looks for it (``SHEPHERD``). Without a C compiler the shim still works;
-its execs are then left out of checkpoints.
-
-And it compiles the packages' bytecode (``precompile``): a Python started with
-``PYTHONDONTWRITEBYTECODE`` (``python -m runtime.cli``, pip's console scripts;
-the isolated launchers ignore it) would otherwise compile every module it
-imports, on every run.
-
-Usage: ``python -m shim.bootstrap.launcher BINDIR`` (installers and the test bed run it).
+Usage: ``python -m shim.bootstrap.launcher BINDIR`` (installers and the test bed).
 """
 
 from __future__ import annotations
@@ -51,12 +41,8 @@ def launcher_text(python: str, paths: list[str], name: str = NAME) -> str:
 
 
 def write(bindir: str) -> str:
-    """Write the launchers into ``bindir`` (atomically); returns the shim's path.
-
-    The `stasis` CLI gets one too: ``site`` (the editable install's finder, .pth
-    files) costs it ~40 ms a command, which `stasis checkpoint` adds to every
-    checkpoint it takes.
-    """
+    """Write the launchers (the shim's and the CLI's) into ``bindir`` (atomically);
+    returns the shim's path."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     purelib = sysconfig.get_paths()["purelib"]
     paths = list(dict.fromkeys([package_root, purelib]))

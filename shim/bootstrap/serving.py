@@ -14,8 +14,8 @@ def load_serving_code(restore: bool = False) -> None:
     ``serve_group`` turns the collector back on. containerd's Create waits on these
     imports (unless the shim zygote, which calls this too, made them already).
 
-    ``restore``: also the checkpoint machinery (``shim.checkpoint.take``, ~40 ms), which
-    a restoring Create would import; other daemons import it only if they checkpoint."""
+    ``restore``: also the checkpoint machinery (``shim.checkpoint.take``), which a
+    restoring Create would import; other daemons import it only if they checkpoint."""
     import gc
 
     gc.disable()

@@ -62,10 +62,10 @@ class _JsonContext:
 def parse_json(raw: bytes) -> Any:
     """``json.loads(raw)``, without importing ``json``.
 
-    ``json`` imports ``re`` (and ``enum``) and compiles patterns: ~15 ms of every
-    ``start`` that reads a CRI container's or a restore's annotations. The C
-    scanner under it (``_json``) needs none of that. Raises ValueError on
-    malformed input, as ``json.loads`` does.
+    ``json`` imports ``re`` and ``enum`` and compiles patterns, on every ``start``
+    that reads a CRI container's or a restore's annotations; the C scanner under it
+    (``_json``) needs none of that. Raises ValueError on malformed input, as
+    ``json.loads`` does.
     """
     try:
         import _json

@@ -1,48 +1,15 @@
-"""The shim zygote: shim daemons forked from a process that has already imported them.
+"""The shim zygote: shim daemons forked from a process that has already imported
+their serving code, so that a daemon serves at once and shares that code's pages.
 
-A shim daemon spends most of its start-up importing its serving code (asyncio,
-protobuf, the Task service): about 150 ms on a small node, on the critical path
-of every container start and restore. The zygote imports that code once and
-forks a ready daemon for each ``start``; the daemons also share the imported
-code's memory pages with it (copy-on-write), which lowers each shim's PSS.
-
-A forked daemon must be indistinguishable from one that ``start`` forked itself,
-so the zygote only serves callers in its own context: the same credentials,
-capabilities, seccomp and no_new_privs, CPU and memory placement, nice value,
-cgroups and namespaces, all part of its key (``context_key``) together with the exact
-code it runs (every module file's size and mtime, the interpreter, sys.path),
-and checked again against the caller's /proc entry. The daemon then takes the
-caller's environment, umask, resource limits and OOM score adjustment, and
-shows the caller's command line and environment in /proc
-(``PR_SET_MM_ARG_*``/``PR_SET_MM_ENV_*``), as a daemon forked by ``start``
-would.
-
-Protocol, on ``/run/stasis/zygote/<key>.sock`` (mode 0700 directory, peer uid
-checked): the caller sends one length-prefixed request with the shim's
-listening socket attached (SCM_RIGHTS); the forked daemon answers ``ready
-PID``, or the zygote or daemon ``err REASON``; the caller answers ``go`` and
-only then does the daemon serve. Whatever goes wrong (no zygote, a refusal, a
-timeout) the caller starts its daemon itself: the zygote only ever saves time.
-
-The first ``start`` that finds no zygote launches one for the next. A zygote
-exits when no request came for ``IDLE_SECONDS``, or when its socket is gone:
-it serves bursts of starts, and costs nothing between them. The daemons it
-forked run on (re-parented, as daemons ``start`` forks are) and keep sharing
-among themselves what it had imported. It preloads exactly what a daemon
-imports before it serves, so a daemon holds the same code either way.
-``STASIS_SHIM_ZYGOTE=0`` in containerd's environment turns it off.
-
-Restores have a zygote of their own (key ``<key>-restore``) that also preloads
-the checkpoint machinery (``shim.checkpoint.take``, ~40 ms of imports a restoring
-Create would otherwise wait on); ``start`` asks it when the bundle's spec names a
-checkpoint (``stasis.dev/restore-from``). Without one the plain zygote forks the
-daemon and the restore zygote is launched for the next restore: bursts of
-restores (a node drained onto this one) pay the imports once, and plain shims
-never carry that code. The restore zygote waits ``RESTORE_IDLE_SECONDS`` (5 min)
-for the next restore: the pods of a drained node are restored over minutes, and
-it exists only on nodes that restore.
-
-This module is imported by ``start``: standard library only at the top.
+Guarantees: a forked daemon is indistinguishable from one ``start`` forked itself.
+The zygote serves only callers in its own context (credentials, capabilities,
+seccomp, no_new_privs, CPU and memory placement, nice, cgroups, namespaces, and the
+exact code: all in ``context_key``, and checked again against the caller's /proc
+entry), and the daemon takes the caller's environment, umask, limits, OOM score and
+/proc command line. Whatever goes wrong, the caller starts its daemon itself: the
+zygote only ever saves time. Restores have their own zygote (key ``<key>-restore``)
+that also preloads the checkpoint machinery. The protocol and lifetimes are in
+docs/architecture.md ("Processes"). Imported by ``start``: standard library only.
 """
 
 from __future__ import annotations
