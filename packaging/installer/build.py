@@ -7,7 +7,7 @@ takes. The image is busybox (Debian's busybox-static) plus /stasis: install.sh, 
 containerd config tool, the wheels of Stasis and its dependencies (`pip wheel`, or those
 in --wheels), a statically built exec shepherd (for nodes without a C compiler) and the
 entrypoint, which installs into the host mounted at /host (packaging/manifests/).
-Layers are built like tests/bed/images.py builds the test images (reused from there).
+Layers are built by ociimage.py, as the test bed's images are.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "bed"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import images  # noqa: E402  (tests/bed/images.py)
+import ociimage as images  # noqa: E402  (packaging/installer/ociimage.py)
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 IMAGE_REF = f"docker.io/stasis/installer:{VERSION}"

@@ -40,11 +40,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
-if __package__:
-    from .images import Entry, base_entries, image_tar, oci_arch
-else:  # run as a script by setup.sh
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from images import Entry, base_entries, image_tar, oci_arch
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packaging" / "installer"))
+from ociimage import Entry, base_entries, image_tar, oci_arch
 
 E2E = "registry.k8s.io/e2e-test-images/"
 CRI_TOOLS = "gcr.io/k8s-staging-cri-tools/"
