@@ -10,6 +10,16 @@ import os
 # The annotation naming a checkpoint to restore a container (or, on a pod, its
 # containers) from.
 RESTORE_ANNOTATION = "stasis.dev/restore-from"
+# A pod's restore policy, and the signed grant `stasis kube restore` gives a pod.
+RESTORE_POLICY = "stasis.dev/restore-policy"
+RESTORE_GRANT = "stasis.dev/restore-grant"
+# Files of a checkpoint: the restore metadata, and the pod record that makes a
+# checkpoint a pod checkpoint (with the most it may hold).
+METADATA_FILE = "stasis.json"
+POD_FILE = "pod.json"
+POD_FILE_MAX = 4 << 20
+# The ttrpc metadata key that carries containerd's namespace.
+TTRPC_NAMESPACE_KEY = "containerd-namespace-ttrpc"
 # The annotations that group containers onto one shim, as containerd's runc shim does:
 # its own group annotation, then CRI's sandbox id.
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")

@@ -38,6 +38,7 @@ from runtime.errors import (
     StasisError,
     Unavailable,
 )
+from runtime.names import POD_FILE, POD_FILE_MAX, RESTORE_ANNOTATION, RESTORE_GRANT, RESTORE_POLICY
 
 if TYPE_CHECKING:
     from kubernetes import client as k8s
@@ -48,12 +49,8 @@ RUNTIME = "io.containerd.stasis.v2"
 RUNTIME_CLASS = "stasis"
 HANDLER = "stasis"
 CRI_NAMESPACE = "k8s.io"  # containerd namespace of the CRI plugin
-RESTORE_FROM = "stasis.dev/restore-from"
-RESTORE_POLICY = "stasis.dev/restore-policy"
-RESTORE_GRANT = "stasis.dev/restore-grant"  # shim.checkpoint.take.RESTORE_GRANT
-POD_FILE = "pod.json"  # shim.checkpoint.take.POD_FILE
+RESTORE_FROM = RESTORE_ANNOTATION
 POD_FORMAT = 1
-POD_FILE_MAX = 4 << 20  # shim.checkpoint.take.POD_FILE_MAX
 SPEC_FILE = "spec.dump"  # the OCI spec a container checkpoint recorded
 SPEC_FILE_MAX = 4 << 20
 SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"

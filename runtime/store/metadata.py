@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from runtime import boundedjson
 from runtime.errors import DataLoss
+from runtime.names import METADATA_FILE
 
 if TYPE_CHECKING:
     from runtime.store.local import CheckpointReader
 
-METADATA_FILE = "stasis.json"
 MAX_BYTES = 1 << 20
 MAX_EXECS = 4096
 PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT

@@ -17,12 +17,13 @@ import time
 from google.protobuf.message import Message
 
 from protos.containerd.services.events.ttrpc.v1 import events_pb2
+from runtime.names import TTRPC_NAMESPACE_KEY
 from runtime.rpc import ttrpc_server as ttrpc
 
 log = logging.getLogger("stasis.events")
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
-NAMESPACE_KEY = "containerd-namespace-ttrpc"
+NAMESPACE_KEY = TTRPC_NAMESPACE_KEY
 _MAX_QUEUE = 4096
 
 
