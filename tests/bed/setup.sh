@@ -548,7 +548,8 @@ step_venv() {
 step_images() {
     local out=$CACHE/images stamp want
     stamp=$out/.stamp
-    want=$(cat "$REPO/tests/bed/images.py" /bin/busybox | sha256sum | cut -d' ' -f1)
+    want=$(cat "$REPO/tests/bed/images.py" "$REPO/packaging/installer/ociimage.py" /bin/busybox \
+        | sha256sum | cut -d' ' -f1)
     if [ -f "$out/busybox.tar" ] && [ -f "$out/pause.tar" ] && [ -f "$stamp" ] \
         && [ "$(cat "$stamp")" = "$want" ]; then
         STEP_RESULT=skipped
