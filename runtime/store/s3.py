@@ -103,31 +103,31 @@ from runtime.errors import (
     Unavailable,
 )
 from runtime.store.local import (
-    _FULL,
-    _NAME,
-    _SIG_MAX,
+    DISK_FULL,
     MANIFEST,
     MANIFEST_SIG,
     METADATA_FILE,
     NAME_PATTERN,
+    NAME_RE,
+    SIG_MAX,
     CheckpointInfo,
     Encryption,
     FileEntry,
+    LocalFiles,
     Manifest,
-    _digest,
-    _LocalFiles,
-    _locked,
-    _newest_mtime,
-    _NotRegular,
-    _open_new,
-    _problems_message,
-    _read_small,
-    _rmtree,
-    _safe_rel,
-    _scan,
-    _token,
+    NotRegular,
     check_name,
     check_rel,
+    digest_file,
+    is_locked,
+    new_token,
+    newest_mtime,
+    open_new,
+    problems_message,
+    read_small,
+    rmtree,
+    safe_rel,
+    scan_tree,
 )
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def parse_url(url: str) -> tuple[str, str]:
     if not bucket or any(c in bucket for c in "?#@:\\ ") or bucket in (".", ".."):
         raise InvalidArgument(f"{url!r} names no valid bucket (s3://bucket/prefix)")
     prefix = prefix.strip("/")
-    if prefix and _safe_rel(prefix) != prefix:
+    if prefix and safe_rel(prefix) != prefix:
         raise InvalidArgument(f"{url!r}: the prefix may not contain '//', '.' or '..'")
     return bucket, prefix
 
@@ -267,7 +267,7 @@ def _parse_manifest(data: bytes, where: str) -> _Remote:
     for rel in manifest.files:
         entry = doc["files"][rel]
         key, size, comp = (entry.get(k) for k in ("key", "stored_size", "compression"))
-        if not isinstance(key, str) or _safe_rel(key) != key or key == MANIFEST:
+        if not isinstance(key, str) or safe_rel(key) != key or key == MANIFEST:
             raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored key")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored_size")
@@ -785,7 +785,7 @@ class S3Store:
         """Read ``name``'s manifest (NotFound / DataLoss) and prepare a local cache."""
         remote = self._load(name)
         if self.signing is not None:
-            sig = self._get_small(name, self._sig_key(name), MANIFEST_SIG, _SIG_MAX)
+            sig = self._get_small(name, self._sig_key(name), MANIFEST_SIG, SIG_MAX)
             self.signing.verify(remote.raw, sig, self._where(name))
         sealer = remote.manifest.open_with(self.key, self._where(name))
         try:
@@ -796,10 +796,10 @@ class S3Store:
         except OSError as e:
             raise _local_error(e, f"preparing a local copy of {name}", self.cache_dir) from e
         try:
-            with _open_new(os.path.join(cache, MANIFEST)) as f:
+            with open_new(os.path.join(cache, MANIFEST)) as f:
                 f.write(remote.raw)
         except OSError as e:
-            _rmtree(cache)
+            rmtree(cache)
             raise _local_error(e, f"preparing a local copy of {name}", cache) from e
         return S3Reader(self, name, remote, cache, sealer)
 
@@ -815,7 +815,7 @@ class S3Store:
             resp = self._call("list", self._base or None, s3.list_objects_v2, **kwargs)
             for p in resp.get("CommonPrefixes", []):
                 name = str(p.get("Prefix", ""))[len(self._base) :].rstrip("/")
-                if _NAME.fullmatch(name):
+                if NAME_RE.fullmatch(name):
                     names.append(name)
             token = resp.get("NextContinuationToken")
             if not resp.get("IsTruncated") or not token:
@@ -872,7 +872,7 @@ class S3Store:
         for obj in self._list_keys(self._base):
             key = str(obj["Key"])
             name, sep, _ = key[len(self._base) :].partition("/")
-            if sep and _NAME.fullmatch(name):
+            if sep and NAME_RE.fullmatch(name):
                 groups.setdefault(name, []).append((key, obj["LastModified"].timestamp()))
         uploads = list(self._uploads(self._base))
         active: dict[str, float] = {}  # checkpoint name -> newest upload activity
@@ -998,9 +998,9 @@ class S3Store:
                 raise FailedPrecondition(
                     f"spool {spool} was never committed (no {PENDING}): it is not a checkpoint"
                 )
-            pending = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
-            tree = _scan(spool)
-        except (OSError, ValueError, _NotRegular) as e:
+            pending = json.loads(read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+            tree = scan_tree(spool)
+        except (OSError, ValueError, NotRegular) as e:
             raise InvalidArgument(f"spool {spool} cannot be read: {e}") from e
         if not isinstance(pending, dict):
             raise InvalidArgument(f"spool {spool}: {PENDING} is not an object")
@@ -1022,7 +1022,7 @@ class S3Store:
         if MANIFEST in files or not isinstance(metadata, dict):
             raise InvalidArgument(f"spool {spool} was not written by a checkpoint writer")
         info = self._upload_kept(spool, str(name), metadata, compression, files)
-        _rmtree(spool)
+        rmtree(spool)
         return info
 
     def _upload_kept(
@@ -1055,7 +1055,7 @@ class S3Store:
         if self._get_manifest(name) is not None:
             raise AlreadyExists(f"{where} exists already")
         start = time.monotonic()
-        data_dir = f"{DATA_PREFIX}{_token()}"
+        data_dir = f"{DATA_PREFIX}{new_token()}"
         stored: dict[str, StoredFile] = {}
         entries: dict[str, FileEntry] = {}
         up = _Uploader(self, where)
@@ -1152,8 +1152,8 @@ class S3Store:
 def _read_stasis_json(spool: str) -> dict[str, Any] | None:
     """The spool's ``stasis.json`` if it is a small JSON object (else None, as the local store)."""
     try:
-        doc = json.loads(_read_small(os.path.join(spool, METADATA_FILE), _MAX_STASIS_JSON))
-    except (OSError, ValueError, _NotRegular):
+        doc = json.loads(read_small(os.path.join(spool, METADATA_FILE), _MAX_STASIS_JSON))
+    except (OSError, ValueError, NotRegular):
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -1170,7 +1170,7 @@ def _show_endpoint(endpoint: str | None) -> str:
 
 def _local_error(e: OSError, doing: str, path: str) -> StasisError:
     detail = e.strerror or str(e)
-    if e.errno in _FULL:
+    if e.errno in DISK_FULL:
         return ResourceExhausted(f"local disk is full: {doing} in {path}: {detail}")
     return Unavailable(f"{doing} in {path}: {detail}")
 
@@ -1186,7 +1186,7 @@ def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
     place: ``collect_spools`` never finds it unlocked while its writer lives.
     """
     check_name(name)
-    token = _token()
+    token = new_token()
     spool = os.path.join(spool_dir, f"{name}-{token}")
     new = os.path.join(spool_dir, f".{name}-{token}.new")
     doing = f"creating the spool for checkpoint {name}"
@@ -1199,7 +1199,7 @@ def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
         os.chmod(new, 0o700)
         lock = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        _rmtree(new)
+        rmtree(new)
         raise _local_error(e, doing, spool_dir) from e
     # Where flock is not supported the grace period alone protects the spool.
     with contextlib.suppress(OSError):
@@ -1208,7 +1208,7 @@ def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
         os.rename(new, spool)
     except OSError as e:
         os.close(lock)
-        _rmtree(new)
+        rmtree(new)
         raise _local_error(e, doing, spool_dir) from e
     return spool, lock
 
@@ -1217,8 +1217,8 @@ def spool_worker(spool: str) -> int | None:
     """The PID recorded in the spool's ``.stasis-upload.pid`` (the upload worker that
     has or had it), or None."""
     try:
-        return int(_read_small(os.path.join(spool, PID_FILE), 64))
-    except (OSError, ValueError, _NotRegular):
+        return int(read_small(os.path.join(spool, PID_FILE), 64))
+    except (OSError, ValueError, NotRegular):
         return None
 
 
@@ -1274,11 +1274,11 @@ def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.l
         raise _local_error(e, "collecting spools", spool_dir) from e
     removed: builtins.list[str] = []
     for path, name in entries:
-        if _locked(path) or _newest_mtime(path) > deadline:
+        if is_locked(path) or newest_mtime(path) > deadline:
             continue
         if not name.startswith(".") and _kept_for(path) not in (None, url):
             continue
-        _rmtree(path)
+        rmtree(path)
         if not os.path.lexists(path):
             removed.append(path)
     return removed
@@ -1287,8 +1287,8 @@ def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.l
 def _kept_for(spool: str) -> str | None:
     """The store URL a committed spool records (None: not committed, or not recorded)."""
     try:
-        doc = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
-    except (OSError, ValueError, _NotRegular):
+        doc = json.loads(read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+    except (OSError, ValueError, NotRegular):
         return None
     url = doc.get("url") if isinstance(doc, dict) else None
     return url if isinstance(url, str) else None
@@ -1528,7 +1528,7 @@ class _Uploader:
 # --------------------------------------------------------------------------- writer
 
 
-class S3Writer(_LocalFiles):
+class S3Writer(LocalFiles):
     """A checkpoint spooled locally, uploaded by ``commit``.
 
     States: "open" -> "uploading" -> "committed" | "failed" (upload failed:
@@ -1608,7 +1608,7 @@ class S3Writer(_LocalFiles):
             raise
         assert isinstance(metadata, dict)
         try:
-            tree = _scan(self.spool)
+            tree = scan_tree(self.spool)
             if tree.others:
                 raise InvalidArgument(
                     f"{where}: {tree.others[0]} is not a regular file or directory"
@@ -1625,7 +1625,7 @@ class S3Writer(_LocalFiles):
                 # push refuses to upload it in clear, or under another key
                 "key_id": key.id if key is not None else None,
             }
-            with _open_new(os.path.join(self.spool, PENDING)) as f:
+            with open_new(os.path.join(self.spool, PENDING)) as f:
                 f.write(json.dumps(pending).encode())
         except OSError as e:
             self.abort()
@@ -1642,7 +1642,7 @@ class S3Writer(_LocalFiles):
             raise FailedPrecondition(f"{self._where()}: writer is {self._state}")
         self._state = "committed" if uploaded else "failed"
         if uploaded:
-            _rmtree(self.spool)
+            rmtree(self.spool)
         self._release()
 
     def _where(self) -> str:
@@ -1658,7 +1658,7 @@ class S3Writer(_LocalFiles):
         if self._state != "open":
             return
         self._state = "aborted"
-        _rmtree(self.spool)
+        rmtree(self.spool)
         self._release()
 
     def __enter__(self) -> S3Writer:
@@ -1749,7 +1749,7 @@ class S3Reader:
             raise NotFound(f"{self._where()}: no file {rel}")
         problems = self._fetch(wanted, recheck=False)
         if problems:
-            raise DataLoss(_problems_message(self._where(), problems))
+            raise DataLoss(problems_message(self._where(), problems))
         if self._sealer is not None:
             return self._decrypt(rel, wanted)
         return os.path.join(self._cache, rel)
@@ -1761,7 +1761,7 @@ class S3Reader:
             raise NotFound(f"{self._where()}: no file {rel}")
         problems = self._fetch([rel], recheck=False)
         if problems:
-            raise DataLoss(_problems_message(self._where(), problems))
+            raise DataLoss(problems_message(self._where(), problems))
         return os.path.join(self._cache, rel)
 
     def _decrypt(self, rel: str, wanted: builtins.list[str]) -> str:
@@ -1781,7 +1781,7 @@ class S3Reader:
                         continue
                     target = os.path.join(self._plain, f)
                     os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
-                    with open(os.path.join(self._cache, f), "rb") as src, _open_new(target) as dst:
+                    with open(os.path.join(self._cache, f), "rb") as src, open_new(target) as dst:
                         self._sealer.decrypt(src, dst, f, self._where())
                     self._decrypted.add(f)
             except OSError as e:
@@ -1800,7 +1800,7 @@ class S3Reader:
             raise DataLoss(f"{where}: {MANIFEST} changed since the checkpoint was opened")
         problems = self._fetch(sorted(self._remote.manifest.files), recheck=True)
         if problems:
-            raise DataLoss(_problems_message(where, problems))
+            raise DataLoss(problems_message(where, problems))
 
     def _fetch(self, rels: builtins.list[str], *, recheck: bool) -> builtins.list[str]:
         """Download the files not here yet (small ones in parallel, big ones with ranged
@@ -1814,8 +1814,8 @@ class S3Reader:
             if recheck:
                 for rel in (r for r in rels if r in self._have):
                     try:
-                        got: FileEntry | None = _digest(os.path.join(self._cache, rel))
-                    except (OSError, _NotRegular):
+                        got: FileEntry | None = digest_file(os.path.join(self._cache, rel))
+                    except (OSError, NotRegular):
                         got = None
                     if got != files[rel]:
                         self._have.discard(rel)
@@ -1872,10 +1872,10 @@ class S3Reader:
                 raise _Bad("sha256 mismatch")
             os.replace(tmp, target)
         except OSError as e:
-            _rmtree(tmp)
+            rmtree(tmp)
             raise _local_error(e, f"downloading {rel}", self._cache) from e
         except BaseException:
-            _rmtree(tmp)
+            rmtree(tmp)
             raise
 
     def _chunks(self, key: str, size: int, pool: ThreadPoolExecutor | None) -> Iterator[bytes]:
@@ -1943,9 +1943,9 @@ class S3Reader:
             self._have.clear()
             self._decrypted.clear()
             plain, self._plain = self._plain, None
-        _rmtree(self._cache)
+        rmtree(self._cache)
         if plain is not None:
-            _rmtree(plain)
+            rmtree(plain)
 
     def __enter__(self) -> S3Reader:
         return self

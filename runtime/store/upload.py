@@ -58,7 +58,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from runtime.capture.digest import KnownDigest
 from runtime.errors import Code, Internal, StasisError, Unavailable
 from runtime.linux.proc import Completed, Spawner, Stdio
-from runtime.store.local import CheckpointInfo, CheckpointWriter, Store, _rmtree, check_name
+from runtime.store.local import CheckpointInfo, CheckpointWriter, Store, check_name, rmtree
 
 if TYPE_CHECKING:
     from runtime.store.s3 import S3Store, S3Writer
@@ -510,7 +510,7 @@ def _serve(request: dict[str, Any], events: _Events) -> int:
         return 0
     finally:
         if not committed:
-            _rmtree(spool)
+            rmtree(spool)
         os.close(lock)
 
 
