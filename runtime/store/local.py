@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, Self
 
 from runtime import boundedjson
 from runtime.capture.digest import KnownDigest
@@ -961,7 +961,7 @@ class DirReader:
         if cleanup is not None:
             cleanup()
 
-    def __enter__(self) -> DirReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -1004,6 +1004,21 @@ class LocalFiles:
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
         raise NotImplementedError
+
+    def abort(self) -> None:
+        """Throw the unfinished checkpoint away (idempotent)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
 
     def path(self, rel: str, *, directory: bool = False) -> str:
         """Local path for ``rel``, for CRIU and runc to write.
@@ -1224,17 +1239,6 @@ class _StagingWriter(LocalFiles):
         self._state = "aborted"
         rmtree(self._staging)
         self._release()
-
-    def __enter__(self) -> _StagingWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
 
 
 # --------------------------------------------------------------------------- local store

@@ -49,7 +49,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from runtime.capture.digest import KnownDigest
@@ -123,31 +122,13 @@ _MAX_STASIS_JSON = 1 * MiB
 _DELETE_BATCH = 1000  # DeleteObjects limit
 
 _AUTH_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AccountProblem",
-        "AllAccessDisabled",
-        "ExpiredToken",
-        "Forbidden",
-        "InvalidAccessKeyId",
-        "InvalidClientTokenId",
-        "InvalidSecurity",
-        "InvalidToken",
-        "SignatureDoesNotMatch",
-        "TokenRefreshRequired",
-        "UnrecognizedClientException",
-    }
+    {"AccessDenied", "AccountProblem", "AllAccessDisabled", "ExpiredToken", "Forbidden"}
+    | {"InvalidAccessKeyId", "InvalidClientTokenId", "InvalidSecurity", "InvalidToken"}
+    | {"SignatureDoesNotMatch", "TokenRefreshRequired", "UnrecognizedClientException"}
 )
 _THROTTLE_CODES = frozenset(
-    {
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-    }
+    {"RequestLimitExceeded", "RequestThrottled", "ServiceUnavailable", "SlowDown"}
+    | {"Throttling", "ThrottlingException", "TooManyRequests"}
 )
 _TRANSIENT_CODES = _THROTTLE_CODES | {"InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
 _REGION_CODES = frozenset(
@@ -782,19 +763,22 @@ class S3Store:
             raise NotFound(f"{self._where(name)} does not exist")
         return _parse_manifest(data, self._where(name))
 
+    def _pages(self, op: str, what: str | None, method: str, **kwargs: Any) -> Iterator[Any]:
+        """The pages of a paginated listing (``method`` of the client), failures mapped."""
+        pages = iter(self.client().get_paginator(method).paginate(Bucket=self.bucket, **kwargs))
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise self.error(e, op, what) from e
+            yield page
+
     def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under ``prefix`` (the listing's dicts: Key, Size, LastModified)."""
-        s3 = self.client()
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            resp = self._call("list", prefix, s3.list_objects_v2, **kwargs)
-            yield from resp.get("Contents", [])
-            token = resp.get("NextContinuationToken")
-            if not resp.get("IsTruncated") or not token:
-                return
+        for page in self._pages("list", prefix, "list_objects_v2", Prefix=prefix):
+            yield from page.get("Contents", [])
 
     def _delete(self, keys: builtins.list[str]) -> None:
         """Delete objects in batches; Unavailable naming the first key that stayed."""
@@ -881,21 +865,13 @@ class S3Store:
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """Checkpoints with a valid manifest, oldest first (one GET per checkpoint)."""
-        s3 = self.client()
         names: builtins.list[str] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._base, "Delimiter": "/"}
-            if token:
-                kwargs["ContinuationToken"] = token
-            resp = self._call("list", self._base or None, s3.list_objects_v2, **kwargs)
-            for p in resp.get("CommonPrefixes", []):
+        listing = {"Prefix": self._base, "Delimiter": "/"}
+        for page in self._pages("list", self._base or None, "list_objects_v2", **listing):
+            for p in page.get("CommonPrefixes", []):
                 name = str(p.get("Prefix", ""))[len(self._base) :].rstrip("/")
                 if NAME_RE.fullmatch(name):
                     names.append(name)
-            token = resp.get("NextContinuationToken")
-            if not resp.get("IsTruncated") or not token:
-                break
 
         def info(name: str) -> CheckpointInfo | None:
             try:
@@ -1000,49 +976,20 @@ class S3Store:
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
         """Unfinished multipart uploads under ``prefix``: (key, upload id, initiated)."""
-        s3 = self.client()
-        markers: dict[str, str] = {}
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, **markers}
-            resp = self._call(
-                "list multipart uploads",
-                prefix or None,
-                s3.list_multipart_uploads,
-                **kwargs,
-            )
-            for u in resp.get("Uploads", []):
+        op = "list multipart uploads"
+        for page in self._pages(op, prefix or None, "list_multipart_uploads", Prefix=prefix):
+            for u in page.get("Uploads", []):
                 yield str(u["Key"]), str(u["UploadId"]), u["Initiated"].timestamp()
-            if not resp.get("IsTruncated"):
-                return
-            markers = {
-                "KeyMarker": resp.get("NextKeyMarker", ""),
-                "UploadIdMarker": resp.get("NextUploadIdMarker", ""),
-            }
 
     def _newest_part(self, key: str, upload_id: str) -> float:
         """When the newest part of an unfinished upload arrived (0 if none or gone)."""
-        s3 = self.client()
         newest = 0.0
-        marker = 0
-        while True:
-            try:
-                resp = self._call(
-                    "list parts",
-                    key,
-                    s3.list_parts,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumberMarker=marker,
-                )
-            except NotFound:
-                return newest
-            for p in resp.get("Parts", []):
-                if p.get("LastModified") is not None:
-                    newest = max(newest, p["LastModified"].timestamp())
-            if not resp.get("IsTruncated"):
-                return newest
-            marker = int(resp.get("NextPartNumberMarker", 0))
+        with contextlib.suppress(NotFound):
+            for page in self._pages("list parts", key, "list_parts", Key=key, UploadId=upload_id):
+                for p in page.get("Parts", []):
+                    if p.get("LastModified") is not None:
+                        newest = max(newest, p["LastModified"].timestamp())
+        return newest
 
     # ------------------------------------------------------------------ uploads
 
@@ -1674,17 +1621,6 @@ class S3Writer(LocalFiles):
         rmtree(self.spool)
         self._release()
 
-    def __enter__(self) -> S3Writer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
-
 
 # --------------------------------------------------------------------------- reader
 
@@ -1786,6 +1722,3 @@ class S3Reader(DirReader):
         with self._lock:
             self._have.clear()
             super().close()
-
-    def __enter__(self) -> S3Reader:
-        return self
