@@ -116,6 +116,7 @@ _NEW_SPOOL = re.compile(rf"\.(?:{NAME_PATTERN})-[0-9a-f]{{12}}\.new")
 
 _EXT = {"zstd": ".zst", "none": ""}
 _READ = 4 * MiB  # input read per compressor call
+_IO_CHUNK = 256 << 10  # download writes into the decoder
 _MAX_PARTS = 9_000  # S3 allows 10,000; compressed output may exceed the input a little
 _MAX_MANIFEST = 64 * MiB
 _MAX_STASIS_JSON = 1 * MiB
@@ -277,9 +278,9 @@ class _Encoded:
     """A spooled file read through ``stages``, as s3transfer uploads it.
 
     The file is opened, and the stages made, on the first read (every file of
-    a commit is queued at once). ``read(n)`` returns ``n`` bytes until the end: multipart parts must
-    be whole. ``stored`` counts the bytes read out; after ``stop`` it reads as
-    ended, so a cancelled upload stops reading.
+    a commit is queued at once). ``read(n)`` returns ``n`` bytes until the end:
+    multipart parts must be whole. ``stored`` counts the bytes read out; after
+    ``stop`` it reads as ended, so a cancelled upload stops reading.
     """
 
     def __init__(
@@ -1195,6 +1196,9 @@ class S3Store:
             max_in_memory_upload_chunks=self.concurrency,
             max_in_memory_download_chunks=self.concurrency,
             num_download_attempts=self._part_attempts,
+            io_chunksize=_IO_CHUNK,
+            # writes queued for the downloads' decoders: ``concurrency`` parts
+            max_io_queue_size=self.concurrency * self.part_size // _IO_CHUNK,
         )
         return TransferManager(client, config)
 
