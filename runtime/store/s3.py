@@ -242,11 +242,11 @@ class _Digest:
 
     def __init__(self) -> None:
         self._sha256 = hashlib.sha256()
-        self._size = 0
+        self.size = 0
 
     def update(self, data: bytes) -> bytes:
         self._sha256.update(data)
-        self._size += len(data)
+        self.size += len(data)
         return data
 
     def finish(self) -> bytes:
@@ -255,7 +255,7 @@ class _Digest:
     @property
     def entry(self) -> FileEntry:
         """The manifest entry of what passed."""
-        return FileEntry(self._sha256.hexdigest(), self._size)
+        return FileEntry(self._sha256.hexdigest(), self.size)
 
 
 class _Zstd:
@@ -375,7 +375,7 @@ class _Sink:
 
     def write(self, data: bytes) -> int:
         """Take the next plaintext bytes."""
-        if self._digest.entry.size + len(data) > self._entry.size:
+        if self._digest.size + len(data) > self._entry.size:
             raise _Bad(f"decompresses to more than the {self._entry.size} bytes the manifest says")
         return self._file().write(self._digest.update(data))
 
