@@ -29,29 +29,29 @@ if TYPE_CHECKING:
     from runtime.store.signing import Signing
 
 from runtime.store.local import (
-    _FULL,
     _MAX_SMALL_JSON,
-    _SIG_MAX,
+    DISK_FULL,
     MANIFEST,
     MANIFEST_SIG,
+    SIG_MAX,
     CheckpointInfo,
     CheckpointReader,
     FileEntry,
     Manifest,
+    NotRegular,
     Store,
     _copy,
     _fsync_dir,
     _HashingReader,
-    _NotRegular,
-    _open_new,
-    _problems_message,
-    _read_small,
-    _rmtree,
     _StagingWriter,
     _storage_error,
-    _token,
     check_name,
     log,
+    new_token,
+    open_new,
+    problems_message,
+    read_small,
+    rmtree,
 )
 
 # What containerd's own checkpoint archives carry besides spec.dump and config.dump:
@@ -92,8 +92,8 @@ def _iso_ns(value: object) -> int:
 
 def _json_object(reader: CheckpointReader, rel: str) -> dict[str, Any] | None:
     try:
-        data = boundedjson.loads(_read_small(reader.file(rel)), rel)
-    except (OSError, ValueError, StasisError, _NotRegular):
+        data = boundedjson.loads(read_small(reader.file(rel)), rel)
+    except (OSError, ValueError, StasisError, NotRegular):
         return None
     return data if isinstance(data, dict) else None
 
@@ -174,7 +174,7 @@ def export_tar(reader: CheckpointReader, tar_path: str, signing: Signing | None 
     manifest = reader.manifest
     where = f"checkpoint {reader.name}"
     directory = os.path.dirname(os.path.abspath(tar_path))
-    tmp = os.path.join(directory, f".{os.path.basename(tar_path)}.partial-{_token()}")
+    tmp = os.path.join(directory, f".{os.path.basename(tar_path)}.partial-{new_token()}")
     mtime = manifest.created.timestamp()
     gzip = tar_path.endswith((".gz", ".tgz"))
     extras = _export_extras(reader)
@@ -187,7 +187,7 @@ def export_tar(reader: CheckpointReader, tar_path: str, signing: Signing | None 
 
     try:
         with (
-            _open_new(tmp) as out,
+            open_new(tmp) as out,
             (
                 tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT)
                 if gzip
@@ -232,7 +232,7 @@ def export_tar(reader: CheckpointReader, tar_path: str, signing: Signing | None 
         os.replace(tmp, tar_path)
         _fsync_dir(directory)
     except BaseException as e:
-        _rmtree(tmp)
+        rmtree(tmp)
         if isinstance(e, OSError):
             raise _storage_error(e, f"exporting {where}", "file://" + tar_path) from e
         raise
@@ -383,8 +383,8 @@ def import_tar(
                                 raise InvalidArgument(f"{tar_path}: {MANIFEST} is too large")
                             continue
                         if rel == MANIFEST_SIG:
-                            sig_data = src.read(_SIG_MAX + 1)
-                            if len(sig_data) > _SIG_MAX:
+                            sig_data = src.read(SIG_MAX + 1)
+                            if len(sig_data) > SIG_MAX:
                                 raise InvalidArgument(f"{tar_path}: {MANIFEST_SIG} is too large")
                             continue
                         if rel in _EXPORT_EXTRAS and manifest_data is not None:
@@ -402,10 +402,10 @@ def import_tar(
                             )
                         budget.take(m.size, rel)
                         try:
-                            with _open_new(target) as dst:
+                            with open_new(target) as dst:
                                 seen[rel] = _copy(src, dst)
                         except OSError as e:
-                            if e.errno in _FULL:
+                            if e.errno in DISK_FULL:
                                 writer.abort()
                             raise _storage_error(e, f"importing {rel}", store.url) from e
                 else:
@@ -440,4 +440,4 @@ def _check_imported(manifest: Manifest, seen: dict[str, FileEntry], tar_path: st
         if manifest.files[rel] != seen[rel]
     ]
     if problems:
-        raise DataLoss(_problems_message(f"archive {tar_path}", problems))
+        raise DataLoss(problems_message(f"archive {tar_path}", problems))

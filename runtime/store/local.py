@@ -11,6 +11,9 @@ fsyncs every file and directory, writes the manifest, and renames the directory 
 ``<root>/<name>`` in one step; ``gc`` removes what crashed writers left. A local
 checkpoint is opened once, through no symlink below its store, and read through that
 descriptor.
+
+The manifest, the file helpers, the directory reader and the writers' file
+calls are public: ``runtime.store.s3`` is a transport for this format and uses them.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, Self
 
 from runtime import boundedjson
 from runtime.capture.digest import KnownDigest
@@ -56,20 +59,20 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 MANIFEST_SIG = "manifest.sig"  # runtime.store.signing.SIG_FILE (signing loads cryptography)
-_SIG_MAX = 4096
+SIG_MAX = 4096  # bytes of manifest.sig read
 METADATA_FILE = "stasis.json"
 MANIFEST_VERSION = 1
 PARTIAL_PREFIX = ".partial-"
 CHUNK = 1 << 20
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 
-_NAME = re.compile(NAME_PATTERN)
+NAME_RE = re.compile(NAME_PATTERN)  # a checkpoint name
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PARALLEL_MIN = 8 << 20  # files this big are hashed on a thread pool (hashlib drops the GIL)
 _MAX_WORKERS = 4
 _MAX_SMALL_JSON = 16 << 20  # manifest.json / stasis.json read into memory
 _MAX_FILES = 100_000  # files one manifest may list (a CRIU dump of 1,000 processes: ~10,000)
-_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 _HEX = re.compile(r"[0-9a-f]+")
 DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"  # decrypted copies (root); others: the temp dir
@@ -112,6 +115,14 @@ class Encryption:
             "salt": self.salt,
             "mac": self.mac,
         }
+
+    @classmethod
+    def new(cls, key: Key) -> tuple[Encryption, Sealer]:
+        """A fresh salt for one checkpoint: its ``encryption`` (MAC still "") and sealer."""
+        from runtime.store import crypt
+
+        salt = crypt.new_salt()
+        return cls(crypt.ALG, crypt.CHUNK, key.id, salt.hex()), key.derive(salt)
 
     @classmethod
     def parse(cls, doc: object, where: str) -> Encryption:
@@ -190,7 +201,7 @@ class Manifest:
             raise DataLoss(f"{where}: {MANIFEST} lists {len(files)} files (at most {_MAX_FILES})")
         entries: dict[str, FileEntry] = {}
         for rel, entry in files.items():
-            if _safe_rel(rel) != rel or rel in (MANIFEST, MANIFEST_SIG):
+            if safe_rel(rel) != rel or rel in (MANIFEST, MANIFEST_SIG):
                 raise DataLoss(f"{where}: {MANIFEST} lists an unsafe path {rel!r}")
             digest = entry.get("sha256") if isinstance(entry, dict) else None
             size = entry.get("size") if isinstance(entry, dict) else None
@@ -203,6 +214,12 @@ class Manifest:
         if "encryption" in doc:
             encryption = Encryption.parse(doc["encryption"], where)
         return cls(name=name, created=when, files=entries, metadata=metadata, encryption=encryption)
+
+    def sealed(self, encryption: Encryption, sealer: Sealer) -> Manifest:
+        """This manifest carrying ``encryption`` and its MAC (computed with ``mac`` = "")."""
+        manifest = dataclasses.replace(self, encryption=encryption)
+        mac = sealer.mac(manifest.unsealed())
+        return dataclasses.replace(manifest, encryption=dataclasses.replace(encryption, mac=mac))
 
     def unsealed(self) -> bytes:
         """What the manifest's MAC covers: ``to_json`` with the MAC blanked."""
@@ -401,7 +418,7 @@ class Store(Protocol):
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid checkpoint name, else raise InvalidArgument."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"{name!r} is not a valid checkpoint name: 1 to 128 of letters, digits, "
             "'_', '.' and '-', starting with a letter or digit"
@@ -409,7 +426,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def _safe_rel(rel: object) -> str | None:
+def safe_rel(rel: object) -> str | None:
     """``rel`` if it is a plain relative path inside the checkpoint, else None."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\0" in rel:
         return None
@@ -420,7 +437,7 @@ def _safe_rel(rel: object) -> str | None:
 
 def check_rel(rel: str) -> str:
     """Return ``rel`` if it is a normalized relative path that stays inside a checkpoint."""
-    if _safe_rel(rel) is None:
+    if safe_rel(rel) is None:
         raise InvalidArgument(
             f"{rel!r} is not a path inside a checkpoint (relative, no '..', '.' or '//')"
         )
@@ -441,7 +458,7 @@ def _parse_time(value: object) -> datetime:
 def _storage_error(e: OSError, doing: str, url: str) -> StasisError:
     """A storage failure as a StasisError naming the store; a full disk is ResourceExhausted."""
     detail = e.strerror or str(e)
-    if e.errno in _FULL:
+    if e.errno in DISK_FULL:
         return ResourceExhausted(f"storage {url} is full: {doing}: {detail}")
     return Unavailable(f"storage {url}: {doing}: {detail}")
 
@@ -450,7 +467,8 @@ def _ref(url: str, name: str) -> str:
     return f"{url.rstrip('/')}/{name}"
 
 
-def _token() -> str:
+def new_token() -> str:
+    """A random suffix for staging, spool and data directory names."""
     return os.urandom(6).hex()
 
 
@@ -465,7 +483,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _rmtree(path: str) -> None:
+def rmtree(path: str) -> None:
     """Remove a file or a tree; never follows symlinks, never raises."""
     import shutil
 
@@ -478,7 +496,7 @@ def _rmtree(path: str) -> None:
         pass
 
 
-def _open_new(path: str) -> IO[bytes]:
+def open_new(path: str) -> IO[bytes]:
     """Open ``path`` for writing (truncating), mode 0600, never through a symlink."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -500,11 +518,11 @@ def _copy(src: IO[bytes], dst: IO[bytes]) -> FileEntry:
     return FileEntry(h.hexdigest(), size)
 
 
-class _NotRegular(Exception):
-    pass
+class NotRegular(Exception):
+    """A path that should be a regular file is something else (a symlink, a fifo...)."""
 
 
-def _digest(path: str, *, seal: bool = False, dir_fd: int | None = None) -> FileEntry:
+def digest_file(path: str, *, seal: bool = False, dir_fd: int | None = None) -> FileEntry:
     """sha256 and size of the regular file ``path``, read in 1 MiB chunks.
 
     With ``seal``: also make it 0600 and fsync it (the commit path). With
@@ -515,7 +533,7 @@ def _digest(path: str, *, seal: bool = False, dir_fd: int | None = None) -> File
     with open(fd, "rb", buffering=0) as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise _NotRegular(path)
+            raise NotRegular(path)
         if seal and stat.S_IMODE(st.st_mode) != 0o600:
             os.fchmod(fd, 0o600)
         h = hashlib.sha256()
@@ -550,7 +568,7 @@ def _digest_all(
     paths: dict[str, str], sizes: dict[str, int], *, seal: bool, dir_fd: int | None = None
 ) -> dict[str, FileEntry | BaseException]:
     """Digest many files: the large ones on a small thread pool, the rest inline
-    (``dir_fd`` as for ``_digest``).
+    (``dir_fd`` as for ``digest_file``).
 
     Returns each file's entry, or the exception digesting it raised.
     """
@@ -575,21 +593,23 @@ def _digest_all(
 
 def _try_digest(path: str, seal: bool, dir_fd: int | None = None) -> FileEntry | BaseException:
     try:
-        if dir_fd is None:  # the writers' call, as it was (tests wrap _digest)
-            return _digest(path, seal=seal)
-        return _digest(path, seal=seal, dir_fd=dir_fd)
+        if dir_fd is None:  # the writers' call, as it was (tests wrap digest_file)
+            return digest_file(path, seal=seal)
+        return digest_file(path, seal=seal, dir_fd=dir_fd)
     except Exception as e:
         return e
 
 
 @dataclass
-class _Tree:
+class Tree:
+    """What ``scan_tree`` found below a directory."""
+
     files: dict[str, int] = field(default_factory=dict)  # rel -> size
     dirs: list[str] = field(default_factory=list)  # rel, parents before children
     others: list[str] = field(default_factory=list)  # symlinks, fifos, sockets, devices
 
 
-def _scan(top: str) -> _Tree:
+def scan_tree(top: str) -> Tree:
     """Every entry under ``top``, without following symlinks."""
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -598,9 +618,9 @@ def _scan(top: str) -> _Tree:
         os.close(fd)
 
 
-def _scan_at(dir_fd: int) -> _Tree:
+def _scan_at(dir_fd: int) -> Tree:
     """Every entry beneath directory ``dir_fd``, each directory opened through no symlink."""
-    tree = _Tree()
+    tree = Tree()
     pending = [""]
     while pending:
         rel_dir = pending.pop(0)
@@ -623,14 +643,14 @@ def _scan_at(dir_fd: int) -> _Tree:
     return tree
 
 
-def _read_small(path: str, limit: int = _MAX_SMALL_JSON, *, dir_fd: int | None = None) -> bytes:
+def read_small(path: str, limit: int = _MAX_SMALL_JSON, *, dir_fd: int | None = None) -> bytes:
     """The whole of regular file ``path`` if it holds at most ``limit`` bytes
-    (``dir_fd`` as for ``_digest``)."""
+    (``dir_fd`` as for ``digest_file``)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(path, flags) if dir_fd is None else fsresolve.open_beneath(dir_fd, path, flags)
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _NotRegular(path)
+            raise NotRegular(path)
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit} bytes")
@@ -653,7 +673,7 @@ def _stasis_json(
         path = os.path.join(directory, METADATA_FILE) if dir_fd is None else METADATA_FILE
         try:
             if manifest.encryption is None:
-                data = _read_small(path, 1 << 20, dir_fd=dir_fd)
+                data = read_small(path, 1 << 20, dir_fd=dir_fd)
             elif sealer is None or entry.size > 2 << 20:
                 return metadata
             else:
@@ -668,11 +688,11 @@ def _stasis_json(
                 )
                 with open(fd, "rb") as f:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
-                        raise _NotRegular(path)
+                        raise NotRegular(path)
                     sealer.decrypt(f, out, METADATA_FILE, directory)
                 data = out.getvalue()
             doc = boundedjson.loads(data, METADATA_FILE, max_bytes=1 << 20)
-        except (OSError, ValueError, _NotRegular, DataLoss):
+        except (OSError, ValueError, NotRegular, DataLoss):
             return metadata
         if isinstance(doc, dict):
             metadata.update(doc)
@@ -688,7 +708,8 @@ def _skipped(name: str, url: str, e: StasisError) -> None:
     )
 
 
-def _problems_message(what: str, problems: list[str]) -> str:
+def problems_message(what: str, problems: list[str]) -> str:
+    """One line: ``what`` and the first ten problems (and how many more)."""
     shown = problems[:10]
     more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
     return f"{what}: " + "; ".join(shown) + more
@@ -704,7 +725,7 @@ def _default_cache_dir() -> str:
     return DEFAULT_CACHE_DIR if os.geteuid() == 0 else tempfile.gettempdir()
 
 
-class _DirReader:
+class DirReader:
     """A complete checkpoint in a local directory (the store's own, or a local copy).
 
     What the reader reads itself (manifest, ``stasis.json``, the files it hashes
@@ -828,10 +849,10 @@ class _DirReader:
     def _verify(self, dir_fd: int, only: Callable[[str], bool] | None) -> None:
         where = self._where()
         try:
-            on_disk = Manifest.parse(_read_small(MANIFEST, dir_fd=dir_fd), where)
+            on_disk = Manifest.parse(read_small(MANIFEST, dir_fd=dir_fd), where)
         except FileNotFoundError:
             raise DataLoss(f"{where}: {MANIFEST} is missing") from None
-        except (OSError, ValueError, _NotRegular) as e:
+        except (OSError, ValueError, NotRegular) as e:
             raise DataLoss(f"{where}: {MANIFEST} cannot be read: {e}") from e
         if on_disk != self._manifest:
             raise DataLoss(f"{where}: {MANIFEST} changed since the checkpoint was opened")
@@ -858,7 +879,7 @@ class _DirReader:
             elif got != expected[rel]:
                 problems.append(f"{rel}: sha256 mismatch (size {got.size})")
         if problems:
-            raise DataLoss(_problems_message(where, problems))
+            raise DataLoss(problems_message(where, problems))
 
     def file(self, rel: str) -> str:
         """Local path of checkpoint file (or directory, e.g. ``checkpoint``) ``rel``.
@@ -919,7 +940,7 @@ class _DirReader:
             os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
             with self._at() as dir_fd:
                 src_fd = fsresolve.open_beneath(dir_fd, f, os.O_RDONLY | os.O_NONBLOCK)
-            with open(src_fd, "rb") as src, _open_new(target) as dst:
+            with open(src_fd, "rb") as src, open_new(target) as dst:
                 if not stat.S_ISREG(os.fstat(src_fd).st_mode):
                     raise DataLoss(f"{self._where()}: {f}: not a regular file")
                 hashing = _HashingReader(src)
@@ -935,12 +956,12 @@ class _DirReader:
         plain, self._plain = self._plain, None
         self._decrypted.clear()
         if plain is not None:
-            _rmtree(plain)
+            rmtree(plain)
         cleanup, self._cleanup = self._cleanup, None
         if cleanup is not None:
             cleanup()
 
-    def __enter__(self) -> _DirReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -955,7 +976,7 @@ class _DirReader:
 # --------------------------------------------------------------------------- writer
 
 
-class _LocalFiles:
+class LocalFiles:
     """Writing a checkpoint's files into a local directory (for CRIU and runc to write).
 
     Shared by the local store's writers and the S3 writer's spool; subclasses
@@ -984,6 +1005,21 @@ class _LocalFiles:
     def _fail(self, e: OSError, doing: str) -> StasisError:
         raise NotImplementedError
 
+    def abort(self) -> None:
+        """Throw the unfinished checkpoint away (idempotent)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
     def path(self, rel: str, *, directory: bool = False) -> str:
         """Local path for ``rel``, for CRIU and runc to write.
 
@@ -1008,7 +1044,7 @@ class _LocalFiles:
             raise InvalidArgument(f"checkpoint {self._name}: cannot read {src_path}: {e}") from e
         with src:
             try:
-                with _open_new(target) as dst:
+                with open_new(target) as dst:
                     _copy(src, dst)
             except OSError as e:
                 raise self._fail(e, f"writing {rel}") from e
@@ -1017,7 +1053,7 @@ class _LocalFiles:
         """Write ``data`` into the checkpoint as ``rel`` (mode 0600)."""
         target = self.path(rel)
         try:
-            with _open_new(target) as dst:
+            with open_new(target) as dst:
                 dst.write(data)
         except OSError as e:
             raise self._fail(e, f"writing {rel}") from e
@@ -1036,19 +1072,19 @@ def _encrypt_in_place(sealer: Sealer, path: str, rel: str, where: str, durable: 
         with open(fd, "rb") as src:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise InvalidArgument(f"{where}: {rel} is not a regular file")
-            with _open_new(tmp) as dst:
+            with open_new(tmp) as dst:
                 sha256, size = sealer.encrypt(src, dst, rel)
                 dst.flush()
                 if durable:
                     os.fsync(dst.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _rmtree(tmp)
+        rmtree(tmp)
         raise
     return FileEntry(sha256, size)
 
 
-class _StagingWriter(_LocalFiles):
+class _StagingWriter(LocalFiles):
     """Writes a checkpoint into a local staging directory; subclasses publish it.
 
     State: "open" -> "committed" | "aborted"; every write method checks it.
@@ -1130,7 +1166,7 @@ class _StagingWriter(_LocalFiles):
 
     def _seal(self, metadata: dict[str, Any], known: Mapping[str, KnownDigest]) -> Manifest:
         """Digest (and fsync, 0600) every file, then write the manifest; fsync the tree."""
-        tree = _scan(self._staging)
+        tree = scan_tree(self._staging)
         where = f"checkpoint {self._name} in {self._url}"
         if tree.others:
             raise InvalidArgument(f"{where}: {tree.others[0]} is not a regular file or directory")
@@ -1144,11 +1180,7 @@ class _StagingWriter(_LocalFiles):
             # Encrypted in place before digesting: the manifest describes the
             # stored bytes (verify needs no key); the plaintext digests of
             # ``known`` describe nothing stored and are ignored.
-            from runtime.store import crypt
-
-            salt = crypt.new_salt()
-            self._sealer = self._key.derive(salt)
-            encryption = Encryption(crypt.ALG, crypt.CHUNK, self._key.id, salt.hex())
+            encryption, self._sealer = Encryption.new(self._key)
             for rel, staged in paths.items():
                 files[rel] = _encrypt_in_place(self._sealer, staged, rel, where, self._durable)
             paths = {}
@@ -1158,7 +1190,7 @@ class _StagingWriter(_LocalFiles):
                 files[rel] = FileEntry(k.sha256, k.size)
                 del paths[rel]
         for rel, got in _digest_all(paths, tree.files, seal=self._durable).items():
-            if isinstance(got, _NotRegular):
+            if isinstance(got, NotRegular):
                 raise InvalidArgument(f"{where}: {rel} is not a regular file")
             if isinstance(got, BaseException):
                 raise got
@@ -1169,22 +1201,18 @@ class _StagingWriter(_LocalFiles):
                 raise DataLoss(f"{where}: files differ from the imported {MANIFEST}")
             manifest = self._preserve
         elif encryption is not None and self._sealer is not None:
-            manifest = dataclasses.replace(manifest, encryption=encryption)
-            mac = self._sealer.mac(manifest.to_json())  # MAC "" while computed
-            manifest = dataclasses.replace(
-                manifest, encryption=dataclasses.replace(encryption, mac=mac)
-            )
+            manifest = manifest.sealed(encryption, self._sealer)
         data = manifest.to_json()
         if self._signing is not None:
             # The signature goes in before the manifest: no complete checkpoint without it.
             self._signature = self._signing.sign(data)
-            with _open_new(os.path.join(self._staging, MANIFEST_SIG)) as f:
+            with open_new(os.path.join(self._staging, MANIFEST_SIG)) as f:
                 f.write(self._signature)
                 f.flush()
                 if self._durable:
                     os.fsync(f.fileno())
         # The manifest goes in LAST: with it present the checkpoint is complete.
-        with _open_new(os.path.join(self._staging, MANIFEST)) as f:
+        with open_new(os.path.join(self._staging, MANIFEST)) as f:
             f.write(data)
             f.flush()
             if self._durable:
@@ -1209,19 +1237,8 @@ class _StagingWriter(_LocalFiles):
         if self._state != "open":
             return
         self._state = "aborted"
-        _rmtree(self._staging)
+        rmtree(self._staging)
         self._release()
-
-    def __enter__(self) -> _StagingWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
 
 
 # --------------------------------------------------------------------------- local store
@@ -1247,7 +1264,7 @@ class LocalStore:
 
     A checkpoint is opened once, through no symlink below the root (a name that
     is a symlink in the store is refused, PermissionDenied), and read through
-    that descriptor (``_DirReader``). The root itself may be reached through
+    that descriptor (``DirReader``). The root itself may be reached through
     symlinks: it is trusted configuration, or a path a user typed. With
     ``anchor`` (``resolve_source``), the root is opened beneath an allowed
     store's directory through no symlink as well.
@@ -1354,28 +1371,28 @@ class LocalStore:
         ``manifest.sig`` was verified (PermissionDenied / DataLoss else)."""
         where = f"checkpoint {name} in {self.url}"
         try:
-            data = _read_small(MANIFEST, dir_fd=dir_fd)
+            data = read_small(MANIFEST, dir_fd=dir_fd)
         except FileNotFoundError:
             raise NotFound(f"{where} does not exist") from None
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise DataLoss(f"{where}: {MANIFEST} is a symlink") from e
             raise _storage_error(e, f"reading {where}", self.url) from e
-        except (ValueError, _NotRegular) as e:
+        except (ValueError, NotRegular) as e:
             raise DataLoss(
                 f"{where}: {MANIFEST} is not a regular file of at most {_MAX_SMALL_JSON} bytes"
             ) from e
         manifest = Manifest.parse(data, where)
         if check and self.signing is not None:
             try:
-                sig: bytes | None = _read_small(MANIFEST_SIG, _SIG_MAX, dir_fd=dir_fd)
+                sig: bytes | None = read_small(MANIFEST_SIG, SIG_MAX, dir_fd=dir_fd)
             except FileNotFoundError:
                 sig = None
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise DataLoss(f"{where}: {MANIFEST_SIG} is a symlink") from e
                 raise _storage_error(e, f"reading {where}", self.url) from e
-            except (ValueError, _NotRegular) as e:
+            except (ValueError, NotRegular) as e:
                 raise DataLoss(f"{where}: {MANIFEST_SIG} is not a small regular file") from e
             self.signing.verify(data, sig, where)
         return manifest
@@ -1403,7 +1420,7 @@ class LocalStore:
             self._prepare()
         if self._complete(name):
             raise AlreadyExists(f"checkpoint {name} in {self.url} exists already")
-        staging = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-{_token()}")
+        staging = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-{new_token()}")
         try:
             os.mkdir(staging, 0o700)
         except FileNotFoundError:
@@ -1414,7 +1431,7 @@ class LocalStore:
             os.chmod(staging, 0o700)
             lock = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            _rmtree(staging)
+            rmtree(staging)
             raise _storage_error(e, f"starting checkpoint {name}", self.url) from e
         # gc skips directories whose lock is held; where flock is not supported
         # (some network filesystems) the grace period alone protects the writer.
@@ -1422,7 +1439,7 @@ class LocalStore:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return _LocalWriter(self, name, staging, lock)
 
-    def open(self, name: str) -> _DirReader:
+    def open(self, name: str) -> DirReader:
         """Open complete checkpoint ``name`` in place (an encrypted one: authenticated;
         with ``signing``, its signature verified).
 
@@ -1437,7 +1454,7 @@ class LocalStore:
                 path = fsresolve.fd_path(fd)
             except OSError as e:
                 raise _storage_error(e, f"opening checkpoint {name}", self.url) from e
-            return _DirReader(
+            return DirReader(
                 name, path, manifest, self.url, sealer=sealer, cache_dir=self.cache_dir, dir_fd=fd
             )
         except BaseException:
@@ -1454,16 +1471,16 @@ class LocalStore:
         where = f"checkpoint {name} in {self.url}"
         fd = self._open_dir(name)
         try:
-            data = _read_small(MANIFEST, dir_fd=fd)
+            data = read_small(MANIFEST, dir_fd=fd)
             manifest = Manifest.parse(data, where)
-            reader = _DirReader(
+            reader = DirReader(
                 name, fsresolve.fd_path(fd), manifest, self.url, cache_dir=self.cache_dir,
                 dir_fd=os.dup(fd),
             )  # fmt: skip
             with reader:
                 reader.verify()
             sig = self.signing.sign(data)
-            tmp = f".{MANIFEST_SIG}.{_token()}"
+            tmp = f".{MANIFEST_SIG}.{new_token()}"
             out = os.open(
                 tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=fd
             )
@@ -1487,7 +1504,7 @@ class LocalStore:
                 names = sorted(
                     e.name
                     for e in it
-                    if _NAME.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+                    if NAME_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
                 )
         except FileNotFoundError:
             return []
@@ -1527,7 +1544,7 @@ class LocalStore:
         target = self._dir(name)
         if not os.path.lexists(target):
             raise NotFound(f"checkpoint {name} in {self.url} does not exist")
-        aside = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-removed-{_token()}")
+        aside = os.path.join(self.root, f"{PARTIAL_PREFIX}{name}-removed-{new_token()}")
         try:
             os.rename(target, aside)
             _fsync_dir(self.root)
@@ -1535,7 +1552,7 @@ class LocalStore:
             raise NotFound(f"checkpoint {name} in {self.url} does not exist") from None
         except OSError as e:
             raise _storage_error(e, f"removing checkpoint {name}", self.url) from e
-        _rmtree(aside)  # what survives is a partial leftover for gc
+        rmtree(aside)  # what survives is a partial leftover for gc
 
     def gc(self, grace_seconds: float) -> builtins.list[str]:
         """Remove ``.partial-*`` leftovers untouched for ``grace_seconds``; returns their names.
@@ -1556,15 +1573,15 @@ class LocalStore:
             raise _storage_error(e, "collecting partial checkpoints", self.url) from e
         removed = []
         for path in leftovers:
-            if _locked(path) or _newest_mtime(path) > deadline:
+            if is_locked(path) or newest_mtime(path) > deadline:
                 continue
-            _rmtree(path)
+            rmtree(path)
             if not os.path.lexists(path):
                 removed.append(os.path.basename(path))
         return removed
 
 
-def _locked(path: str) -> bool:
+def is_locked(path: str) -> bool:
     """Whether a live writer holds the flock on directory ``path``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1581,7 +1598,8 @@ def _locked(path: str) -> bool:
     return False
 
 
-def _newest_mtime(path: str) -> float:
+def newest_mtime(path: str) -> float:
+    """The newest mtime of ``path`` and everything below it (0 if it is gone)."""
     try:
         newest = os.lstat(path).st_mtime
     except OSError:
@@ -1617,7 +1635,9 @@ class _LocalWriter(_StagingWriter):
                 ) from e
             # Something incomplete holds the name (it "does not exist"): move it
             # aside for gc and take the name.
-            os.rename(target, os.path.join(root, f"{PARTIAL_PREFIX}{self._name}-stale-{_token()}"))
+            os.rename(
+                target, os.path.join(root, f"{PARTIAL_PREFIX}{self._name}-stale-{new_token()}")
+            )
             os.rename(self._staging, target)
         # Published. Should the fsync below fail, commit's abort removes the
         # checkpoint again: a commit that raised leaves nothing behind.
@@ -1673,7 +1693,7 @@ class MemoryStore:
             raise NotFound(f"checkpoint {name} in {self.url} does not exist")
         return stored
 
-    def open(self, name: str) -> _DirReader:
+    def open(self, name: str) -> DirReader:
         """Open ``name`` through a private local copy of its files (``close`` deletes it)."""
         import tempfile
 
@@ -1688,14 +1708,12 @@ class MemoryStore:
             for rel, data in [*stored.files.items(), (MANIFEST, stored.manifest.to_json())]:
                 target = os.path.join(copy, rel)
                 os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
-                with _open_new(target) as f:
+                with open_new(target) as f:
                     f.write(data)
         except BaseException:
-            _rmtree(copy)
+            rmtree(copy)
             raise
-        return _DirReader(
-            name, copy, stored.manifest, self.url, lambda: _rmtree(copy), sealer=sealer
-        )
+        return DirReader(name, copy, stored.manifest, self.url, lambda: rmtree(copy), sealer=sealer)
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """The checkpoints, oldest first."""
@@ -1755,7 +1773,7 @@ class _MemoryWriter(_StagingWriter):
             with open(os.path.join(self._staging, rel), "rb") as f:
                 files[rel] = f.read()
         self._store._add(self._name, _Stored(manifest, files, self._signature))
-        _rmtree(self._staging)
+        rmtree(self._staging)
 
 
 class _HashingReader:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from runtime.store.crypt import Key
     from runtime.store.signing import Signing
 
-from runtime.store.local import _NAME, NAME_PATTERN, LocalStore, Store, _Anchor
+from runtime.store.local import NAME_PATTERN, NAME_RE, LocalStore, Store, _Anchor
 
 # --------------------------------------------------------------------------- resolving
 
@@ -117,7 +117,7 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
         return _by_path(path, ref, config)
     if ref.startswith("/"):
         return _by_path(ref, ref, config)
-    if _NAME.fullmatch(ref):
+    if NAME_RE.fullmatch(ref):
         return open_store(config.storage.url, config), ref
     raise InvalidArgument(
         f"{ref!r} is not a checkpoint reference: give a name ({NAME_PATTERN}), "
@@ -143,7 +143,7 @@ def resolve_source(ref: str, config: Config) -> tuple[Store, str]:
         f"{ref!r} is outside the stores restores may read ({allowed}); "
         "add its store to storage.restore_sources in the Stasis config to allow it"
     )
-    if _NAME.fullmatch(ref):
+    if NAME_RE.fullmatch(ref):
         return resolve(ref, config)  # a name in the configured store
     if ref.startswith("s3://"):
         target = ref.rstrip("/")
@@ -173,7 +173,7 @@ def resolve_source(ref: str, config: Config) -> tuple[Store, str]:
         raise outside
     _, real, rest = max(candidates, key=lambda c: c[0])  # the most specific store
     name = rest[-1]
-    if not _NAME.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(f"{ref!r}: {name!r} is not a valid checkpoint name")
     store = LocalStore(
         os.path.join(real, *rest[:-1]),
@@ -200,7 +200,7 @@ def check_source(ref: str, config: Config) -> None:
 
 def _by_path(path: str, ref: str, config: Config) -> tuple[Store, str]:
     parent, name = os.path.split(os.path.normpath(path))
-    if not _NAME.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(f"{ref!r}: {name!r} is not a valid checkpoint name")
     return LocalStore(parent, create=False, key=_key(config), signing=signing_for(config)), name
 

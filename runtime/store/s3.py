@@ -1,67 +1,31 @@
-"""Checkpoints in an S3-compatible object store: ``s3://bucket/prefix``.
+"""Checkpoints in an S3-compatible object store (``s3://bucket/prefix``): a transport
+for the local checkpoint format (``runtime.store.local``), not a second one.
 
-Checkpoint ``N`` lives under ``prefix/N/``::
+Checkpoint ``N`` is ``prefix/N/``: one object per file under a fresh
+``data-<random>/`` (``.zst`` when compressed), ``manifest.sig`` with signing, and
+``manifest.json``, the local manifest plus each file's stored ``key``,
+``stored_size`` and ``compression`` (and ``stasis.json`` copied in), written LAST.
 
-    prefix/N/data-<random>/checkpoint/pages-1.img.zst   one object per file
-    prefix/N/manifest.sig                               its signature (runtime.store.signing)
-    prefix/N/manifest.json                              written LAST
+* A checkpoint without a manifest does not exist: it is not listed, cannot be
+  opened, and ``gc`` deletes its objects after the grace period. A failed upload
+  aborts its multipart uploads and deletes its objects; a retry or a second
+  writer never overwrites objects a manifest names.
+* Writers spool locally (``<spool_dir>/<name>-<random>/``, flocked while in
+  use); ``commit`` records ``.stasis-pending.json`` first and keeps the spool if
+  the upload fails, for ``push``. ``runtime.store.upload`` runs it in a child of
+  the shim.
+* Readers download on demand into ``<cache_dir>/<name>-<random>/`` and hand out
+  a path only for a file verified against the manifest; the local reader then
+  decrypts (``runtime.store.crypt``) and serves it.
+* Transfers go through s3transfer, fed by file objects: hash -> zstd -> encrypt
+  on the way up (the manifest hashes the plaintext, or the ciphertext when
+  encrypted), decompress -> hash on the way down. Part uploads, PUTs and GETs get
+  ``part_attempts`` on top of botocore's retries.
+* botocore errors become one-line StasisErrors naming the operation, bucket, key
+  and endpoint, never the secret.
 
-``manifest.json`` is the local store's manifest (sha256 and size of every
-UNCOMPRESSED file, commit metadata) with, per file, the stored ``key``
-(relative to ``prefix/N/``), ``stored_size`` and ``compression``, and the
-checkpoint's ``stasis.json`` copied in (``stasis_json``) so that ``list``
-needs one GET per checkpoint. A checkpoint without a manifest does not exist:
-it is not listed, cannot be opened, and ``gc`` deletes its objects once they
-are older than the grace period. Each upload writes under a fresh
-``data-<random>/``, so a retry, or a second writer of the same name, never
-overwrites objects that a manifest points at.
-
-Writers spool locally: CRIU and runc write into
-``<spool_dir>/<name>-<random>/`` (``CheckpointWriter.path``). ``commit``
-records the commit in the spool (``.stasis-pending.json``: name, store URL,
-metadata, compression), then streams every file through sha256 and
-compression (zstd level 3 on all cores by default; ``lz4`` if the package is
-installed; ``none``) into parallel multipart uploads (parts of at least
-8 MiB; at most ``concurrency + 1`` parts in memory), then writes the
-manifest. If the upload fails, its multipart uploads are aborted and its
-objects deleted (best effort; ``gc`` gets the rest), no manifest exists, and
-the spool is KEPT: the error names it, and ``S3Store.push(spool)`` uploads it
-again. The shim does not upload itself: ``runtime.store.upload`` runs the commit in
-a child process, whose PID is in the spool's ``.stasis-upload.pid``.
-
-Whoever writes or uploads a spool holds an flock on its directory (a killed
-process drops it); ``push`` refuses a spool whose lock is held, and
-``gc_spools`` removes only unlocked spools that were never committed, or
-that a failed upload kept for this store, once older than the grace period.
-
-Readers download on demand into ``<cache_dir>/<name>-<random>/``: ``file``
-fetches big objects with parallel ranged GETs, fed in order straight into
-decompression and sha256, and returns a local path only for a verified
-file; ``close`` deletes the copies.
-
-botocore errors are mapped here, once, to one-line StasisErrors naming the
-operation, bucket, key and endpoint (never the secret): refused credentials
-are PermissionDenied, a missing bucket NotFound, an unreachable endpoint or
-throttling that outlasted the retries Unavailable. botocore retries each
-request ("standard" mode); part uploads and ranged GETs get a few more
-attempts of their own, since a body that breaks off mid-stream is not
-retried by botocore.
-
-With a key (``key_file``, ``runtime.store.crypt``) every file is compressed, then
-encrypted, as it streams up (a fresh salt per attempt; the spool stays as
-written and ``.stasis-pending.json`` records the key id, so ``push`` never
-uploads it in clear or under another key); the manifest then describes the
-ciphertext (objects stored with ``compression`` "none") and carries the
-``encryption`` object and its MAC, and readers decrypt verified downloads
-into a private ``<name>-plain-*`` directory next to the cache.
-
-With a ``signing`` (stores built from the config have one), ``manifest.sig``,
-the node's signature over the manifest's bytes as uploaded, is put before the
-manifest, and ``open`` refuses a checkpoint whose signature does not verify.
-
-This module imports boto3 and zstandard when it first needs them (a client,
-a codec); ``runtime.store`` imports the module itself only for ``s3://``
-URLs. Writing a spool, and ``gc_spools``, need neither.
+boto3, s3transfer and zstandard are imported on first use: writing a spool and
+``gc_spools`` need none of them.
 """
 
 from __future__ import annotations
@@ -74,20 +38,18 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from runtime.capture.digest import KnownDigest
 from runtime.config import S3Config
@@ -103,31 +65,32 @@ from runtime.errors import (
     Unavailable,
 )
 from runtime.store.local import (
-    _FULL,
-    _NAME,
-    _SIG_MAX,
+    DISK_FULL,
     MANIFEST,
     MANIFEST_SIG,
     METADATA_FILE,
     NAME_PATTERN,
+    NAME_RE,
+    SIG_MAX,
     CheckpointInfo,
+    DirReader,
     Encryption,
     FileEntry,
+    LocalFiles,
     Manifest,
-    _digest,
-    _LocalFiles,
-    _locked,
-    _newest_mtime,
-    _NotRegular,
-    _open_new,
-    _problems_message,
-    _read_small,
-    _rmtree,
-    _safe_rel,
-    _scan,
-    _token,
+    NotRegular,
     check_name,
     check_rel,
+    digest_file,
+    is_locked,
+    new_token,
+    newest_mtime,
+    open_new,
+    problems_message,
+    read_small,
+    rmtree,
+    safe_rel,
+    scan_tree,
 )
 
 if TYPE_CHECKING:
@@ -139,7 +102,7 @@ log = logging.getLogger("stasis.s3")
 T = TypeVar("T")
 
 MiB = 1 << 20
-COMPRESSIONS = ("zstd", "lz4", "none")
+COMPRESSIONS = ("zstd", "none")
 DEFAULT_SPOOL_DIR = "/var/lib/stasis/spool"
 DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"
 PART_SIZE = 8 * MiB  # multipart part (and ranged GET) size; S3 wants >= 5 MiB
@@ -151,39 +114,22 @@ _SPOOL_OWN = frozenset({PENDING, PID_FILE})  # the spool's bookkeeping, never up
 _SPOOL_NAME = re.compile(rf"(?:{NAME_PATTERN})-[0-9a-f]{{12}}")
 _NEW_SPOOL = re.compile(rf"\.(?:{NAME_PATTERN})-[0-9a-f]{{12}}\.new")
 
-_EXT = {"zstd": ".zst", "lz4": ".lz4", "none": ""}
+_EXT = {"zstd": ".zst", "none": ""}
 _READ = 4 * MiB  # input read per compressor call
+_IO_CHUNK = 256 << 10  # download writes into the decoder
 _MAX_PARTS = 9_000  # S3 allows 10,000; compressed output may exceed the input a little
 _MAX_MANIFEST = 64 * MiB
 _MAX_STASIS_JSON = 1 * MiB
 _DELETE_BATCH = 1000  # DeleteObjects limit
 
 _AUTH_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AccountProblem",
-        "AllAccessDisabled",
-        "ExpiredToken",
-        "Forbidden",
-        "InvalidAccessKeyId",
-        "InvalidClientTokenId",
-        "InvalidSecurity",
-        "InvalidToken",
-        "SignatureDoesNotMatch",
-        "TokenRefreshRequired",
-        "UnrecognizedClientException",
-    }
+    {"AccessDenied", "AccountProblem", "AllAccessDisabled", "ExpiredToken", "Forbidden"}
+    | {"InvalidAccessKeyId", "InvalidClientTokenId", "InvalidSecurity", "InvalidToken"}
+    | {"SignatureDoesNotMatch", "TokenRefreshRequired", "UnrecognizedClientException"}
 )
 _THROTTLE_CODES = frozenset(
-    {
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "ServiceUnavailable",
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "TooManyRequests",
-    }
+    {"RequestLimitExceeded", "RequestThrottled", "ServiceUnavailable", "SlowDown"}
+    | {"Throttling", "ThrottlingException", "TooManyRequests"}
 )
 _TRANSIENT_CODES = _THROTTLE_CODES | {"InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
 _REGION_CODES = frozenset(
@@ -203,7 +149,7 @@ def parse_url(url: str) -> tuple[str, str]:
     if not bucket or any(c in bucket for c in "?#@:\\ ") or bucket in (".", ".."):
         raise InvalidArgument(f"{url!r} names no valid bucket (s3://bucket/prefix)")
     prefix = prefix.strip("/")
-    if prefix and _safe_rel(prefix) != prefix:
+    if prefix and safe_rel(prefix) != prefix:
         raise InvalidArgument(f"{url!r}: the prefix may not contain '//', '.' or '..'")
     return bucket, prefix
 
@@ -267,7 +213,7 @@ def _parse_manifest(data: bytes, where: str) -> _Remote:
     for rel in manifest.files:
         entry = doc["files"][rel]
         key, size, comp = (entry.get(k) for k in ("key", "stored_size", "compression"))
-        if not isinstance(key, str) or _safe_rel(key) != key or key == MANIFEST:
+        if not isinstance(key, str) or safe_rel(key) != key or key == MANIFEST:
             raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored key")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored_size")
@@ -280,42 +226,120 @@ def _parse_manifest(data: bytes, where: str) -> _Remote:
     return _Remote(manifest, stored, extra, data)
 
 
-# --------------------------------------------------------------------------- codecs
+# --------------------------------------------------------------------------- streams
 
 
-class _Compressor:
-    """Streaming compression of one file: ``compress`` chunks, then ``flush`` once."""
+class _Stage(Protocol):
+    """One step of a stream: ``update`` per chunk, then ``finish`` once."""
 
-    def __init__(self, compression: str, size: int, level: int, threads: int) -> None:
-        self._c: Any = None
-        self._header = b""
-        if compression == "zstd":
-            import zstandard
+    def update(self, data: bytes) -> bytes: ...
 
-            # Worker threads pay off only for big inputs (each context starts its own).
-            cctx = zstandard.ZstdCompressor(level=level, threads=threads if size > _READ else 0)
-            self._c = cctx.compressobj(size=size)
-        elif compression == "lz4":
-            lz4_frame = _lz4()
-            self._c = lz4_frame.LZ4FrameCompressor()
-            self._header = self._c.begin(source_size=size)
+    def finish(self) -> bytes: ...
 
-    def compress(self, data: bytes) -> bytes:
-        """Compressed output for ``data`` (possibly empty: the codec buffers)."""
-        if self._c is None:
-            return data
-        out = bytes(self._c.compress(data))
-        if self._header:
-            out, self._header = self._header + out, b""
+
+class _Digest:
+    """A stage that passes data through and records its sha256 and size."""
+
+    def __init__(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def update(self, data: bytes) -> bytes:
+        self._sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> bytes:
+        return b""
+
+    @property
+    def entry(self) -> FileEntry:
+        """The manifest entry of what passed."""
+        return FileEntry(self._sha256.hexdigest(), self.size)
+
+
+class _Zstd:
+    """A stage that compresses with zstd (worker threads only for big inputs)."""
+
+    def __init__(self, size: int, level: int, threads: int) -> None:
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(level=level, threads=threads if size > _READ else 0)
+        self._c = cctx.compressobj(size=size)
+
+    def update(self, data: bytes) -> bytes:
+        return bytes(self._c.compress(data))
+
+    def finish(self) -> bytes:
+        return bytes(self._c.flush())
+
+
+class _Encoded:
+    """A spooled file read through ``stages``, as s3transfer uploads it.
+
+    The file is opened, and the stages made, on the first read (every file of
+    a commit is queued at once). ``read(n)`` returns ``n`` bytes until the end:
+    multipart parts must be whole. ``stored`` counts the bytes read out; after
+    ``stop`` it reads as ended, so a cancelled upload stops reading.
+    """
+
+    def __init__(
+        self, path: str, rel: str, where: str, stages: Callable[[], builtins.list[_Stage]]
+    ) -> None:
+        self._path = path
+        self._rel = rel
+        self._where = where
+        self._make_stages = stages
+        self._stages: builtins.list[_Stage] = []
+        self._src: IO[bytes] | None = None
+        self._buf = bytearray()
+        self._ended = False
+        self.stored = 0
+
+    def _open(self) -> IO[bytes]:
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise _local_error(e, f"reading {self._rel}", self._path) from e
+        f = open(fd, "rb")  # noqa: SIM115 - closed at the end of the stream
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise InvalidArgument(f"{self._where}: {self._rel} is not a regular file")
+        return f
+
+    def _fill(self) -> None:
+        if self._src is None:
+            self._src = self._open()
+            self._stages = self._make_stages()
+        try:
+            chunk = self._src.read(_READ)
+        except OSError as e:
+            raise _local_error(e, f"reading {self._rel}", self._path) from e
+        if chunk:
+            for stage in self._stages:
+                chunk = stage.update(chunk)
+        else:
+            self._ended = True
+            for stage in self._stages:
+                chunk = stage.update(chunk) + stage.finish()
+        self._buf += chunk
+
+    def read(self, n: int = -1) -> bytes:
+        """The next ``n`` bytes of the stream (all the rest for ``n`` < 0)."""
+        while not self._ended and (n < 0 or len(self._buf) < n):
+            self._fill()
+        if self._ended and self._src is not None:
+            self._src.close()
+            self._src = None
+        n = len(self._buf) if n < 0 else min(n, len(self._buf))
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        self.stored += n
         return out
 
-    def flush(self) -> bytes:
-        """The rest of the compressed stream."""
-        if self._c is None:
-            return b""
-        out = bytes(self._header) + bytes(self._c.flush())
-        self._header = b""
-        return out
+    def stop(self) -> None:
+        """End the stream at the next read (from any thread)."""
+        self._ended = True
 
 
 class _Bad(Exception):
@@ -327,71 +351,108 @@ class _Bad(Exception):
 
 
 class _Sink:
-    """Decompressed output: hashed, counted (never past the manifest's size), written."""
+    """Plaintext of one file, written beside ``target``: hashed, never past the
+    manifest's size; ``finish`` moves it into place only if it matches the
+    manifest (_Bad otherwise), ``discard`` removes what is left."""
 
-    def __init__(self, f: IO[bytes], limit: int) -> None:
-        self._f = f
-        self._limit = limit
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+    def __init__(self, target: str, entry: FileEntry) -> None:
+        self._target = target
+        self._entry = entry
+        self._f: IO[bytes] | None = None
+        self._tmp: str | None = None
+        self._digest = _Digest()
+
+    def _file(self) -> IO[bytes]:
+        import tempfile
+
+        if self._f is None:
+            directory = os.path.dirname(self._target)
+            os.makedirs(directory, 0o700, exist_ok=True)
+            prefix = f".{os.path.basename(self._target)}."
+            fd, self._tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+            self._f = open(fd, "wb")  # noqa: SIM115 - closed by finish or discard
+        return self._f
 
     def write(self, data: bytes) -> int:
-        n = len(data)
-        self.size += n
-        if self.size > self._limit:
-            raise _Bad(f"decompresses to more than the {self._limit} bytes the manifest says")
-        self.sha256.update(data)
-        self._f.write(data)
-        return n
-
-
-class _Decoder:
-    """Streaming decompression into a _Sink."""
-
-    def __init__(self, compression: str, sink: _Sink) -> None:
-        self._sink = sink
-        self._kind = compression
-        self._d: Any = None
-        if compression == "zstd":
-            import zstandard
-
-            dctx = zstandard.ZstdDecompressor()
-            self._d = dctx.stream_writer(cast(IO[bytes], sink), write_size=MiB, closefd=False)
-        elif compression == "lz4":
-            self._d = _lz4().LZ4FrameDecompressor()
-
-    def feed(self, data: bytes) -> None:
-        try:
-            if self._kind == "zstd":
-                self._d.write(data)
-            elif self._kind == "lz4":
-                while True:
-                    self._sink.write(self._d.decompress(data, max_length=MiB))
-                    data = b""
-                    if self._d.needs_input or self._d.eof:
-                        break
-            else:
-                self._sink.write(data)
-        except _Bad:
-            raise
-        except Exception as e:  # zstd.ZstdError, RuntimeError from lz4
-            raise _Bad(f"cannot be decompressed ({self._kind}): {e}") from e
+        """Take the next plaintext bytes."""
+        if self._digest.size + len(data) > self._entry.size:
+            raise _Bad(f"decompresses to more than the {self._entry.size} bytes the manifest says")
+        return self._file().write(self._digest.update(data))
 
     def finish(self) -> None:
-        if self._kind == "zstd":
-            self._d.close()
-        elif self._kind == "lz4" and not self._d.eof:
-            raise _Bad("the lz4 stream is truncated")
+        """Check the file against the manifest and move it into place."""
+        self._file().close()
+        got = self._digest.entry
+        if got.size != self._entry.size:
+            raise _Bad(f"size {got.size}, manifest says {self._entry.size}")
+        if got.sha256 != self._entry.sha256:
+            raise _Bad("sha256 mismatch")
+        assert self._tmp is not None
+        os.replace(self._tmp, self._target)
+        self._tmp = None
+
+    def discard(self) -> None:
+        """Remove the partial file, if any (never raises)."""
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
+        if self._tmp is not None:
+            rmtree(self._tmp)
+            self._tmp = None
 
 
-def _lz4() -> Any:
-    try:
-        import lz4.frame
-    except ImportError:
-        raise InvalidArgument(
-            "lz4 compression needs the lz4 package (pip install lz4); zstd needs nothing more"
-        ) from None
-    return lz4.frame
+class _Decoded:
+    """Where s3transfer writes one stored object, in order: counted against the
+    stored size and decompressed into a _Sink. Local failures are StasisErrors,
+    mismatches _Bad."""
+
+    def __init__(
+        self, rel: str, target: str, entry: FileEntry, stored: StoredFile, cache: str
+    ) -> None:
+        self.sink = _Sink(target, entry)
+        self._rel = rel
+        self._stored = stored
+        self._cache = cache
+        self._received = 0
+        self._zstd: Any = None  # made on the first write: thousands are queued at once
+
+    def write(self, data: bytes) -> int:
+        """Take the next bytes of the stored object."""
+        self._received += len(data)
+        size = self._stored.stored_size
+        if self._received > size:
+            raise _Bad(f"stored object is larger than the manifest's {size} bytes")
+        try:
+            if self._stored.compression != "zstd":
+                self.sink.write(data)
+                return len(data)
+            if self._zstd is None:
+                import zstandard
+
+                sink = cast(IO[bytes], self.sink)
+                self._zstd = zstandard.ZstdDecompressor().stream_writer(
+                    sink, write_size=MiB, closefd=False
+                )
+            self._zstd.write(data)
+        except _Bad:
+            raise
+        except OSError as e:
+            raise _local_error(e, f"downloading {self._rel}", self._cache) from e
+        except Exception as e:  # zstandard.ZstdError
+            raise _Bad(f"cannot be decompressed (zstd): {e}") from e
+        return len(data)
+
+    def finish(self) -> None:
+        """Check the whole object against the manifest and move it into place."""
+        size = self._stored.stored_size
+        if self._received != size:
+            raise _Bad(f"stored object is {self._received} bytes, the manifest says {size}")
+        try:
+            if self._zstd is not None:
+                self._zstd.close()
+            self.sink.finish()
+        except OSError as e:
+            raise _local_error(e, f"downloading {self._rel}", self._cache) from e
 
 
 def _check_compression(compression: str) -> str:
@@ -399,8 +460,6 @@ def _check_compression(compression: str) -> str:
         raise InvalidArgument(
             f"unknown compression {compression!r}: one of {', '.join(COMPRESSIONS)}"
         )
-    if compression == "lz4":
-        _lz4()
     return compression
 
 
@@ -448,7 +507,7 @@ class S3Store:
     With an endpoint, requests use path-style addressing. Nothing touches the
     network before the first operation.
 
-    ``compression`` ("zstd", "lz4" or "none") is the default of new writers;
+    ``compression`` ("zstd" or "none") is the default of new writers;
     ``concurrency`` bounds parallel requests (and parts held in memory) per
     upload or download; ``spool_dir`` and ``cache_dir`` hold local copies
     for writers and readers. Safe for concurrent use from several threads.
@@ -569,12 +628,6 @@ class S3Store:
         except ValueError as e:
             raise InvalidArgument(f"storage {self.url} at {self.endpoint}: {self._clean(e)}") from e
 
-    def _checksum_args(self) -> dict[str, str]:
-        """Explicit CRC32 for multipart uploads when the SDK adds checksums anyway."""
-        if self._cfg.checksum == "when_supported":
-            return {"ChecksumAlgorithm": "CRC32"}
-        return {}
-
     def _clean(self, what: object) -> str:
         """One line of server or SDK text, never the secret."""
         text = " ".join(str(what).split())
@@ -642,10 +695,12 @@ class S3Store:
 
     def _retry(self, op: str, key: str, fn: Callable[..., T], **kwargs: Any) -> T:
         """``fn(**kwargs)`` with a few more attempts than botocore's for transient failures
-        (it does not retry a body that breaks off mid-stream)."""
+        (it does not retry a body that breaks off mid-stream); a file-like body is rewound."""
         attempt = 1
         while True:
             try:
+                if attempt > 1 and hasattr(kwargs.get("Body"), "seek"):
+                    kwargs["Body"].seek(0)
                 return fn(**kwargs)
             except (StasisError, _Bad):
                 raise
@@ -709,19 +764,22 @@ class S3Store:
             raise NotFound(f"{self._where(name)} does not exist")
         return _parse_manifest(data, self._where(name))
 
+    def _pages(self, op: str, what: str | None, method: str, **kwargs: Any) -> Iterator[Any]:
+        """The pages of a paginated listing (``method`` of the client), failures mapped."""
+        pages = iter(self.client().get_paginator(method).paginate(Bucket=self.bucket, **kwargs))
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise self.error(e, op, what) from e
+            yield page
+
     def _list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
         """Every object under ``prefix`` (the listing's dicts: Key, Size, LastModified)."""
-        s3 = self.client()
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            resp = self._call("list", prefix, s3.list_objects_v2, **kwargs)
-            yield from resp.get("Contents", [])
-            token = resp.get("NextContinuationToken")
-            if not resp.get("IsTruncated") or not token:
-                return
+        for page in self._pages("list", prefix, "list_objects_v2", Prefix=prefix):
+            yield from page.get("Contents", [])
 
     def _delete(self, keys: builtins.list[str]) -> None:
         """Delete objects in batches; Unavailable naming the first key that stayed."""
@@ -785,41 +843,36 @@ class S3Store:
         """Read ``name``'s manifest (NotFound / DataLoss) and prepare a local cache."""
         remote = self._load(name)
         if self.signing is not None:
-            sig = self._get_small(name, self._sig_key(name), MANIFEST_SIG, _SIG_MAX)
+            sig = self._get_small(name, self._sig_key(name), MANIFEST_SIG, SIG_MAX)
             self.signing.verify(remote.raw, sig, self._where(name))
         sealer = remote.manifest.open_with(self.key, self._where(name))
+        import tempfile
+
         try:
             os.makedirs(self.cache_dir, 0o700, exist_ok=True)
-            import tempfile
-
             cache = tempfile.mkdtemp(prefix=f"{name}-", dir=self.cache_dir)
         except OSError as e:
             raise _local_error(e, f"preparing a local copy of {name}", self.cache_dir) from e
         try:
-            with _open_new(os.path.join(cache, MANIFEST)) as f:
+            with open_new(os.path.join(cache, MANIFEST)) as f:
                 f.write(remote.raw)
+            return S3Reader(self, name, remote, cache, sealer)
         except OSError as e:
-            _rmtree(cache)
+            rmtree(cache)
             raise _local_error(e, f"preparing a local copy of {name}", cache) from e
-        return S3Reader(self, name, remote, cache, sealer)
+        except BaseException:
+            rmtree(cache)
+            raise
 
     def list(self) -> builtins.list[CheckpointInfo]:
         """Checkpoints with a valid manifest, oldest first (one GET per checkpoint)."""
-        s3 = self.client()
         names: builtins.list[str] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._base, "Delimiter": "/"}
-            if token:
-                kwargs["ContinuationToken"] = token
-            resp = self._call("list", self._base or None, s3.list_objects_v2, **kwargs)
-            for p in resp.get("CommonPrefixes", []):
+        listing = {"Prefix": self._base, "Delimiter": "/"}
+        for page in self._pages("list", self._base or None, "list_objects_v2", **listing):
+            for p in page.get("CommonPrefixes", []):
                 name = str(p.get("Prefix", ""))[len(self._base) :].rstrip("/")
-                if _NAME.fullmatch(name):
+                if NAME_RE.fullmatch(name):
                     names.append(name)
-            token = resp.get("NextContinuationToken")
-            if not resp.get("IsTruncated") or not token:
-                break
 
         def info(name: str) -> CheckpointInfo | None:
             try:
@@ -872,7 +925,7 @@ class S3Store:
         for obj in self._list_keys(self._base):
             key = str(obj["Key"])
             name, sep, _ = key[len(self._base) :].partition("/")
-            if sep and _NAME.fullmatch(name):
+            if sep and NAME_RE.fullmatch(name):
                 groups.setdefault(name, []).append((key, obj["LastModified"].timestamp()))
         uploads = list(self._uploads(self._base))
         active: dict[str, float] = {}  # checkpoint name -> newest upload activity
@@ -924,49 +977,20 @@ class S3Store:
 
     def _uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
         """Unfinished multipart uploads under ``prefix``: (key, upload id, initiated)."""
-        s3 = self.client()
-        markers: dict[str, str] = {}
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, **markers}
-            resp = self._call(
-                "list multipart uploads",
-                prefix or None,
-                s3.list_multipart_uploads,
-                **kwargs,
-            )
-            for u in resp.get("Uploads", []):
+        op = "list multipart uploads"
+        for page in self._pages(op, prefix or None, "list_multipart_uploads", Prefix=prefix):
+            for u in page.get("Uploads", []):
                 yield str(u["Key"]), str(u["UploadId"]), u["Initiated"].timestamp()
-            if not resp.get("IsTruncated"):
-                return
-            markers = {
-                "KeyMarker": resp.get("NextKeyMarker", ""),
-                "UploadIdMarker": resp.get("NextUploadIdMarker", ""),
-            }
 
     def _newest_part(self, key: str, upload_id: str) -> float:
         """When the newest part of an unfinished upload arrived (0 if none or gone)."""
-        s3 = self.client()
         newest = 0.0
-        marker = 0
-        while True:
-            try:
-                resp = self._call(
-                    "list parts",
-                    key,
-                    s3.list_parts,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumberMarker=marker,
-                )
-            except NotFound:
-                return newest
-            for p in resp.get("Parts", []):
-                if p.get("LastModified") is not None:
-                    newest = max(newest, p["LastModified"].timestamp())
-            if not resp.get("IsTruncated"):
-                return newest
-            marker = int(resp.get("NextPartNumberMarker", 0))
+        with contextlib.suppress(NotFound):
+            for page in self._pages("list parts", key, "list_parts", Key=key, UploadId=upload_id):
+                for p in page.get("Parts", []):
+                    if p.get("LastModified") is not None:
+                        newest = max(newest, p["LastModified"].timestamp())
+        return newest
 
     # ------------------------------------------------------------------ uploads
 
@@ -998,9 +1022,9 @@ class S3Store:
                 raise FailedPrecondition(
                     f"spool {spool} was never committed (no {PENDING}): it is not a checkpoint"
                 )
-            pending = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
-            tree = _scan(spool)
-        except (OSError, ValueError, _NotRegular) as e:
+            pending = json.loads(read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+            tree = scan_tree(spool)
+        except (OSError, ValueError, NotRegular) as e:
             raise InvalidArgument(f"spool {spool} cannot be read: {e}") from e
         if not isinstance(pending, dict):
             raise InvalidArgument(f"spool {spool}: {PENDING} is not an object")
@@ -1022,7 +1046,7 @@ class S3Store:
         if MANIFEST in files or not isinstance(metadata, dict):
             raise InvalidArgument(f"spool {spool} was not written by a checkpoint writer")
         info = self._upload_kept(spool, str(name), metadata, compression, files)
-        _rmtree(spool)
+        rmtree(spool)
         return info
 
     def _upload_kept(
@@ -1055,82 +1079,78 @@ class S3Store:
         if self._get_manifest(name) is not None:
             raise AlreadyExists(f"{where} exists already")
         start = time.monotonic()
-        data_dir = f"{DATA_PREFIX}{_token()}"
-        stored: dict[str, StoredFile] = {}
-        entries: dict[str, FileEntry] = {}
-        up = _Uploader(self, where)
-        failed: BaseException | None = None
-        manifest_sent = False
-        sealer: Sealer | None = None
+        data_dir = f"{DATA_PREFIX}{new_token()}"
         encryption: Encryption | None = None
+        sealer: Sealer | None = None
         if self.key is not None:
-            # Compressed, then encrypted, on the way up (a new salt per attempt:
-            # the spool stays as CRIU wrote it); the manifest describes the
-            # stored ciphertext, so its objects have no compression of their own.
-            from runtime.store import crypt
-
-            salt = crypt.new_salt()
-            sealer = self.key.derive(salt)
-            encryption = Encryption(crypt.ALG, crypt.CHUNK, self.key.id, salt.hex())
-            if compression == "lz4":
-                compression = "zstd"  # the only compression an encrypted stream records
+            # Compressed, then encrypted (a new salt per attempt: the spool stays as
+            # CRIU wrote it); the manifest describes the ciphertext, stored as it is.
+            encryption, sealer = Encryption.new(self.key)
         kept = "none" if sealer is not None else compression
+        stored_keys = {rel: f"{data_dir}/{rel}{_EXT[kept]}" for rel in sorted(files)}
+        digests = {rel: _Digest() for rel in stored_keys}
+        streams = {
+            rel: _Encoded(
+                os.path.join(spool, rel),
+                rel,
+                where,
+                partial(self._stages, rel, files[rel], compression, sealer, digests[rel]),
+            )
+            for rel in stored_keys
+        }
+        client = _Client(self)
+        key = self._manifest_key(name)
+        manifest_sent = False
         try:
-            for rel in sorted(files):
-                rel_key = f"{data_dir}/{rel}{_EXT[kept]}"
-                path = os.path.join(spool, rel)
-                entries[rel], size = up.file(
-                    path, rel, self._dir_key(name) + rel_key, compression, files[rel], sealer
-                )
-                stored[rel] = StoredFile(rel_key, size, kept)
-            up.finish()
+            self._send(
+                client,
+                {
+                    self._dir_key(name) + k: (streams[rel], files[rel])
+                    for rel, k in stored_keys.items()
+                },
+            )
+            entries = {rel: d.entry for rel, d in digests.items()}
+            stored = {
+                rel: StoredFile(k, streams[rel].stored, kept) for rel, k in stored_keys.items()
+            }
             stasis_json = None
             if METADATA_FILE in files and sealer is None:  # encrypted: stays in its file
                 stasis_json = _read_stasis_json(spool)
             manifest = Manifest(name, datetime.now(UTC), entries, metadata)
-            if sealer is not None and encryption is not None:
-                manifest = replace(manifest, encryption=encryption)
-                mac = sealer.mac(manifest.to_json())  # MAC "" while computed
-                manifest = replace(manifest, encryption=replace(encryption, mac=mac))
+            if encryption is not None and sealer is not None:
+                manifest = manifest.sealed(encryption, sealer)
             data = _manifest_bytes(manifest, stored, stasis_json)
             # Whoever published this name while we uploaded wins (no atomic rename in S3).
             if self._get_manifest(name) is not None:
                 raise AlreadyExists(f"{where} was written by someone else meanwhile")
-            s3 = self.client()
             if self.signing is not None:
                 # Before the manifest: a checkpoint is never complete without it.
-                sig_key = self._sig_key(name)
-                self._retry(
-                    "put",
-                    sig_key,
-                    s3.put_object,
+                client.put_object(
                     Bucket=self.bucket,
-                    Key=sig_key,
+                    Key=self._sig_key(name),
                     Body=self.signing.sign(data),
                     ContentType="application/json",
                 )
-            key = self._manifest_key(name)
             manifest_sent = True
-            self._retry(
-                "put",
-                key,
-                s3.put_object,
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentType="application/json",
+            client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType="application/json"
             )
         except BaseException as e:
-            failed = e
+            keys = [self._dir_key(name) + k for k in stored_keys.values()]
             if manifest_sent:  # it may have landed: never leave it pointing at deleted data
                 try:
-                    self._call("delete", key, s3.delete_object, Bucket=self.bucket, Key=key)
+                    self._call("delete", key, client.delete_object, Bucket=self.bucket, Key=key)
                 except Exception as e2:
                     log.warning("%s; keeping the data its manifest may point at", e2)
-                    failed = None  # no cleanup: the data may belong to a listed checkpoint
+                    keys = []  # the data may belong to a listed checkpoint
+            if keys and (client.unreachable or _is_unreachable(e)):
+                log.warning("%s: endpoint unreachable, leaving partial uploads to gc", where)
+            elif keys:
+                try:
+                    self._delete(keys)
+                except Exception as e2:
+                    log.warning("%s (gc will collect it)", e2)
             raise
-        finally:
-            up.close(failed)
         elapsed = time.monotonic() - start
         total = manifest.size
         log.info(
@@ -1148,12 +1168,125 @@ class S3Store:
             info_metadata.update(stasis_json)
         return CheckpointInfo(name, f"{self.url}/{name}", manifest.created, total, info_metadata)
 
+    def _stages(
+        self, rel: str, size: int, compression: str, sealer: Sealer | None, digest: _Digest
+    ) -> builtins.list[_Stage]:
+        """hash -> zstd, or with a key zstd -> encrypt -> hash (the manifest hashes what is
+        stored then)."""
+        squeeze: builtins.list[_Stage] = []
+        if compression == "zstd":
+            squeeze.append(_Zstd(size, self.zstd_level, self.zstd_threads))
+        if sealer is None:
+            return [digest, *squeeze]
+        from runtime.store import crypt
+
+        flags = crypt.FLAGS_ZSTD if compression == "zstd" else crypt.FLAGS_NONE
+        return [*squeeze, crypt.Encryptor(sealer, rel, flags), digest]
+
+    def _transfers(self, client: _Client, readers: int) -> Any:
+        """An s3transfer TransferManager with the store's part size and concurrency;
+        ``readers`` streams are read (uploads) or started (downloads) at once."""
+        from s3transfer.manager import TransferConfig, TransferManager
+
+        config = TransferConfig(
+            multipart_threshold=self.part_size,
+            multipart_chunksize=self.part_size,
+            max_request_concurrency=self.concurrency,
+            max_submission_concurrency=readers,
+            max_in_memory_upload_chunks=self.concurrency,
+            max_in_memory_download_chunks=self.concurrency,
+            num_download_attempts=self._part_attempts,
+            io_chunksize=_IO_CHUNK,
+            # writes queued for the downloads' decoders: ``concurrency`` parts
+            max_io_queue_size=self.concurrency * self.part_size // _IO_CHUNK,
+        )
+        return TransferManager(client, config)
+
+    def _send(self, client: _Client, uploads: dict[str, tuple[_Encoded, int]]) -> None:
+        """Upload each stream to its key (key -> stream, file size), one file read at a
+        time; the first failure cancels the rest (s3transfer aborts their multipart
+        uploads)."""
+        done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        huge = self.part_size * _MAX_PARTS
+        with self._transfers(client, readers=1) as mgr:
+            futures = []
+            try:
+                for key, (stream, size) in uploads.items():
+                    bound = size + size // 64 + MiB if size >= huge else None
+                    watch = _Watch(done, bound)
+                    futures.append(mgr.upload(stream, self.bucket, key, subscribers=[watch]))
+                for _ in futures:
+                    future = done.get()
+                    self._result(future, "put")
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                for stream, _ in uploads.values():
+                    stream.stop()
+                raise
+
+    def _result(self, future: Any, op: str) -> None:
+        """The outcome of an s3transfer transfer, its failure mapped (a stored object
+        missing for a "get": _Bad)."""
+        from botocore.exceptions import ClientError
+        from s3transfer.exceptions import RetriesExceededError
+
+        key = str(future.meta.call_args.key)
+        try:
+            future.result()
+        except (StasisError, _Bad):
+            raise
+        except ClientError as e:
+            if op == "get" and str(e.response.get("Error", {}).get("Code")) in _MISSING_KEY_CODES:
+                raise _Bad(f"stored object s3://{self.bucket}/{key} is missing") from e
+            raise self.error(e, op, key) from e
+        except RetriesExceededError as e:
+            raise self.error(e.last_exception, op, key) from e
+        except Exception as e:
+            raise self.error(e, op, key) from e
+
+    def _receive(
+        self, name: str, remote: _Remote, rels: builtins.list[str], cache: str
+    ) -> dict[str, str]:
+        """Download ``rels`` of ``name`` into ``cache`` (big objects with parallel ranged
+        GETs); a file lands only verified. Returns a problem per file that differs."""
+        files, stored = remote.manifest.files, remote.stored
+        decoded = {
+            rel: _Decoded(rel, os.path.join(cache, rel), files[rel], stored[rel], cache)
+            for rel in rels
+        }
+        problems: dict[str, str] = {}
+        done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        try:
+            with self._transfers(_Client(self), readers=self.concurrency) as mgr:
+                futures = {
+                    mgr.download(
+                        self.bucket,
+                        self._dir_key(name) + stored[rel].key,
+                        d,
+                        subscribers=[_Watch(done)],
+                    ): rel
+                    for rel, d in decoded.items()
+                }
+                for _ in futures:
+                    future = done.get()
+                    rel = futures[future]
+                    try:
+                        self._result(future, "get")
+                        decoded[rel].finish()
+                    except _Bad as e:
+                        problems[rel] = f"{rel}: {e.reason}"
+        finally:
+            for d in decoded.values():
+                d.sink.discard()
+        return problems
+
 
 def _read_stasis_json(spool: str) -> dict[str, Any] | None:
     """The spool's ``stasis.json`` if it is a small JSON object (else None, as the local store)."""
     try:
-        doc = json.loads(_read_small(os.path.join(spool, METADATA_FILE), _MAX_STASIS_JSON))
-    except (OSError, ValueError, _NotRegular):
+        doc = json.loads(read_small(os.path.join(spool, METADATA_FILE), _MAX_STASIS_JSON))
+    except (OSError, ValueError, NotRegular):
         return None
     return doc if isinstance(doc, dict) else None
 
@@ -1170,7 +1303,7 @@ def _show_endpoint(endpoint: str | None) -> str:
 
 def _local_error(e: OSError, doing: str, path: str) -> StasisError:
     detail = e.strerror or str(e)
-    if e.errno in _FULL:
+    if e.errno in DISK_FULL:
         return ResourceExhausted(f"local disk is full: {doing} in {path}: {detail}")
     return Unavailable(f"{doing} in {path}: {detail}")
 
@@ -1186,7 +1319,7 @@ def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
     place: ``collect_spools`` never finds it unlocked while its writer lives.
     """
     check_name(name)
-    token = _token()
+    token = new_token()
     spool = os.path.join(spool_dir, f"{name}-{token}")
     new = os.path.join(spool_dir, f".{name}-{token}.new")
     doing = f"creating the spool for checkpoint {name}"
@@ -1199,7 +1332,7 @@ def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
         os.chmod(new, 0o700)
         lock = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        _rmtree(new)
+        rmtree(new)
         raise _local_error(e, doing, spool_dir) from e
     # Where flock is not supported the grace period alone protects the spool.
     with contextlib.suppress(OSError):
@@ -1208,7 +1341,7 @@ def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
         os.rename(new, spool)
     except OSError as e:
         os.close(lock)
-        _rmtree(new)
+        rmtree(new)
         raise _local_error(e, doing, spool_dir) from e
     return spool, lock
 
@@ -1217,8 +1350,8 @@ def spool_worker(spool: str) -> int | None:
     """The PID recorded in the spool's ``.stasis-upload.pid`` (the upload worker that
     has or had it), or None."""
     try:
-        return int(_read_small(os.path.join(spool, PID_FILE), 64))
-    except (OSError, ValueError, _NotRegular):
+        return int(read_small(os.path.join(spool, PID_FILE), 64))
+    except (OSError, ValueError, NotRegular):
         return None
 
 
@@ -1274,11 +1407,11 @@ def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.l
         raise _local_error(e, "collecting spools", spool_dir) from e
     removed: builtins.list[str] = []
     for path, name in entries:
-        if _locked(path) or _newest_mtime(path) > deadline:
+        if is_locked(path) or newest_mtime(path) > deadline:
             continue
         if not name.startswith(".") and _kept_for(path) not in (None, url):
             continue
-        _rmtree(path)
+        rmtree(path)
         if not os.path.lexists(path):
             removed.append(path)
     return removed
@@ -1287,248 +1420,79 @@ def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.l
 def _kept_for(spool: str) -> str | None:
     """The store URL a committed spool records (None: not committed, or not recorded)."""
     try:
-        doc = json.loads(_read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
-    except (OSError, ValueError, _NotRegular):
+        doc = json.loads(read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+    except (OSError, ValueError, NotRegular):
         return None
     url = doc.get("url") if isinstance(doc, dict) else None
     return url if isinstance(url, str) else None
 
 
-# --------------------------------------------------------------------------- uploader
+# --------------------------------------------------------------------------- transfers
 
 
-@dataclass
-class _Multipart:
-    key: str
-    upload_id: str
-    parts: list[Future[dict[str, Any]]] = field(default_factory=list)
-    done: bool = False
+class _Client:
+    """The client s3transfer calls: PUTs, part uploads and completions get the
+    store's own retries (botocore does not retry a body that broke off
+    mid-stream), every failure is mapped, and once the endpoint proved
+    unreachable no abort is attempted (``gc`` collects the rest)."""
 
-
-class _Uploader:
-    """The uploads of one commit: a thread pool of PUTs fed by the committing thread.
-
-    At most ``concurrency + 1`` parts are in memory or in flight
-    (``_slots``); the first failure of any job stops the feeding. ``close``
-    waits for the pool and, after a failure, aborts unfinished multipart
-    uploads and deletes the objects written (best effort).
-    """
-
-    def __init__(self, store: S3Store, where: str) -> None:
+    def __init__(self, store: S3Store) -> None:
         self._store = store
         self._s3 = store.client()
-        self._where = where
-        self._pool = ThreadPoolExecutor(
-            max_workers=store.concurrency, thread_name_prefix="stasis-s3-up"
-        )
-        self._slots = threading.Semaphore(store.concurrency + 1)
-        self._lock = threading.Lock()
-        self._failure: BaseException | None = None  # guarded by _lock
-        self._jobs: list[Future[Any]] = []  # committing thread only
-        self._multipart: list[_Multipart] = []  # committing thread only
-        self._objects: list[str] = []  # keys that may exist now; committing thread only
+        self.unreachable = False
 
-    def _check(self) -> None:
-        with self._lock:
-            failure = self._failure
-        if failure is not None:
-            raise failure
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._s3, name)
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        self._check()
-        self._slots.acquire()  # blocks while too many parts are in memory
+    def _run(self, op: str, retry: bool, kwargs: dict[str, Any], name: str) -> Any:
+        store, key = self._store, str(kwargs.get("Key"))
         try:
-            self._check()
-            fut = self._pool.submit(self._run, fn, *args)
-        except BaseException:
-            self._slots.release()
+            if retry:
+                return store._retry(op, key, getattr(self._s3, name), **kwargs)
+            return store._call(op, key, getattr(self._s3, name), **kwargs)
+        except StasisError as e:
+            self.unreachable = self.unreachable or _is_unreachable(e)
             raise
-        self._jobs.append(fut)
-        return fut
 
-    def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except BaseException as e:
-            with self._lock:
-                if self._failure is None:
-                    self._failure = e
-            raise
-        finally:
-            self._slots.release()
+    def put_object(self, **kwargs: Any) -> Any:
+        return self._run("put", True, kwargs, "put_object")
 
-    def file(
-        self,
-        path: str,
-        rel: str,
-        key: str,
-        compression: str,
-        size: int,
-        sealer: Sealer | None = None,
-    ) -> tuple[FileEntry, int]:
-        """Hash, compress and upload one file; returns its entry and stored size.
+    def upload_part(self, **kwargs: Any) -> Any:
+        return self._run(f"upload part {kwargs['PartNumber']} of", True, kwargs, "upload_part")
 
-        With ``sealer`` the compressed stream is encrypted (``runtime.store.crypt``,
-        zstd recorded in its header) and the entry is that of the ciphertext.
-        The upload may still be running: ``finish`` waits for it.
-        """
-        store = self._store
-        part_size = max(store.part_size, -(-(size // _MAX_PARTS + 1) // MiB) * MiB)
-        comp = _Compressor(compression, size, store.zstd_level, store.zstd_threads)
-        enc = None
-        if sealer is not None:
-            from runtime.store import crypt
+    def create_multipart_upload(self, **kwargs: Any) -> Any:
+        return self._run("create multipart upload", False, kwargs, "create_multipart_upload")
 
-            flags = crypt.FLAGS_ZSTD if compression == "zstd" else crypt.FLAGS_NONE
-            enc = crypt.Encryptor(sealer, rel, flags)
-        sha = hashlib.sha256()
-        n = stored = 0
-        buf = bytearray()  # compressed output not yet submitted: < part_size after _drain
-        mpu: _Multipart | None = None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise _local_error(e, f"reading {rel}", path) from e
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise InvalidArgument(f"{self._where}: {rel} is not a regular file")
-            while True:
-                try:
-                    chunk = f.read(_READ)
-                except OSError as e:
-                    raise _local_error(e, f"reading {rel}", path) from e
-                if not chunk:
-                    break
-                out = comp.compress(chunk)
-                if enc is not None:
-                    chunk = out = enc.update(out)
-                sha.update(chunk)
-                n += len(chunk)
-                stored += len(out)
-                buf += out
-                mpu = self._drain(buf, part_size, mpu, key)
-        out = comp.flush()  # multi-threaded zstd may hold back much of its output until here
-        if enc is not None:
-            out = enc.update(out) + enc.finish()
-            sha.update(out)
-            n += len(out)
-        stored += len(out)
-        buf += out
-        mpu = self._drain(buf, part_size, mpu, key)
-        if mpu is None:
-            self._objects.append(key)
-            self._submit(self._put, key, bytes(buf))
-        elif buf:
-            self._part(mpu, bytes(buf))
-        return FileEntry(sha.hexdigest(), n), stored
+    def complete_multipart_upload(self, **kwargs: Any) -> Any:
+        return self._run("complete multipart upload", True, kwargs, "complete_multipart_upload")
 
-    def _drain(
-        self, buf: bytearray, part_size: int, mpu: _Multipart | None, key: str
-    ) -> _Multipart | None:
-        """Submit whole parts from the front of ``buf`` (starting the multipart upload)."""
-        while len(buf) >= part_size:
-            mpu = mpu or self._start_multipart(key)
-            with memoryview(buf) as view:
-                part = bytes(view[:part_size])
-            del buf[:part_size]
-            self._part(mpu, part)
-        return mpu
+    def abort_multipart_upload(self, **kwargs: Any) -> Any:
+        if self.unreachable:
+            raise Unavailable(f"{kwargs.get('Key')}: endpoint unreachable, left for gc")
+        return self._run("abort multipart upload", False, kwargs, "abort_multipart_upload")
 
-    def _start_multipart(self, key: str) -> _Multipart:
-        store, s3 = self._store, self._s3
-        self._check()
-        resp = store._call(
-            "create multipart upload",
-            key,
-            s3.create_multipart_upload,
-            Bucket=store.bucket,
-            Key=key,
-            **store._checksum_args(),
-        )
-        mpu = _Multipart(key, str(resp["UploadId"]))
-        self._multipart.append(mpu)
-        self._objects.append(key)
-        return mpu
 
-    def _part(self, mpu: _Multipart, data: bytes) -> None:
-        mpu.parts.append(
-            self._submit(self._upload_part, mpu.key, mpu.upload_id, len(mpu.parts) + 1, data)
-        )
+class _Watch:
+    """An s3transfer subscriber: queues the transfer's future once it is done, and
+    gives an upload whose parts would outnumber S3's limit an upper bound of its
+    size (s3transfer then picks bigger parts)."""
 
-    def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
-        store, s3 = self._store, self._s3
-        checksum = store._checksum_args()
-        resp = store._retry(
-            f"upload part {number} of",
-            key,
-            s3.upload_part,
-            Bucket=store.bucket,
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=data,
-            **checksum,
-        )
-        part: dict[str, Any] = {"PartNumber": number, "ETag": resp["ETag"]}
-        if resp.get("ChecksumCRC32"):
-            part["ChecksumCRC32"] = resp["ChecksumCRC32"]
-        return part
+    def __init__(self, done: queue.SimpleQueue[Any], size_bound: int | None = None) -> None:
+        self._done = done
+        self._size_bound = size_bound
 
-    def _put(self, key: str, data: bytes) -> None:
-        store, s3 = self._store, self._s3
-        store._retry("put", key, s3.put_object, Bucket=store.bucket, Key=key, Body=data)
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        if self._size_bound is not None:
+            future.meta.provide_transfer_size(self._size_bound)
 
-    def finish(self) -> None:
-        """Wait for every upload, then complete the multipart ones."""
-        store, s3 = self._store, self._s3
-        wait_futures(self._jobs)
-        self._check()
-        for mpu in self._multipart:
-            parts = [p.result() for p in mpu.parts]
-            store._retry(
-                "complete multipart upload",
-                mpu.key,
-                s3.complete_multipart_upload,
-                Bucket=store.bucket,
-                Key=mpu.key,
-                UploadId=mpu.upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            mpu.done = True
-
-    def close(self, failure: BaseException | None) -> None:
-        """Stop the pool; after ``failure``, clean up what was written (never raises)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        if failure is None:
-            return
-        store, s3 = self._store, self._s3
-        if _is_unreachable(failure):
-            log.warning("%s: endpoint unreachable, leaving partial uploads to gc", self._where)
-            return
-        for mpu in self._multipart:
-            if mpu.done:
-                continue
-            try:
-                store._call(
-                    "abort multipart upload",
-                    mpu.key,
-                    s3.abort_multipart_upload,
-                    Bucket=store.bucket,
-                    Key=mpu.key,
-                    UploadId=mpu.upload_id,
-                )
-            except Exception as e:
-                log.warning("%s (gc will collect it)", e)
-        try:
-            store._delete(self._objects)
-        except Exception as e:
-            log.warning("%s (gc will collect it)", e)
+    def on_done(self, future: Any, **kwargs: Any) -> None:
+        self._done.put(future)
 
 
 # --------------------------------------------------------------------------- writer
 
 
-class S3Writer(_LocalFiles):
+class S3Writer(LocalFiles):
     """A checkpoint spooled locally, uploaded by ``commit``.
 
     States: "open" -> "uploading" -> "committed" | "failed" (upload failed:
@@ -1608,7 +1572,7 @@ class S3Writer(_LocalFiles):
             raise
         assert isinstance(metadata, dict)
         try:
-            tree = _scan(self.spool)
+            tree = scan_tree(self.spool)
             if tree.others:
                 raise InvalidArgument(
                     f"{where}: {tree.others[0]} is not a regular file or directory"
@@ -1625,7 +1589,7 @@ class S3Writer(_LocalFiles):
                 # push refuses to upload it in clear, or under another key
                 "key_id": key.id if key is not None else None,
             }
-            with _open_new(os.path.join(self.spool, PENDING)) as f:
+            with open_new(os.path.join(self.spool, PENDING)) as f:
                 f.write(json.dumps(pending).encode())
         except OSError as e:
             self.abort()
@@ -1642,7 +1606,7 @@ class S3Writer(_LocalFiles):
             raise FailedPrecondition(f"{self._where()}: writer is {self._state}")
         self._state = "committed" if uploaded else "failed"
         if uploaded:
-            _rmtree(self.spool)
+            rmtree(self.spool)
         self._release()
 
     def _where(self) -> str:
@@ -1658,90 +1622,58 @@ class S3Writer(_LocalFiles):
         if self._state != "open":
             return
         self._state = "aborted"
-        _rmtree(self.spool)
+        rmtree(self.spool)
         self._release()
-
-    def __enter__(self) -> S3Writer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.abort()
 
 
 # --------------------------------------------------------------------------- reader
 
 
-class S3Reader:
-    """A complete checkpoint, downloaded on demand into a private local directory.
+class S3Reader(DirReader):
+    """A complete checkpoint, read as a local one from a private directory (``path``)
+    that it is downloaded into on demand.
 
-    ``path`` is that directory: a file appears there only once ``file`` (or
-    ``verify``) fetched and verified it. ``close`` deletes it. Safe for
-    concurrent use (downloads are serialized).
+    A file appears there only once ``file``, ``stored_file`` or ``verify``
+    fetched and verified it; an encrypted one is then decrypted as a local
+    reader does. ``close`` deletes both copies. Safe for concurrent use
+    (downloads are serialized).
     """
 
     def __init__(
         self, store: S3Store, name: str, remote: _Remote, cache: str, sealer: Sealer | None = None
     ) -> None:
+        super().__init__(
+            name,
+            cache,
+            remote.manifest,
+            store.url,
+            partial(rmtree, cache),
+            sealer=sealer,
+            cache_dir=store.cache_dir,
+        )
         self._store = store
-        self._name = name
         self._remote = remote
-        self._cache = cache
-        self._lock = threading.Lock()
+        self._metadata = remote.metadata
+        self._lock = threading.RLock()
         self._have: set[str] = set()  # verified local copies; guarded by _lock
-        self._closed = False  # guarded by _lock
-        # An encrypted checkpoint: ``file`` decrypts the verified downloads into
-        # ``_plain`` (a private 0700 directory next to the cache, removed by close).
-        self._sealer = sealer
-        self._plain: str | None = None  # guarded by _lock
-        self._decrypted: set[str] = set()  # guarded by _lock
-
-    @property
-    def name(self) -> str:
-        """The checkpoint's name."""
-        return self._name
-
-    @property
-    def path(self) -> str:
-        """The local directory the files are downloaded into."""
-        return self._cache
-
-    @property
-    def manifest(self) -> Manifest:
-        """The manifest read when the checkpoint was opened."""
-        return self._remote.manifest
 
     @property
     def stored(self) -> dict[str, StoredFile]:
         """Where each file is stored (key relative to the checkpoint, size, compression)."""
         return dict(self._remote.stored)
 
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """Commit metadata updated with ``stasis.json``."""
-        return self._remote.metadata
-
-    @property
-    def info(self) -> CheckpointInfo:
-        """Name, creation time, size and metadata."""
-        m = self._remote.manifest
-        return CheckpointInfo(
-            self._name, f"{self._store.url}/{self._name}", m.created, m.size, self.metadata
-        )
-
-    def _where(self) -> str:
-        return f"checkpoint {self._name} in {self._store.url}"
-
     def file(self, rel: str) -> str:
-        """Local path of file (or directory, e.g. ``checkpoint``) ``rel``, downloaded and verified.
+        """Local path of file (or directory, e.g. ``checkpoint``) ``rel``, downloaded and
+        verified (decrypted, for an encrypted checkpoint).
 
         NotFound if the manifest lists neither the file nor anything under
         the directory; DataLoss naming the file if what is stored differs.
         """
+        with self._lock:
+            return super().file(rel)
+
+    def stored_file(self, rel: str) -> str:
+        """Local path of ``rel`` as stored (encrypted, for an encrypted checkpoint), verified."""
         check_rel(rel)
         files = self._remote.manifest.files
         wanted = [rel] if rel in files else sorted(f for f in files if f.startswith(rel + "/"))
@@ -1749,44 +1681,8 @@ class S3Reader:
             raise NotFound(f"{self._where()}: no file {rel}")
         problems = self._fetch(wanted, recheck=False)
         if problems:
-            raise DataLoss(_problems_message(self._where(), problems))
-        if self._sealer is not None:
-            return self._decrypt(rel, wanted)
-        return os.path.join(self._cache, rel)
-
-    def stored_file(self, rel: str) -> str:
-        """Local path of ``rel`` as stored (encrypted, for an encrypted checkpoint), verified."""
-        check_rel(rel)
-        if rel not in self._remote.manifest.files:
-            raise NotFound(f"{self._where()}: no file {rel}")
-        problems = self._fetch([rel], recheck=False)
-        if problems:
-            raise DataLoss(_problems_message(self._where(), problems))
-        return os.path.join(self._cache, rel)
-
-    def _decrypt(self, rel: str, wanted: builtins.list[str]) -> str:
-        import tempfile
-
-        assert self._sealer is not None
-        with self._lock:
-            if self._closed:
-                raise FailedPrecondition(f"{self._where()}: reader is closed")
-            try:
-                if self._plain is None:
-                    self._plain = tempfile.mkdtemp(
-                        prefix=f"{self._name}-plain-", dir=self._store.cache_dir
-                    )
-                for f in wanted:
-                    if f in self._decrypted:
-                        continue
-                    target = os.path.join(self._plain, f)
-                    os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
-                    with open(os.path.join(self._cache, f), "rb") as src, _open_new(target) as dst:
-                        self._sealer.decrypt(src, dst, f, self._where())
-                    self._decrypted.add(f)
-            except OSError as e:
-                raise _local_error(e, f"decrypting {rel}", self._store.cache_dir) from e
-            return os.path.join(self._plain, rel)
+            raise DataLoss(problems_message(self._where(), problems))
+        return super().stored_file(rel)
 
     def verify(self, only: Callable[[str], bool] | None = None) -> None:
         """Check the manifest is unchanged and every file matches it (downloading what is
@@ -1800,160 +1696,33 @@ class S3Reader:
             raise DataLoss(f"{where}: {MANIFEST} changed since the checkpoint was opened")
         problems = self._fetch(sorted(self._remote.manifest.files), recheck=True)
         if problems:
-            raise DataLoss(_problems_message(where, problems))
+            raise DataLoss(problems_message(where, problems))
 
     def _fetch(self, rels: builtins.list[str], *, recheck: bool) -> builtins.list[str]:
-        """Download the files not here yet (small ones in parallel, big ones with ranged
-        GETs); with ``recheck``, re-hash the ones here. Returns problems, one per file."""
+        """Download the files not here yet; with ``recheck``, re-hash the ones here.
+        Returns problems, one per file."""
         with self._lock:
-            if self._closed:
+            if self._fd is None:
                 raise FailedPrecondition(f"{self._where()}: reader is closed")
             problems: dict[str, str] = {}
-            files = self._remote.manifest.files
             missing = [r for r in rels if r not in self._have]
             if recheck:
                 for rel in (r for r in rels if r in self._have):
                     try:
-                        got: FileEntry | None = _digest(os.path.join(self._cache, rel))
-                    except (OSError, _NotRegular):
+                        got: FileEntry | None = digest_file(os.path.join(self.path, rel))
+                    except (OSError, NotRegular):
                         got = None
-                    if got != files[rel]:
+                    if got != self._remote.manifest.files[rel]:
                         self._have.discard(rel)
                         problems[rel] = f"{rel}: the local copy changed or vanished"
-            big = [r for r in missing if self._remote.stored[r].stored_size > self._store.part_size]
-            small = [r for r in missing if r not in big]
-            with ThreadPoolExecutor(
-                max_workers=self._store.concurrency, thread_name_prefix="stasis-s3-down"
-            ) as pool:
-                futures = {rel: pool.submit(self._download, rel, None) for rel in small}
-                try:
-                    for rel in big:
-                        self._note(rel, partial(self._download, rel, pool), problems)
-                    for rel, fut in futures.items():
-                        self._note(rel, fut.result, problems)
-                except BaseException:
-                    for fut in futures.values():
-                        fut.cancel()
-                    raise
+            if missing:
+                bad = self._store._receive(self._name, self._remote, missing, self.path)
+                problems.update(bad)
+                self._have.update(r for r in missing if r not in bad)
             return [problems[r] for r in rels if r in problems]
-
-    def _note(self, rel: str, fetch: Callable[[], None], problems: dict[str, str]) -> None:
-        try:
-            fetch()
-        except _Bad as e:
-            problems[rel] = f"{rel}: {e.reason}"
-        else:
-            self._have.add(rel)
-
-    def _download(self, rel: str, pool: ThreadPoolExecutor | None) -> None:
-        """Fetch ``rel`` into the cache through decompression and sha256; _Bad on mismatch."""
-        import tempfile
-
-        entry = self._remote.manifest.files[rel]
-        stored = self._remote.stored[rel]
-        key = self._store._dir_key(self._name) + stored.key
-        target = os.path.join(self._cache, rel)
-        directory = os.path.dirname(target)
-        try:
-            os.makedirs(directory, 0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(rel)}.", dir=directory)
-        except OSError as e:
-            raise _local_error(e, f"downloading {rel}", self._cache) from e
-        try:
-            with open(fd, "wb") as f:
-                sink = _Sink(f, entry.size)
-                decoder = _Decoder(stored.compression, sink)
-                for chunk in self._chunks(key, stored.stored_size, pool):
-                    decoder.feed(chunk)
-                decoder.finish()
-            if sink.size != entry.size:
-                raise _Bad(f"size {sink.size}, manifest says {entry.size}")
-            if sink.sha256.hexdigest() != entry.sha256:
-                raise _Bad("sha256 mismatch")
-            os.replace(tmp, target)
-        except OSError as e:
-            _rmtree(tmp)
-            raise _local_error(e, f"downloading {rel}", self._cache) from e
-        except BaseException:
-            _rmtree(tmp)
-            raise
-
-    def _chunks(self, key: str, size: int, pool: ThreadPoolExecutor | None) -> Iterator[bytes]:
-        """The stored object, in order: one GET, or ranged GETs ``concurrency`` ahead."""
-        store = self._store
-        if pool is None or size <= store.part_size:
-            yield self._get(key, None, size)
-            return
-        ranges = [(a, min(a + store.part_size, size) - 1) for a in range(0, size, store.part_size)]
-        window: deque[Future[bytes]] = deque()
-        it = iter(ranges)
-        try:
-            for r in it:
-                window.append(pool.submit(self._get, key, r, size))
-                if len(window) >= store.concurrency:
-                    break
-            while window:
-                data = window.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    window.append(pool.submit(self._get, key, nxt, size))
-                yield data
-        finally:
-            for fut in window:
-                fut.cancel()
-
-    def _get(self, key: str, byte_range: tuple[int, int] | None, size: int) -> bytes:
-        """One GET (of a range); _Bad if the object is missing or not the stored size."""
-        from botocore.exceptions import ClientError
-
-        s3 = self._store.client()
-        store = self._store
-
-        def get() -> bytes:
-            kwargs: dict[str, Any] = {"Bucket": store.bucket, "Key": key}
-            if byte_range is not None:
-                kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
-            try:
-                resp = s3.get_object(**kwargs)
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code"))
-                if code in ("NoSuchKey", "404"):
-                    raise _Bad(f"stored object s3://{store.bucket}/{key} is missing") from e
-                if code == "InvalidRange":
-                    raise _Bad(f"stored object is smaller than the manifest's {size} bytes") from e
-                raise
-            with resp["Body"] as body:
-                data = cast(bytes, body.read())
-            total = int(resp.get("ContentLength", -1))
-            if byte_range is not None:
-                total = int(str(resp.get("ContentRange", "")).rpartition("/")[2] or -1)
-            if total != size:
-                raise _Bad(f"stored object is {total} bytes, the manifest says {size}")
-            want = size if byte_range is None else byte_range[1] - byte_range[0] + 1
-            if len(data) != want:
-                raise ConnectionError(f"short read: {len(data)} of {want} bytes")
-            return data
-
-        return store._retry("get", key, get)
 
     def close(self) -> None:
         """Delete the local copies, decrypted ones included (idempotent)."""
         with self._lock:
-            self._closed = True
             self._have.clear()
-            self._decrypted.clear()
-            plain, self._plain = self._plain, None
-        _rmtree(self._cache)
-        if plain is not None:
-            _rmtree(plain)
-
-    def __enter__(self) -> S3Reader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+            super().close()

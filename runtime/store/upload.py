@@ -1,42 +1,24 @@
 """The commit of an S3 checkpoint, in a child process of the shim.
 
-The shim runs once per pod and lives as long as its containers: it should
-neither carry boto3 and zstandard in its memory nor die half-way through a
-long upload (containerd's dead-shim cleanup takes the containers with it).
-So for an ``s3://`` store ``begin`` starts a worker, ``python -m
-runtime.store.upload``, through the caller's Spawner (the shim's reaper), and the
-shim itself only writes the local spool:
+Guarantees: the shim never imports boto3 or zstandard (importing this module
+imports nothing that does), and no upload can take the shim down with it. For an
+``s3://`` store ``begin`` starts ``python -m runtime.store.upload`` through the
+caller's Spawner and talks to it in JSON lines:
 
-1. shim -> worker, one JSON line on stdin: the store's URL, S3 config and
-   options (an encryption key by its file's path: the worker reads the
-   key itself), and the checkpoint's name. The secret travels on this pipe,
-   never in argv or the environment.
-2. The worker creates and locks the spool (``runtime.store.s3.new_spool``),
-   writes its PID into the spool's ``.stasis-upload.pid``, checks that the
-   name is free in the bucket (refused credentials and a taken name fail
-   here, before anything is frozen) and answers ``ready`` with the spool.
-3. The shim freezes the container, has CRIU dump into the spool, thaws it;
-   ``commit`` records the commit in the spool (``.stasis-pending.json``)
-   and says ``go``.
-4. The worker hashes, compresses (with a key: then encrypts) and uploads
-   (``S3Store.push_locked``: multipart, manifest last), deletes the spool
-   and answers ``done`` with the checkpoint's info, or ``error`` with a
-   StasisError's code and line.
+1. shim -> worker (stdin): store URL, S3 config and options (a key by its file's
+   path), the name; the secret travels only on this pipe.
+2. The worker makes and locks the spool (``runtime.store.s3.new_spool``), writes
+   its PID into ``.stasis-upload.pid``, checks the name is free and says ``ready``:
+   refused credentials and taken names fail before anything is frozen.
+3. The shim dumps into the spool; ``commit`` records ``.stasis-pending.json`` and
+   says ``go``; the worker uploads (``S3Store.push_locked``, manifest last) and
+   answers ``done`` or ``error`` (a StasisError's code and line), with ``log``
+   records between.
 
-The worker writes one JSON object a line to stdout: ``ready``, ``done``,
-``error``, and ``log`` records that the shim logs as its own; anything else
-on that pipe (a traceback on stderr) is logged as a warning. If the worker
-fails or dies, ``commit`` raises one line naming the store, the endpoint
-and the spool, which is kept: ``stasis push SPOOL`` uploads it again. The
-container is not involved either way. If the shim gives up before ``go``
-(the dump failed) it closes the worker's stdin and the worker removes the
-spool; if it gives up during the upload (the RPC was cancelled) it sends
-SIGTERM, and the worker aborts its multipart uploads and keeps the spool.
-
-Local stores (``file://``, memory) commit in the calling process, on a
-thread: they need neither boto3 nor a second process.
-
-Importing this module imports nothing that imports boto3 or zstandard.
+A worker that fails or dies fails ``commit`` with one line naming the store,
+endpoint and the kept spool (``stasis push SPOOL`` uploads it again). Closing
+its stdin before ``go`` removes the spool; SIGTERM during the upload aborts it
+and keeps the spool. Local stores commit in the calling process, on a thread.
 """
 
 from __future__ import annotations
@@ -58,7 +40,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from runtime.capture.digest import KnownDigest
 from runtime.errors import Code, Internal, StasisError, Unavailable
 from runtime.linux.proc import Completed, Spawner, Stdio
-from runtime.store.local import CheckpointInfo, CheckpointWriter, Store, _rmtree, check_name
+from runtime.store.local import CheckpointInfo, CheckpointWriter, Store, check_name, rmtree
 
 if TYPE_CHECKING:
     from runtime.store.s3 import S3Store, S3Writer
@@ -510,7 +492,7 @@ def _serve(request: dict[str, Any], events: _Events) -> int:
         return 0
     finally:
         if not committed:
-            _rmtree(spool)
+            rmtree(spool)
         os.close(lock)
 
 

@@ -358,7 +358,7 @@ def test_manifest_is_written_last(
     local: LocalStore, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
-    digest = st._digest
+    digest = st.digest_file
 
     def recording_digest(path: str, *, seal: bool = False) -> st.FileEntry:
         partial = next(root.glob(".partial-x-*"))
@@ -379,7 +379,7 @@ def test_manifest_is_written_last(
             raise OSError(5, "Input/output error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(st, "_digest", recording_digest)
+    monkeypatch.setattr(st, "digest_file", recording_digest)
     monkeypatch.setattr(os, "rename", failing_rename)
     w = local.begin("x")
     fill(w, tmp_path)
