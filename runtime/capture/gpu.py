@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from runtime.errors import FailedPrecondition
+from runtime.linux.proc import ns_pid
 
 log = logging.getLogger("stasis.gpu")
 
@@ -322,18 +323,6 @@ def lock_timeout_ms() -> int:
         return int(os.environ.get(LOCK_TIMEOUT_ENV, "") or DEFAULT_LOCK_TIMEOUT_MS)
     except ValueError:
         return DEFAULT_LOCK_TIMEOUT_MS
-
-
-def ns_pid(pid: int) -> int:
-    """``pid`` as its innermost pid namespace sees it (NSpid in /proc/PID/status), 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 class RecordingGpu:

@@ -70,7 +70,6 @@ FORMAT_VERSION = 1
 class CheckpointSpec:
     """What to checkpoint and where (a Checkpoint request, decoded)."""
 
-    store: str = ""
     name: str = ""
     exit: bool = False
     tcp_established: bool = False

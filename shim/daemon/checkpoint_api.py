@@ -90,7 +90,6 @@ class CheckpointService:
             conf = config.load()
             store = open_store(req.store, conf) if req.store else default_store(conf)
             spec = checkpointing.CheckpointSpec(
-                store=req.store,
                 name=req.name,
                 exit=req.exit,
                 tcp_established=req.tcp_established,

@@ -24,9 +24,10 @@ from runtime.errors import (
 )
 from runtime.linux import cgroups
 from runtime.linux import mount as mounts
+from runtime.linux.proc import ns_pid
 from runtime.linux.procevents import ExitCodes
 from runtime.linux.runc import CheckpointOpts, CreateOpts, RestoreOpts, Runc
-from shim.task.process import ExecProcess, Exit, InitProcess, Process, Status, ns_pid
+from shim.task.process import ExecProcess, Exit, InitProcess, Process, Status
 from shim.task.reaper import Reaper
 from shim.task.restoring import RestoreJob
 from shim.task.stdio import ProcessIO, TerminalIO

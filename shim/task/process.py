@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, StasisError
 from runtime.linux import cgroups, netns
 from runtime.linux.criu import criu_failure
-from runtime.linux.proc import Stdio
+from runtime.linux.proc import Stdio, ns_pid
 from runtime.linux.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.task.console import with_console
 from shim.task.restoring import Outcome, RestoreJob, RestoreRun
@@ -924,15 +924,3 @@ def _only_child(pid: int) -> int:
     except OSError:
         return 0
     return int(children[0]) if len(children) == 1 else 0
-
-
-def ns_pid(pid: int) -> int:
-    """``pid`` as its innermost pid namespace sees it (NSpid), 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return 0

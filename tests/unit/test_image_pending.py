@@ -33,9 +33,9 @@ from runtime.rpc import containerd as ctrd
 from runtime.rpc import ttrpc_server as ttrpc
 from runtime.rpc.ttrpc_client import Client, RPCError
 from shim.checkpoint import take as checkpointing
-from shim.daemon.events import Publisher
 from shim.daemon.checkpoint_api import SERVICE as STASIS_SERVICE
 from shim.daemon.checkpoint_api import CheckpointService
+from shim.daemon.events import Publisher
 from shim.daemon.task_api import TaskService
 from shim.task.reaper import Reaper
 
