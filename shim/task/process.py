@@ -548,10 +548,7 @@ class InitProcess(Process):
         async with self._lock:
             await self._settle()
             if not isinstance(self._state, (_Running, _Paused)):
-                raise FailedPrecondition(
-                    f"cannot checkpoint container {self.container_id}: "
-                    f"it is {self.status.name.lower()}"
-                )
+                raise self._state._refuse("checkpoint")
             self._transition(_Checkpointing)
             ours = self._state
             assert isinstance(ours, _Checkpointing)

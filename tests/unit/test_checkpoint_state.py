@@ -102,7 +102,9 @@ def test_kill_goes_through_during_a_checkpoint(tmp_path: Path) -> None:
         await task
         assert p.status is Status.STOPPED
         assert "resume" not in names(runc)  # nothing left to thaw
-        with pytest.raises(FailedPrecondition, match="it is stopped"):
+        with pytest.raises(
+            FailedPrecondition, match="cannot checkpoint process c1 in state stopped"
+        ):
             async with p.checkpointing():
                 pass
 
@@ -181,7 +183,7 @@ def test_checkpoint_of_a_created_process_is_refused(tmp_path: Path) -> None:
         p, _, _ = make(tmp_path)
         await p.create(CreateOpts(pid_file=str(tmp_path / "init.pid")))
         with pytest.raises(
-            FailedPrecondition, match="cannot checkpoint container c1: it is created"
+            FailedPrecondition, match="cannot checkpoint process c1 in state created"
         ):
             async with p.checkpointing():
                 pass
