@@ -11,8 +11,9 @@ CRIU restore. Per process: running -> locked -> checkpointed -> locked ->
 running. The driver needs the process *running* (not frozen) for each step: it
 works through the process's own threads.
 
-The backend (``CudaCheckpoint``) is ctypes over ``libcuda.so.1``, or over the
-library ``$STASIS_LIBCUDA`` names (the tests' fake, tests/fakes/libcuda_fake.c).
+The contract is ``GpuBackend``: ``CudaCheckpoint`` is ctypes over ``libcuda.so.1``,
+or over the library ``$STASIS_LIBCUDA`` names (the tests' fake,
+tests/fakes/libcuda_fake.c); ``RecordingGpu`` is a recording fake for unit tests.
 No library means no GPU support, silently. Only the checkpoint machinery imports
 this module, and only loads the library when a checkpoint or a restore happens.
 """
@@ -27,9 +28,10 @@ import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from runtime.errors import FailedPrecondition
+from runtime.linux.proc import ns_pid
 
 log = logging.getLogger("stasis.gpu")
 
@@ -95,6 +97,26 @@ class CudaError(FailedPrecondition):
 def result_name(result: int) -> str:
     """``CUDA_ERROR_TIMEOUT (909)`` for 909."""
     return f"{CU_RESULTS.get(result, 'CUresult')} ({result})"
+
+
+class GpuBackend(Protocol):
+    """The GPU side of a checkpoint, by host PID. Blocking: call on a worker thread."""
+
+    def processes(self, pids: Iterable[int]) -> list[int]:
+        """Those of ``pids`` that use the GPU."""
+        ...
+
+    def inventory(self) -> dict[str, Any] | None:
+        """This node's GPUs (see ``CudaCheckpoint.inventory``); None without any."""
+        ...
+
+    def suspend(self, pids: Sequence[int], timeout_ms: int) -> None:
+        """Move the GPU state of all of ``pids`` into host memory, or none (CudaError)."""
+        ...
+
+    def resume(self, pids: Sequence[int]) -> None:
+        """Give ``pids`` their GPU state back; tries every PID, raises the first CudaError."""
+        ...
 
 
 class CudaCheckpoint:
@@ -303,16 +325,38 @@ def lock_timeout_ms() -> int:
         return DEFAULT_LOCK_TIMEOUT_MS
 
 
-def ns_pid(pid: int) -> int:
-    """``pid`` as its innermost pid namespace sees it (NSpid in /proc/PID/status), 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return 0
+class RecordingGpu:
+    """A ``GpuBackend`` for tests: the PIDs in ``cuda`` use the GPU; every call is
+    recorded in ``calls`` as (method, PIDs); ``fail`` makes a method raise."""
+
+    def __init__(self, cuda: Iterable[int] = (), inventory: dict[str, Any] | None = None) -> None:
+        self.cuda = set(cuda)
+        self.calls: list[tuple[str, list[int]]] = []
+        self.fail: dict[str, CudaError] = {}
+        self._inventory = inventory or {"models": ["Fake"], "count": 1, "driver_version": 12080}
+
+    def _record(self, name: str, pids: Iterable[int]) -> None:
+        self.calls.append((name, list(pids)))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def processes(self, pids: Iterable[int]) -> list[int]:
+        """Those of ``pids`` in ``cuda``."""
+        found = [p for p in pids if p in self.cuda]
+        self._record("processes", found)
+        return found
+
+    def inventory(self) -> dict[str, Any] | None:
+        """The inventory given at construction."""
+        return dict(self._inventory)
+
+    def suspend(self, pids: Sequence[int], timeout_ms: int) -> None:
+        """Records the call."""
+        self._record("suspend", pids)
+
+    def resume(self, pids: Sequence[int]) -> None:
+        """Records the call."""
+        self._record("resume", pids)
 
 
 # -- the inventory gate --------------------------------------------------------------
@@ -387,21 +431,21 @@ def check_restore(metadata: Mapping[str, Any]) -> None:
 class Suspended:
     """CUDA processes of a container whose GPU state was moved into host memory."""
 
-    backend: CudaCheckpoint
+    backend: GpuBackend
     pids: list[int]  # host PIDs
     record: dict[str, Any] = field(default_factory=dict)  # the checkpoint's "gpu" metadata
 
 
 async def suspend_container(
+    backend: GpuBackend | None,
     container_id: str,
     list_pids: Callable[[], Awaitable[list[int]]],
     paused: bool,
 ) -> Suspended | None:
     """Before the freeze: find the container's CUDA processes and lock +
-    checkpoint their GPU state; None (nothing done) without libcuda or without
+    checkpoint their GPU state; None (nothing done) without a backend or without
     CUDA processes. A container already paused cannot be (the driver needs its
     processes running): FailedPrecondition."""
-    backend = load()
     if backend is None:
         return None
     pids = await list_pids()

@@ -258,6 +258,18 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def ns_pid(pid: int) -> int:
+    """``pid`` as its innermost pid namespace sees it (NSpid in /proc/PID/status), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def parent_of(pid: int) -> int:
     """``pid``'s parent PID (0 when it is gone)."""
     try:

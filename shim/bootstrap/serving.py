@@ -14,15 +14,16 @@ def load_serving_code(restore: bool = False) -> None:
     ``serve_group`` turns the collector back on. containerd's Create waits on these
     imports (unless the shim zygote, which calls this too, made them already).
 
-    ``restore``: also the checkpoint machinery (``shim.checkpoint.take``), which a
-    restoring Create would import; other daemons import it only if they checkpoint."""
+    ``restore``: also the checkpoint machinery (``shim.checkpoint.restore``, with
+    ``shim.checkpoint.take``), which a restoring Create would import; other daemons
+    import it only if they checkpoint."""
     import gc
 
     gc.disable()
     import shim.daemon.serve
 
     if restore:
-        import shim.checkpoint.take  # noqa: F401
+        import shim.checkpoint.restore  # noqa: F401
     gc.freeze()
 
 

@@ -24,8 +24,10 @@ from functools import partial
 from typing import Any
 
 from runtime import boundedjson
+from runtime.capture import gpu as capture_gpu
 from runtime.capture import rootfs
 from runtime.capture.digest import TailDigester
+from runtime.capture.gpu import GpuBackend
 from runtime.config import Config
 from runtime.errors import (
     DataLoss,
@@ -39,9 +41,9 @@ from runtime.linux.runc import CheckpointOpts
 from runtime.names import RESTORE_ANNOTATION
 from runtime.security import ceiling
 from runtime.store import upload
-from runtime.store.local import METADATA_FILE, CheckpointReader, LocalStore
+from runtime.store.local import METADATA_FILE, CheckpointReader, LocalStore, Store
 from runtime.store.metadata import restore_metadata
-from runtime.store.resolve import default_store, open_store, resolve_source, signing_for
+from runtime.store.resolve import resolve_source, signing_for
 from shim.task.container import Container
 from shim.task.process import Status
 
@@ -68,7 +70,6 @@ FORMAT_VERSION = 1
 class CheckpointSpec:
     """What to checkpoint and where (a Checkpoint request, decoded)."""
 
-    store: str = ""
     name: str = ""
     exit: bool = False
     tcp_established: bool = False
@@ -119,29 +120,29 @@ def _upperdir(container: Container) -> str | None:
 
 
 async def checkpoint(
-    container: Container, spec: CheckpointSpec, config: Config, namespace: str
+    container: Container,
+    spec: CheckpointSpec,
+    *,
+    store: Store,
+    gpu: GpuBackend | None,
+    namespace: str,
 ) -> CheckpointResult:
-    """Checkpoint ``container`` into a store; the container keeps running unless ``exit``.
+    """Checkpoint ``container`` into ``store``; it keeps running unless ``exit``.
 
     Files and memory are taken at one moment: the container is frozen while
-    the rootfs diff is captured and CRIU dumps it. On any failure the partial
-    checkpoint is removed (the manifest is written last, so nothing half-done
-    ever looks complete) and the container is thawed and keeps running.
-    Checkpoints of one container run one after the other, never interleaved.
+    the rootfs diff is captured and CRIU dumps it, all in its init's
+    checkpointing state (``InitProcess.checkpointing``), so checkpoints of one
+    container never interleave, nor do they with Pause, Resume, Update or Exec.
+    ``gpu`` (None: no GPU support) moves CUDA processes' GPU state into host
+    memory before the freeze and back after a leave-running dump. On any failure
+    the partial checkpoint is removed (the manifest is written last, so nothing
+    half-done ever looks complete) and the container is thawed and keeps running.
     """
-    async with container.checkpoint_lock:
-        return await _checkpoint(container, spec, config, namespace)
-
-
-async def _checkpoint(
-    container: Container, spec: CheckpointSpec, config: Config, namespace: str
-) -> CheckpointResult:
     init = container.init
-    if init.status not in (Status.RUNNING, Status.PAUSED):
+    if init.status not in (Status.RUNNING, Status.PAUSED):  # before any store work
         raise FailedPrecondition(
             f"cannot checkpoint container {container.id}: it is {init.status.name.lower()}"
         )
-    store = open_store(spec.store, config) if spec.store else default_store(config)
     name = spec.name or f"{container.id}-{_utc_stamp()}"
     oci = _spec(container)
     annotations = oci.get("annotations") or {}
@@ -154,59 +155,55 @@ async def _checkpoint(
     versions.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed dump
     async with upload.begin(store, name, container.runc.spawner) as writer:
         upper = _upperdir(container)
-        was_running = init.status == Status.RUNNING
-        # Exec'd processes join the init's tree, which is what CRIU dumps.
-        execs = await container.detach_execs()
-        from runtime.capture import gpu  # loads libcuda only now, and only if present
-
-        # CUDA processes: the driver moves their GPU state into host memory (lock,
-        # then checkpoint) for CRIU to dump; it needs them running, so before the freeze.
-        cuda = await gpu.suspend_container(
-            container.id, lambda: container.runc.ps(container.id), not was_running
-        )
-        digester: TailDigester | None = None
-        try:
-            if was_running:
-                await init.pause()
-            frozen_at = time.monotonic()
-            diff: rootfs.DiffStats | None = None
+        async with init.checkpointing() as ck:
+            # Exec'd processes join the init's tree, which is what CRIU dumps.
+            execs = await container.detach_execs()
+            # CUDA processes: the driver moves their GPU state into host memory (lock,
+            # then checkpoint) for CRIU to dump; it needs them running, so before the freeze.
+            cuda = await capture_gpu.suspend_container(
+                gpu, container.id, lambda: container.runc.ps(container.id), ck.paused
+            )
+            digester: TailDigester | None = None
             try:
-                if upper is not None:
-                    diff = await asyncio.to_thread(
-                        partial(
-                            rootfs.capture,
-                            upper,
-                            writer.path("rootfs-diff.tar"),
-                            writer.path("deleted.files"),
-                            durable=False,  # the commit fsyncs every file
+                await ck.freeze()
+                frozen_at = time.monotonic()
+                diff: rootfs.DiffStats | None = None
+                try:
+                    if upper is not None:
+                        diff = await asyncio.to_thread(
+                            partial(
+                                rootfs.capture,
+                                upper,
+                                writer.path("rootfs-diff.tar"),
+                                writer.path("deleted.files"),
+                                durable=False,  # the commit fsyncs every file
+                            )
+                        )
+                    images = writer.path("checkpoint", directory=True)
+                    # Hash the images as CRIU writes them: the commit then neither
+                    # re-reads them nor waits for all of their writeback.
+                    digester = TailDigester(images).start()
+                    await ck.dump(
+                        CheckpointOpts(
+                            image_path=images,
+                            leave_running=not spec.exit,
+                            tcp_established=spec.tcp_established,
+                            shell_job=init.terminal,
                         )
                     )
-                images = writer.path("checkpoint", directory=True)
-                # Hash the images as CRIU writes them: the commit then neither
-                # re-reads them nor waits for all of their writeback.
-                digester = TailDigester(images).start()
-                await container.checkpoint(
-                    CheckpointOpts(
-                        image_path=images,
-                        leave_running=not spec.exit,
-                        tcp_established=spec.tcp_established,
-                        shell_job=init.terminal,
-                    )
-                )
-            finally:
-                # Thaw first: hashing what CRIU wrote last needs no frozen container.
-                if was_running and init.status == Status.PAUSED:
-                    await init.resume()
-                frozen = time.monotonic() - frozen_at
-                if digester is not None:
-                    tail = await asyncio.to_thread(digester.finish)
-                    hashed_at = time.monotonic()
-        except BaseException:
-            if cuda is not None:  # the container runs on: give its GPU state back
-                await gpu.undo_suspend(container.id, cuda)
-            raise
-        if cuda is not None and not spec.exit:  # after a leave-running dump
-            await gpu.resume_container(container.id, cuda)
+                finally:
+                    # Thaw first: hashing what CRIU wrote last needs no frozen container.
+                    await ck.thaw()
+                    frozen = time.monotonic() - frozen_at
+                    if digester is not None:
+                        tail = await asyncio.to_thread(digester.finish)
+                        hashed_at = time.monotonic()
+            except BaseException:
+                if cuda is not None:  # the container runs on: give its GPU state back
+                    await capture_gpu.undo_suspend(container.id, cuda)
+                raise
+            if cuda is not None and not spec.exit:  # after a leave-running dump
+                await capture_gpu.resume_container(container.id, cuda)
         known = {f"checkpoint/{name}": digest for name, digest in tail.items()}
         image = (await _later_image(container.id, spec)) or annotated
         writer.write_bytes("spec.dump", json.dumps(oci, indent=1).encode())
@@ -434,9 +431,7 @@ def prepare_restore(
         # Every field the restore acts on, checked before anything runs.
         metadata = restore_metadata(reader)
         if metadata.get("gpu"):  # GPU state restores only onto the same GPUs
-            from runtime.capture import gpu
-
-            gpu.check_restore(metadata)
+            capture_gpu.check_restore(metadata)
         # Local images are hashed while CRIU restores them (RestoreGate); a
         # remote store verifies as it downloads, before CRIU can read anything.
         pending = defer_images and isinstance(store, LocalStore) and not reader.manifest.encryption

@@ -10,8 +10,9 @@ import signal
 import socket
 
 from runtime.rpc import ttrpc_server as ttrpc
+from shim.daemon import checkpoint_api
 from shim.daemon.events import Publisher
-from shim.daemon.task_api import SERVICE, STASIS_SERVICE, TaskService
+from shim.daemon.task_api import SERVICE, TaskService
 from shim.task.reaper import Reaper, set_subreaper
 
 log = logging.getLogger("stasis.shim")
@@ -92,7 +93,7 @@ async def _serve(sock: socket.socket, socket_path: str, namespace: str, ttrpc_ad
     service = TaskService(namespace, publisher, reaper, on_shutdown=shutdown)
     server = ttrpc.Server()
     server.register(SERVICE, service.handlers())
-    server.register(STASIS_SERVICE, service.stasis_handlers())
+    server.register(checkpoint_api.SERVICE, checkpoint_api.CheckpointService(service).handlers())
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     serving = loop.create_task(server.serve(sock))

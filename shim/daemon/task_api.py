@@ -1,21 +1,17 @@
-"""The Task service: the only layer that speaks protobuf.
+"""containerd.task.v2.Task: with checkpoint_api.py, the only layer that speaks protobuf.
 
 Each RPC decodes its request into plain values, calls the container layer,
-and encodes the reply; ``_edge`` converts Stasis errors to ttrpc statuses
+and encodes the reply; ``edge`` converts Stasis errors to ttrpc statuses
 exactly once. Events are published here, in the order containerd requires.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -25,11 +21,9 @@ from protos.containerd.events import task_pb2 as events
 from protos.containerd.runc.v1 import options_pb2
 from protos.containerd.task.v2 import shim_pb2 as api
 from protos.containerd.types.task import task_pb2 as types
-from protos.stasis.v1 import checkpoint_pb2 as stasis_api
 from runtime.errors import (
     AlreadyExists,
     Code,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     StasisError,
@@ -48,29 +42,11 @@ from shim.task.reaper import Reaper
 log = logging.getLogger("stasis.service")
 
 SERVICE = "containerd.task.v2.Task"
-STASIS_SERVICE = "stasis.v1.Checkpointer"
 RESTORE_FROM = RESTORE_ANNOTATION
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 _EMPTY = empty_pb2.Empty()
 # How long an init's exit waits for the exits of its execs.
 _EXEC_EXIT_GRACE = 2.0
-# How long a checkpoint sent with image_pending waits, once its dump is done, for
-# the image (SetImage) before it records the annotations' image instead.
-IMAGE_WAIT_S = 30.0
-# How long a SetImage that came before its Checkpoint waits for it (the two come
-# on two connections, in either order).
-IMAGE_CLAIM_S = 5.0
-
-
-def _empty_dir(path: str) -> None:
-    """Remove everything inside ``path`` (a fresh upperdir after a failed restore)."""
-    import shutil
-
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
 
 
 def _timestamp(msg: Message, field: str, at_ns: int) -> None:
@@ -114,25 +90,29 @@ def _cri_work_path(c: Container) -> str:
     return ""
 
 
-@dataclass(frozen=True)
-class _Image:
-    """What a SetImage delivered."""
+def edge(
+    method: str, req_type: type[Message], fn: Callable[[Any], Awaitable[Message]]
+) -> ttrpc.Handler:
+    """The ttrpc handler of ``method``: decodes ``req_type``, calls ``fn``, and turns
+    a Stasis error into its ttrpc status (an OSError into Unknown)."""
 
-    image: str
-    error: str
-    abort: bool
+    async def handle(payload: bytes, ctx: ttrpc.RequestContext) -> bytes:
+        req = req_type()
+        try:
+            req.ParseFromString(payload)
+        except Exception as e:
+            raise ttrpc.RPCError(Code.INVALID_ARGUMENT, f"{method}: bad request: {e}") from e
+        try:
+            reply = await fn(req)
+        except StasisError as e:
+            log.info("%s failed (%s): %s", method, e.code.name, e)
+            raise ttrpc.RPCError(e.code, str(e)) from e
+        except OSError as e:
+            log.warning("%s failed: %s", method, e)
+            raise ttrpc.RPCError(Code.UNKNOWN, f"{method}: {e}") from e
+        return reply.SerializeToString()
 
-
-class _PendingImage:
-    """The image of a container's checkpoints sent with image_pending, while the
-    CLI looks it up. Created by whichever comes first, the Checkpoint or the
-    SetImage; every checkpoint of the container running meanwhile shares it
-    (they checkpoint the same container, so the same image)."""
-
-    def __init__(self) -> None:
-        self.delivered: asyncio.Future[_Image] = asyncio.get_running_loop().create_future()
-        self.claimed = asyncio.Event()  # set once a checkpoint waits for it
-        self.checkpoints = 0
+    return handle
 
 
 class TaskService:
@@ -141,11 +121,6 @@ class TaskService:
     Guarded by ``_lifecycle`` (an asyncio lock): the container map and the
     start/exit bookkeeping that keeps TaskStart before TaskExit.
     """
-
-    #: Seconds a checkpoint sent with image_pending waits for its SetImage.
-    image_wait_s = IMAGE_WAIT_S
-    #: Seconds a SetImage that came first waits for its checkpoint.
-    image_claim_s = IMAGE_CLAIM_S
 
     def __init__(
         self,
@@ -164,9 +139,6 @@ class TaskService:
         self._starting: set[Process] = set()
         self._pending_exits: dict[Process, Exit] = {}
         self._held_inits: dict[Container, Exit] = {}
-        # Container id -> its image while checkpoints sent with image_pending run;
-        # changed only without an await between lookup and update (one event loop).
-        self._images: dict[str, _PendingImage] = {}
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -191,33 +163,10 @@ class TaskService:
             "Connect": (api.ConnectRequest, self._connect),
             "Shutdown": (api.ShutdownRequest, self._shutdown),
         }
-        return {m: self._edge(m, *entry) for m, entry in table.items()}
+        return {m: edge(m, *entry) for m, entry in table.items()}
 
-    def _edge(
-        self,
-        method: str,
-        req_type: type[Message],
-        fn: Callable[[Any], Awaitable[Message]],
-    ) -> ttrpc.Handler:
-        async def handle(payload: bytes, ctx: ttrpc.RequestContext) -> bytes:
-            req = req_type()
-            try:
-                req.ParseFromString(payload)
-            except Exception as e:
-                raise ttrpc.RPCError(Code.INVALID_ARGUMENT, f"{method}: bad request: {e}") from e
-            try:
-                reply = await fn(req)
-            except StasisError as e:
-                log.info("%s failed (%s): %s", method, e.code.name, e)
-                raise ttrpc.RPCError(e.code, str(e)) from e
-            except OSError as e:
-                log.warning("%s failed: %s", method, e)
-                raise ttrpc.RPCError(Code.UNKNOWN, f"{method}: {e}") from e
-            return reply.SerializeToString()
-
-        return handle
-
-    def _get(self, id: str) -> Container:
+    def get(self, id: str) -> Container:
+        """The container ``id``; NotFound if this shim has none."""
         c = self.containers.get(id)
         if c is None:
             raise NotFound(f"container {id!r} not found")
@@ -284,22 +233,24 @@ class TaskService:
         async with self._lifecycle:
             if req.id in self.containers:
                 raise AlreadyExists(f"container {req.id!r} already exists in this shim")
-            plan = None
-            if not cfg.checkpoint:
-                cfg, plan = await self._restore_by_annotation(cfg)
-            else:  # containerd's own checkpoint (ctr run --checkpoint)
-                cfg = replace(cfg, restore_timeout=_restore_timeout())
+            job = None
+            if cfg.checkpoint or _asks_restore(cfg.spec):
+                # Only restores pay for importing the checkpoint machinery.
+                from shim.checkpoint import restore
+
+                cfg, job = await restore.prepare(cfg, self.namespace)
             try:
                 c = await Container.create(
-                    cfg, namespace=self.namespace, reaper=self.reaper, on_exit=self._on_exit
+                    cfg,
+                    namespace=self.namespace,
+                    reaper=self.reaper,
+                    on_exit=self._on_exit,
+                    restore=job,
                 )
-                if cfg.checkpoint:  # a restore: held until checked against this spec
-                    c.restore_gate = _restore_gate(c, plan)
             except BaseException:
-                if plan is not None:
-                    await asyncio.to_thread(plan.reader.close)
+                if job is not None:
+                    await job.close()
                 raise
-            c.restore_source = plan.reader if plan is not None else None
             self.containers[req.id] = c
             ev = events.TaskCreate(
                 container_id=req.id,
@@ -313,66 +264,12 @@ class TaskService:
             self._publish("/tasks/create", ev)
         return api.CreateTaskResponse(pid=c.init.pid)
 
-    async def _restore_by_annotation(self, cfg: CreateConfig) -> tuple[CreateConfig, Any]:
-        """Honour stasis.dev/restore-from: verify, apply the rootfs diff, restore at Start."""
-        annotations = cfg.spec.get("annotations") or {}
-        if RESTORE_FROM not in annotations or annotations.get(CRI_CONTAINER_TYPE) == "sandbox":
-            return cfg, None  # a pod's sandbox carries the pod's annotations: never restored
-        # Only restores pay for importing the checkpoint machinery.
-        from runtime import config
-        from shim.checkpoint import take as checkpointing
-
-        request = checkpointing.restore_request(annotations)
-        if request is None:
-            return cfg, None
-        ref, policy = request
-        upper = next((u for m in cfg.rootfs if (u := m.upperdir())), None)
-        member = annotations.get(checkpointing.CRI_CONTAINER_NAME)
-        try:
-            conf = config.load()
-            # With policy fresh, everything is checked now, while starting fresh is
-            # still possible; with fail, the CRIU images are checked during Start.
-            plan = await asyncio.to_thread(
-                partial(
-                    checkpointing.prepare_restore,
-                    ref,
-                    upper,
-                    conf,
-                    defer_images=policy == "fail",
-                    container_name=member,
-                    spec=cfg.spec,
-                    target=checkpointing.RestoreTarget.of(self.namespace, annotations),
-                )
-            )
-        except StasisError as e:
-            if policy != "fresh":
-                raise
-            log.warning("container %s starts fresh (restore-policy fresh): %s", cfg.id, e)
-            if upper is not None:
-                await asyncio.to_thread(_empty_dir, upper)
-            return cfg, None
-        if plan is None:
-            log.info("container %s starts fresh: pod checkpoint %s has no %r", cfg.id, ref, member)
-            return cfg, None
-        log.info("container %s restores from %s", cfg.id, ref)
-        restored = replace(
-            cfg,
-            checkpoint=plan.images,
-            restore_tcp_established=plan.tcp_established,
-            restore_timeout=conf.restore.timeout_seconds,
-            restore_ref=ref,
-        )
-        return restored, plan
-
     async def _start(self, req: api.StartRequest) -> api.StartResponse:
-        c = self._get(req.id)
+        c = self.get(req.id)
         proc = c.process(req.exec_id)
         self._starting.add(proc)
         try:
-            if not req.exec_id and c.restore_gate is not None:
-                await _start_gated(c)
-            else:
-                await proc.start()
+            await c.start(req.exec_id)
             if req.exec_id:
                 self._publish(
                     "/tasks/exec-started",
@@ -382,8 +279,6 @@ class TaskService:
                 self._publish("/tasks/start", events.TaskStart(container_id=c.id, pid=proc.pid))
                 c.watch_oom(self._on_oom)
         finally:
-            if not req.exec_id:
-                await c.release_restore_source()
             self._starting.discard(proc)
             pending = self._pending_exits.pop(proc, None)
             if pending is not None:
@@ -395,7 +290,7 @@ class TaskService:
 
     async def _delete(self, req: api.DeleteRequest) -> api.DeleteResponse:
         async with self._lifecycle:
-            c = self._get(req.id)
+            c = self.get(req.id)
             if not req.exec_id:
                 # Its exit goes out before its delete, whatever the execs do.
                 self._release_init_exit(c)
@@ -413,7 +308,7 @@ class TaskService:
         return resp
 
     async def _state(self, req: api.StateRequest) -> api.StateResponse:
-        c = self._get(req.id)
+        c = self.get(req.id)
         proc = c.process(req.exec_id)
         stdin, stdout, stderr = proc.stdio_paths
         resp = api.StateResponse(
@@ -433,19 +328,19 @@ class TaskService:
         return resp
 
     async def _wait(self, req: api.WaitRequest) -> api.WaitResponse:
-        proc = self._get(req.id).process(req.exec_id)
+        proc = self.get(req.id).process(req.exec_id)
         e = await proc.wait()
         resp = api.WaitResponse(exit_status=e.status)
         _timestamp(resp, "exited_at", e.at_ns)
         return resp
 
     async def _kill(self, req: api.KillRequest) -> Message:
-        proc = self._get(req.id).process(req.exec_id)
+        proc = self.get(req.id).process(req.exec_id)
         await proc.kill(req.signal, req.all)
         return _EMPTY
 
     async def _pids(self, req: api.PidsRequest) -> api.PidsResponse:
-        c = self._get(req.id)
+        c = self.get(req.id)
         out = api.PidsResponse()
         for pid, exec_id in await c.pids():
             info = out.processes.add(pid=pid)
@@ -456,13 +351,13 @@ class TaskService:
         return out
 
     async def _pause(self, req: api.PauseRequest) -> Message:
-        c = self._get(req.id)
+        c = self.get(req.id)
         await c.init.pause()
         self._publish("/tasks/paused", events.TaskPaused(container_id=c.id))
         return _EMPTY
 
     async def _resume(self, req: api.ResumeRequest) -> Message:
-        c = self._get(req.id)
+        c = self.get(req.id)
         await c.init.resume()
         self._publish("/tasks/resumed", events.TaskResumed(container_id=c.id))
         return _EMPTY
@@ -474,8 +369,10 @@ class TaskService:
             raise InvalidArgument(f"exec {req.exec_id}: process spec is not JSON: {e}") from e
         if not isinstance(spec, dict):
             raise InvalidArgument(f"exec {req.exec_id}: process spec is not a JSON object")
+        # As containerd's runc shim, whose Exec takes the init's lock: after a checkpoint.
+        await self.get(req.id).init.settled()
         async with self._lifecycle:
-            c = self._get(req.id)
+            c = self.get(req.id)
             c.exec(req.exec_id, spec, (req.stdin, req.stdout, req.stderr), req.terminal)
         self._publish(
             "/tasks/exec-added", events.TaskExecAdded(container_id=c.id, exec_id=req.exec_id)
@@ -483,17 +380,17 @@ class TaskService:
         return _EMPTY
 
     async def _resize_pty(self, req: api.ResizePtyRequest) -> Message:
-        self._get(req.id).process(req.exec_id).resize(req.width, req.height)
+        self.get(req.id).process(req.exec_id).resize(req.width, req.height)
         return _EMPTY
 
     async def _close_io(self, req: api.CloseIORequest) -> Message:
-        proc = self._get(req.id).process(req.exec_id)
+        proc = self.get(req.id).process(req.exec_id)
         if req.stdin:
             proc.io.close_stdin()
         return _EMPTY
 
     async def _update(self, req: api.UpdateTaskRequest) -> Message:
-        await self._get(req.id).update(req.resources.value)
+        await self.get(req.id).update(req.resources.value)
         return _EMPTY
 
     async def _checkpoint(self, req: api.CheckpointTaskRequest) -> Message:
@@ -503,7 +400,7 @@ class TaskService:
         image = o.image_path or req.path
         if not image:
             raise InvalidArgument(f"checkpoint of {req.id}: no image path")
-        c = self._get(req.id)
+        c = self.get(req.id)
         opts = CheckpointOpts(
             image_path=image,
             work_path=o.work_path or _cri_work_path(c),
@@ -518,117 +415,10 @@ class TaskService:
         await c.checkpoint(opts)
         return _EMPTY
 
-    async def stasis_checkpoint(self, req: stasis_api.CheckpointRequest) -> Message:
-        """stasis.v1.Checkpointer/Checkpoint: a Stasis checkpoint into a store."""
-        c = self._get(req.id)
-        # Registered before anything can await, so a SetImage that comes later
-        # always finds it.
-        pending = self._expect_image(req.id) if req.image_pending else None
-        try:
-            from runtime import config
-            from shim.checkpoint import take as checkpointing
-
-            spec = checkpointing.CheckpointSpec(
-                store=req.store,
-                name=req.name,
-                exit=req.exit,
-                tcp_established=req.tcp_established,
-                image="" if pending else req.image,
-                labels=dict(req.labels),
-                image_later=partial(self._image_of, req.id, pending) if pending else None,
-            )
-            result = await checkpointing.checkpoint(c, spec, config.load(), self.namespace)
-        finally:
-            if pending is not None:
-                self._forget_image(req.id, pending)
-        return stasis_api.CheckpointResponse(
-            ref=result.ref,
-            name=result.name,
-            size=result.size,
-            criu_size=result.criu_size,
-            seconds=result.seconds,
-            frozen_seconds=result.frozen_seconds,
-        )
-
-    def _expect_image(self, id: str) -> _PendingImage:
-        pending = self._images.get(id)
-        if pending is None:
-            pending = self._images[id] = _PendingImage()
-        pending.checkpoints += 1
-        pending.claimed.set()
-        return pending
-
-    def _forget_image(self, id: str, pending: _PendingImage) -> None:
-        pending.checkpoints -= 1
-        if pending.checkpoints == 0 and self._images.get(id) is pending:
-            del self._images[id]
-
-    async def _image_of(self, id: str, pending: _PendingImage) -> str:
-        """The image SetImage delivers for a checkpoint of ``id``; "" when none
-        comes in time or the CLI could not look it up (the checkpoint then records
-        the image the annotations name). Raises FailedPrecondition when the CLI
-        found the container is not the one it meant."""
-        try:
-            # Shielded: the future is shared, and a timeout must not cancel it.
-            async with asyncio.timeout(self.image_wait_s):
-                got = await asyncio.shield(pending.delivered)
-        except TimeoutError:
-            log.warning(
-                "checkpoint of %s: no image came (SetImage) within %g s; "
-                "recording the image its annotations name, if any",
-                id,
-                self.image_wait_s,
-            )
-            return ""
-        if got.abort:
-            raise FailedPrecondition(got.error or f"checkpoint of {id}: aborted by its caller")
-        if got.error:
-            log.warning(
-                "checkpoint of %s: its image could not be looked up (%s); "
-                "recording the image its annotations name, if any",
-                id,
-                got.error,
-            )
-            return ""
-        return got.image
-
-    async def stasis_set_image(self, req: stasis_api.SetImageRequest) -> Message:
-        """stasis.v1.Checkpointer/SetImage: the image of a checkpoint sent with image_pending."""
-        self._get(req.id)
-        pending = self._images.get(req.id)
-        early = pending is None
-        if pending is None:
-            pending = self._images[req.id] = _PendingImage()
-        if not pending.delivered.done():
-            pending.delivered.set_result(_Image(req.image, req.error, req.abort))
-        if not early:
-            return _EMPTY
-        try:
-            async with asyncio.timeout(self.image_claim_s):
-                await pending.claimed.wait()
-        except TimeoutError:
-            raise FailedPrecondition(
-                f"SetImage for container {req.id}: no checkpoint of it waits for an image "
-                f"(none sent with image_pending came within {self.image_claim_s:g} s)"
-            ) from None
-        finally:
-            if not pending.claimed.is_set() and self._images.get(req.id) is pending:
-                del self._images[req.id]
-        return _EMPTY
-
-    def stasis_handlers(self) -> dict[str, ttrpc.Handler]:
-        """The ttrpc method table of stasis.v1.Checkpointer."""
-        return {
-            "Checkpoint": self._edge(
-                "Checkpoint", stasis_api.CheckpointRequest, self.stasis_checkpoint
-            ),
-            "SetImage": self._edge("SetImage", stasis_api.SetImageRequest, self.stasis_set_image),
-        }
-
     async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
         from shim.daemon.metrics import metrics_v1, metrics_v2  # first Stats call pays for it
 
-        stats = await self._get(req.id).stats()
+        stats = await self.get(req.id).stats()
         m = metrics_v2(stats) if self._unified else metrics_v1(stats)
         resp = api.StatsResponse()
         resp.stats.type_url = m.DESCRIPTOR.full_name
@@ -650,56 +440,8 @@ class TaskService:
         return _EMPTY
 
 
-def _restore_timeout() -> float:
-    """The config's restore.timeout_seconds."""
-    from runtime import config
-
-    return config.load().restore.timeout_seconds
-
-
-def _restore_gate(c: Container, plan: Any) -> Any:
-    """Hold the restored tree until it is checked: the spec's ceiling, and the
-    checkpoint's CRIU images when ``plan`` left them to the gate (see RestoreGate)."""
-    from shim.checkpoint.take import RestoreGate
-
-    ref = plan.ref if plan is not None else c.config.checkpoint
-    gate = RestoreGate(c.bundle, ref, c.config.spec, plan)
-    gate.install()
-    gate.start()
-    return gate
-
-
-async def _start_gated(c: Container) -> None:
-    """Start (restore) a container through its gate: CRIU holds the restored tree
-    until the images and the tree are checked, so neither a corrupt checkpoint nor
-    one that exceeds the container's spec ever runs."""
-    gate, c.restore_gate = c.restore_gate, None
-    try:
-        try:
-            await c.init.start()
-        except StasisError as e:
-            bad = await gate.outcome(0)
-            if bad is not None:
-                if gate.held("images") and not gate.held("ceiling"):
-                    raise type(bad)(f"{bad} (its restored processes never ran)") from e
-                raise bad from e
-            raise
-        bad = await gate.outcome(c.init.pid)
-        if bad is not None:  # CRIU resumed it anyway: never leave it running
-            log.error("restore gate of %s was not honoured; killing it", c.id)
-            with contextlib.suppress(StasisError):
-                await c.init.kill(signal.SIGKILL, all=True)
-            raise bad
-        if not gate.held("images") and gate.plan is not None:
-            log.warning("CRIU did not run the restore gate of %s; its images matched", c.id)
-        elif gate.plan is not None:
-            log.debug(
-                "restore of %s: CRIU waited %.3fs for the image check", c.id, gate.held_seconds()
-            )
-        held = gate.held_seconds("ceiling")
-        if held is not None:  # bench/checkpoint.py reads this line
-            log.debug(
-                "restore of %s: CRIU held %.4fs at pre-resume for the spec ceiling", c.id, held
-            )
-    finally:
-        gate.remove()
+def _asks_restore(spec: dict[str, Any]) -> bool:
+    """Whether the spec asks for a restore (a pod's sandbox, carrying the pod's
+    annotations, never does)."""
+    annotations = spec.get("annotations") or {}
+    return RESTORE_FROM in annotations and annotations.get(CRI_CONTAINER_TYPE) != "sandbox"

@@ -8,11 +8,10 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.config import DEFAULT_RESTORE_TIMEOUT_S
@@ -25,10 +24,12 @@ from runtime.errors import (
 )
 from runtime.linux import cgroups
 from runtime.linux import mount as mounts
+from runtime.linux.proc import ns_pid
 from runtime.linux.procevents import ExitCodes
 from runtime.linux.runc import CheckpointOpts, CreateOpts, RestoreOpts, Runc
-from shim.task.process import ExecProcess, Exit, InitProcess, Process, Status, ns_pid
+from shim.task.process import ExecProcess, Exit, InitProcess, Process, Status
 from shim.task.reaper import Reaper
+from shim.task.restoring import RestoreJob
 from shim.task.stdio import ProcessIO, TerminalIO
 
 log = logging.getLogger("stasis.container")
@@ -132,13 +133,9 @@ class Container:
         self._oom: cgroups.OOMWatcher | None = None
         self.shepherd = find_shepherd()
         self._exit_codes: ExitCodes | None = None  # for adopted execs
-        # The checkpoint a restore reads from (a store reader); closed once
-        # Start has restored (or failed to), which frees a remote store's copies.
-        self.restore_source: Any = None
-        # Checks the CRIU images while Start restores them (checkpointing.RestoreGate).
-        self.restore_gate: Any = None
-        # Serializes Stasis checkpoints of this container (checkpointing.checkpoint).
-        self.checkpoint_lock = asyncio.Lock()
+        # A restore's job, closed once Start has restored (or failed to), which
+        # frees a remote store's copies.
+        self.restore: RestoreJob | None = None
         # The end of an init in a shared PID namespace, in progress (_init_ended).
         self._ending: set[asyncio.Task[None]] = set()
 
@@ -150,8 +147,11 @@ class Container:
         namespace: str,
         reaper: Reaper,
         on_exit: ExitCallback,
+        restore: RestoreJob | None = None,
     ) -> Container:
-        """Mount the rootfs and ``runc create`` the container; undo everything on failure."""
+        """Mount the rootfs and ``runc create`` the container, or (``cfg.checkpoint``)
+        prepare its restore at Start, by ``restore`` when the checkpoint layer has a
+        part in it; undo everything on failure."""
         if not _ID.match(cfg.id):
             raise InvalidArgument(f"invalid container id {cfg.id!r}")
         if not cfg.spec:
@@ -197,6 +197,7 @@ class Container:
                     ),
                     timeout=cfg.restore_timeout,
                     source=cfg.restore_ref,
+                    job=restore,
                 )
             else:
                 await init.create(
@@ -217,8 +218,8 @@ class Container:
             raise
         container = cls(cfg, runc, init, rootfs, reaper, on_exit)
         if cfg.checkpoint:
-            init.on_pid = container._restored
-            init.after_restore = container._after_restore
+            container.restore = restore
+            init.on_restored = container._restored
             init.on_lost_exit = container._lost_exit
         else:
             io.started(asyncio.get_running_loop())
@@ -232,37 +233,43 @@ class Container:
     def _restored(self, init: InitProcess) -> None:
         init.io.started(asyncio.get_running_loop())
         self._watch(init)
-        metadata = getattr(self.restore_source, "metadata", None) or {}
-        execs = metadata.get("execs")
-        self.adopt_restored(execs if isinstance(execs, list) else [])
+        self.adopt_restored(self.restore.execs() if self.restore is not None else [])
 
-    async def _after_restore(self, init: InitProcess) -> None:
-        """Once runc restore returned: give restored CUDA processes their GPU state."""
-        metadata = getattr(self.restore_source, "metadata", None) or {}
-        if not metadata.get("gpu"):
-            return
-        # CRIU restored the CUDA processes with their GPU state in host memory: the
-        # driver moves it back and unlocks them (in a thread: it can take a while).
-        from signal import SIGKILL
-
-        from runtime.capture import gpu
-
+    async def start(self, exec_id: str = "") -> Process:
+        """Start a process. A restore's init starts through its job, whose verdict
+        decides whether the restored tree may run: a tree it refuses is killed and
+        Start fails with the reason. An exec waits for a checkpoint in progress."""
+        proc = self.process(exec_id)
+        job = self.restore if proc is self.init else None
+        if job is None:
+            if exec_id:
+                await self.init.settled()
+            await proc.start()
+            return proc
         try:
-            await asyncio.to_thread(
-                gpu.resume_restored, self.id, metadata["gpu"], _ns_pids(init.pid)
-            )
-        except StasisError:
-            # Stuck without their GPU state: end them; Start fails with the reason.
-            with contextlib.suppress(OSError):
-                os.kill(init.pid, SIGKILL)
-            raise
+            try:
+                await self.init.start()
+            except StasisError as e:
+                bad = await job.verdict(0)
+                if bad is not None:
+                    raise bad from e
+                raise
+            bad = await job.verdict(self.init.pid)
+            if bad is not None:  # CRIU resumed it anyway: never leave it running
+                log.error("restore gate of %s was not honoured; killing it", self.id)
+                with contextlib.suppress(StasisError):
+                    await self.init.kill(signal.SIGKILL, all=True)
+                raise bad
+        finally:
+            await self.release_restore()
+        return proc
 
     def adopt_restored(self, records: list[dict[str, Any]]) -> None:
         """Track the exec processes a checkpoint recorded, now restored as children
         of the restored init (matched by their PID inside the container)."""
         if not records:
             return
-        by_ns_pid = _ns_pids(self.init.pid)
+        by_ns_pid = ns_pids(self.init.pid)
         for rec in records:
             # Checked before the restore (runtime.store.metadata); still, a bad record
             # costs only its exec, never the restore.
@@ -339,19 +346,11 @@ class Container:
         loop.add_reader(fd, ended)
 
     async def checkpoint(self, opts: CheckpointOpts) -> None:
-        """Checkpoint the container with CRIU into ``opts.image_path``.
-
-        Without ``work_path`` CRIU works in ``<bundle>/criu-work``, kept only
-        when the dump fails (its dump.log is named in the error).
-        """
-        own_work = not opts.work_path
-        if own_work:
-            opts = replace(opts, work_path=os.path.join(self.bundle, "criu-work"))
-        os.makedirs(opts.work_path, mode=0o700, exist_ok=True)
-        os.makedirs(opts.image_path, mode=0o700, exist_ok=True)
-        await self.init.checkpoint(opts)
-        if own_work:
-            shutil.rmtree(opts.work_path, ignore_errors=True)
+        """containerd's checkpoint (Task.Checkpoint): CRIU into ``opts.image_path``,
+        in the init's checkpointing state (containerd's client pauses the task
+        first; CRIU freezes a running one itself)."""
+        async with self.init.checkpointing() as ck:
+            await ck.dump(opts)
 
     def _watch(self, proc: Process) -> None:
         pid = proc.wait_pid if isinstance(proc, ExecProcess) else proc.pid
@@ -417,12 +416,12 @@ class Container:
 
         loop.add_reader(watcher.fd, readable)
 
-    async def release_restore_source(self) -> None:
-        """Close the checkpoint reader of a restore, if any."""
-        source, self.restore_source = self.restore_source, None
-        if source is not None:
+    async def release_restore(self) -> None:
+        """Close a restore's job, if any."""
+        job, self.restore = self.restore, None
+        if job is not None:
             try:
-                await asyncio.to_thread(source.close)
+                await job.close()
             except (OSError, StasisError) as e:
                 log.warning("closing checkpoint of %s: %s", self.id, e)
 
@@ -481,7 +480,7 @@ class Container:
         self._stop_oom_watch()
         if self._exit_codes is not None:
             self._exit_codes.close()
-        await self.release_restore_source()
+        await self.release_restore()
         if self.rootfs is not None:
             try:
                 mounts.unmount_all(self.rootfs)
@@ -495,7 +494,9 @@ class Container:
         return [(pid, by_pid.get(pid, "")) for pid in await self.runc.ps(self.id)]
 
     async def update(self, resources: bytes) -> None:
-        """Apply new LinuxResources (JSON) to the running container."""
+        """Apply new LinuxResources (JSON) to the running container (after a
+        checkpoint in progress)."""
+        await self.init.settled()
         if self.init.status not in (Status.RUNNING, Status.PAUSED, Status.CREATED):
             raise FailedPrecondition(f"container {self.id} is not running")
         await self.runc.update(self.id, resources)
@@ -505,7 +506,7 @@ class Container:
         return await self.runc.stats(self.id)
 
 
-def _ns_pids(init_pid: int) -> dict[int, int]:
+def ns_pids(init_pid: int) -> dict[int, int]:
     """{PID inside the container: host PID} of the processes in ``init_pid``'s pid namespace."""
     try:
         ns = os.readlink(f"/proc/{init_pid}/ns/pid")

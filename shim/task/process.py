@@ -6,9 +6,12 @@ methods take its lock and delegate to the current state, and only the
 transitions listed in ``_ALLOWED`` can happen. The init process and exec
 processes share the states and differ in the hooks the states call
 (``_do_start``, ``_do_kill``, ...). A restore is a state of its own
-(``created-from-checkpoint``), added by the checkpoint work, not a flag; while
+(``created-from-checkpoint``, owning a ``RestoreJob``), not a flag; while
 ``runc restore`` runs (``_Restoring``) the process lock is free, so that a kill
-or a delete ends a restore that hangs instead of waiting for it.
+or a delete ends a restore that hangs instead of waiting for it. A checkpoint
+(freeze, dump, thaw) is a state too (``_Checkpointing``): Kill goes through,
+Start and Delete are refused, Pause, Resume, Update, Exec and another checkpoint
+wait for it to end; it ends with the container as it found it.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,10 +34,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, StasisError
 from runtime.linux import cgroups, netns
 from runtime.linux.criu import criu_failure
-from runtime.linux.proc import Stdio
+from runtime.linux.proc import Stdio, ns_pid
 from runtime.linux.runc import CheckpointOpts, CreateOpts, ExecOpts, RestoreOpts, Runc, RuncError
 from shim.task.console import with_console
-from shim.task.restoring import Outcome, RestoreRun
+from shim.task.restoring import Outcome, RestoreJob, RestoreRun
 
 if TYPE_CHECKING:
     from shim.task.stdio import ProcessIO
@@ -87,9 +91,6 @@ class _State:
 
     async def delete(self) -> None:
         raise self._refuse("delete")
-
-    async def checkpoint(self, opts: CheckpointOpts) -> None:
-        raise self._refuse("checkpoint")
 
     def exited(self, e: Exit) -> None:
         self.p._exit = e
@@ -169,9 +170,6 @@ class _Restoring(_State):
 class _Running(_State):
     status = Status.RUNNING
 
-    async def checkpoint(self, opts: CheckpointOpts) -> None:
-        await self.p._do_checkpoint(opts)
-
     async def kill(self, sig: int, all: bool) -> None:
         await self.p._do_kill(sig, all)
 
@@ -184,10 +182,6 @@ class _Running(_State):
 class _Paused(_State):
     status = Status.PAUSED
 
-    async def checkpoint(self, opts: CheckpointOpts) -> None:
-        # containerd's client pauses a task before checkpointing it.
-        await self.p._do_checkpoint(opts)
-
     async def kill(self, sig: int, all: bool) -> None:
         await self.p._do_kill(sig, all)
 
@@ -195,6 +189,26 @@ class _Paused(_State):
         await self.p._do_resume()
         if self.p._state is self:  # not if it exited meanwhile
             self.p._transition(_Running)
+
+
+class _Checkpointing(_State):
+    """A checkpoint runs (``InitProcess.checkpointing``), without the process lock:
+    Kill still ends the container; Pause, Resume and another checkpoint wait for it
+    (``Process._settle``); Start and Delete are refused, naming the checkpoint."""
+
+    status = Status.RUNNING  # as the process reports it: see Process.status
+
+    def __init__(self, proc: Process) -> None:
+        super().__init__(proc)
+        self.before = proc._state  # (still the state it leaves: see _transition)
+
+    def _refuse(self, op: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"cannot {op} process {self.p.describe()}: a checkpoint of it is in progress"
+        )
+
+    async def kill(self, sig: int, all: bool) -> None:
+        await self.p._do_kill(sig, all)
 
 
 class _Stopped(_State):
@@ -229,8 +243,9 @@ _ALLOWED: dict[type[_State], frozenset[type[_State]]] = {
     _Created: frozenset({_Running, _Stopped, _Deleted}),
     _CreatedCheckpoint: frozenset({_Restoring, _Stopped, _Deleted}),
     _Restoring: frozenset({_Running, _CreatedCheckpoint, _Stopped, _Deleted}),
-    _Running: frozenset({_Paused, _Stopped}),
-    _Paused: frozenset({_Running, _Stopped}),
+    _Running: frozenset({_Paused, _Checkpointing, _Stopped}),
+    _Paused: frozenset({_Running, _Checkpointing, _Stopped}),
+    _Checkpointing: frozenset({_Running, _Paused, _Stopped}),
     _Stopped: frozenset({_Deleted}),
     _Deleted: frozenset(),
 }
@@ -240,8 +255,9 @@ class Process:
     """What init and exec processes share: identity, stdio, exit and the state machine.
 
     Invariant: ``_state`` changes only through ``_transition`` and, apart from
-    ``exited`` (called from the reaper on the loop thread), only while
-    ``_lock`` is held.
+    ``exited`` (called from the reaper on the loop thread) and the end of a
+    checkpoint (no lock holder changes a checkpointing process's state), only
+    while ``_lock`` is held. ``_settled`` is clear exactly while a checkpoint runs.
     """
 
     def __init__(
@@ -265,6 +281,9 @@ class Process:
         self._exit: Exit | None = None
         self._exited = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._frozen = False  # frozen by the running checkpoint
         self._state: _State = _Created(self)
 
     def describe(self) -> str:
@@ -273,7 +292,10 @@ class Process:
 
     @property
     def status(self) -> Status:
-        """The current state, as containerd names it."""
+        """The current state, as containerd names it (a checkpoint's: paused while
+        it holds the container frozen, else what it was before)."""
+        if isinstance(self._state, _Checkpointing):
+            return Status.PAUSED if self._frozen else self._state.before.status
         return self._state.status
 
     @property
@@ -300,13 +322,15 @@ class Process:
             await self._state.kill(sig, all)
 
     async def pause(self) -> None:
-        """Freeze the container (init only)."""
+        """Freeze the container (init only); waits for a checkpoint in progress."""
         async with self._lock:
+            await self._settle()
             await self._state.pause()
 
     async def resume(self) -> None:
-        """Thaw the container (init only)."""
+        """Thaw the container (init only); waits for a checkpoint in progress."""
         async with self._lock:
+            await self._settle()
             await self._state.resume()
 
     async def delete(self) -> None:
@@ -314,10 +338,16 @@ class Process:
         async with self._lock:
             await self._state.delete()
 
-    async def checkpoint(self, opts: CheckpointOpts) -> None:
-        """Dump the container with CRIU (init only; running or paused)."""
-        async with self._lock:
-            await self._state.checkpoint(opts)
+    async def settled(self) -> None:
+        """Return once no checkpoint of this process runs (what Exec and Update
+        wait for, as containerd's runc shim makes them wait on the init's lock)."""
+        await self._settled.wait()
+
+    async def _settle(self) -> None:
+        """With ``_lock`` held: wait, the lock free meanwhile, until no checkpoint runs."""
+        while not self._settled.is_set():
+            async with self._unlocked():
+                await self._settled.wait()
 
     @contextlib.asynccontextmanager
     async def _unlocked(self) -> AsyncIterator[None]:
@@ -390,9 +420,6 @@ class Process:
     def _lost_exit(self, status: int) -> None:
         self.exited(status)
 
-    async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
-        raise FailedPrecondition(f"cannot checkpoint exec process {self.describe()}")
-
     async def _do_pause(self) -> None:
         raise FailedPrecondition(f"cannot pause exec process {self.describe()}")
 
@@ -421,21 +448,29 @@ class InitProcess(Process):
         self._restore_timeout = 0.0
         self._restore_source = ""
         self._run: RestoreRun | None = None  # the last restore (state _Restoring: this one)
+        self._job: RestoreJob | None = None
         self.cgroups_path = ""  # set by the container: its spec's linux.cgroupsPath
-        self.on_pid: Any = None  # set by the container: called with the PID once known
-        # set by the container: awaited once a restore has returned (GPU state)
-        self.after_restore: Any = None
-        # set by the container: called with an exit the reaper cannot see (a restore
-        # killed before anything was restored)
-        self.on_lost_exit: Any = None
+        # Set by the container: called once a restore has returned, with the PID known.
+        self.on_restored: Callable[[InitProcess], None] | None = None
+        # Set by the container: called with an exit the reaper cannot see (a restore
+        # killed before anything was restored).
+        self.on_lost_exit: Callable[[InitProcess, Exit], None] | None = None
 
-    def prepare_restore(self, opts: RestoreOpts, *, timeout: float, source: str = "") -> None:
+    def prepare_restore(
+        self,
+        opts: RestoreOpts,
+        *,
+        timeout: float,
+        source: str = "",
+        job: RestoreJob | None = None,
+    ) -> None:
         """Make Start restore from a checkpoint instead of starting a created container;
-        ``runc restore`` gets ``timeout`` seconds. ``source`` names the checkpoint in
-        errors (default: its images' directory)."""
+        ``runc restore`` gets ``timeout`` seconds, then ``job`` its part. ``source``
+        names the checkpoint in errors (default: the job's, else its images' directory)."""
         self._restore = opts
         self._restore_timeout = timeout
-        self._restore_source = source or opts.criu.image_path
+        self._job = job
+        self._restore_source = source or (job.ref if job else "") or opts.criu.image_path
         self._state = _CreatedCheckpoint(self)
 
     async def _do_restore(self) -> None:
@@ -458,10 +493,10 @@ class InitProcess(Process):
             raise criu_failure(what, e, opts.criu.work_path, "restore.log") from e
         with open(opts.pid_file, encoding="ascii") as f:
             self.pid = int(f.read().strip())
-        if self.on_pid is not None:
-            self.on_pid(self)
-        if self.after_restore is not None:
-            await self.after_restore(self)
+        if self.on_restored is not None:
+            self.on_restored(self)
+        if self._job is not None:
+            await self._job.restored(self.pid)
         if netns.owns_netns(self.bundle):
             await netns.ensure_loopback(self.runc.spawner, self.pid)
 
@@ -477,7 +512,7 @@ class InitProcess(Process):
         else:
             log.warning("restore of %s failed after runc restore: killed it", self.container_id)
 
-    def _runc_restore(self, opts: RestoreOpts, started: Any) -> Awaitable[None]:
+    def _runc_restore(self, opts: RestoreOpts, started: Callable[[int], None]) -> Awaitable[None]:
         if not self.terminal:
             return self.runc.restore(
                 self.container_id, self.bundle, opts, self.io.child, started=started
@@ -503,13 +538,49 @@ class InitProcess(Process):
         if self.on_lost_exit is not None:
             self.on_lost_exit(self, e)
 
-    async def _do_checkpoint(self, opts: CheckpointOpts) -> None:
+    @contextlib.asynccontextmanager
+    async def checkpointing(self) -> AsyncIterator[Checkpoint]:
+        """Hold the container in the checkpointing state for the body, which freezes,
+        dumps and thaws it through the ``Checkpoint`` it gets. Waits for a checkpoint
+        in progress; FailedPrecondition unless running or paused. However the body
+        ends, the container is thawed if the checkpoint froze it, and goes back to
+        the state it was in (stopped, if it exited meanwhile)."""
+        async with self._lock:
+            await self._settle()
+            if not isinstance(self._state, (_Running, _Paused)):
+                raise self._state._refuse("checkpoint")
+            self._transition(_Checkpointing)
+            ours = self._state
+            assert isinstance(ours, _Checkpointing)
+            self._settled.clear()
+        try:
+            yield Checkpoint(self, paused=isinstance(ours.before, _Paused))
+        finally:
+            try:
+                if self._frozen and self._exit is None:
+                    await self._do_resume()
+            finally:
+                self._frozen = False
+                if self._state is ours:
+                    self._transition(type(ours.before))
+                self._settled.set()
+
+    async def _dump(self, opts: CheckpointOpts) -> None:
+        own_work = not opts.work_path
+        if own_work:  # kept only when the dump fails (its dump.log is named in the error)
+            opts = replace(opts, work_path=os.path.join(self.bundle, "criu-work"))
+        os.makedirs(opts.work_path, mode=0o700, exist_ok=True)
+        os.makedirs(opts.image_path, mode=0o700, exist_ok=True)
         try:
             await self.runc.checkpoint(self.container_id, opts)
         except RuncError as e:
             raise criu_failure(
                 f"checkpoint of {self.container_id}", e, opts.work_path, "dump.log"
             ) from e
+        if not opts.leave_running:
+            self._frozen = False  # runc removed the container with its cgroup
+        if own_work:
+            shutil.rmtree(opts.work_path, ignore_errors=True)
 
     async def create(self, opts: CreateOpts) -> None:
         """``runc create`` with the process's pipes as stdio; reads the init PID."""
@@ -606,6 +677,33 @@ class InitProcess(Process):
         self._transition(_Deleted)
 
 
+class Checkpoint:
+    """What a checkpoint does to its container, while ``InitProcess.checkpointing``
+    holds it in the checkpointing state."""
+
+    def __init__(self, init: InitProcess, *, paused: bool) -> None:
+        self._init = init
+        self.paused = paused  # paused before the checkpoint: frozen throughout
+
+    async def freeze(self) -> None:
+        """Freeze a running container (a paused one is frozen already)."""
+        if not self.paused and not self._init._frozen:
+            await self._init._do_pause()
+            self._init._frozen = True
+
+    async def thaw(self) -> None:
+        """Thaw what ``freeze`` froze (a paused container stays paused)."""
+        if self._init._frozen:
+            self._init._frozen = False
+            if self._init.exit is None:
+                await self._init._do_resume()
+
+    async def dump(self, opts: CheckpointOpts) -> None:
+        """``runc checkpoint`` into ``opts.image_path``; without ``work_path`` CRIU
+        works in ``<bundle>/criu-work``, kept only when the dump fails."""
+        await self._init._dump(opts)
+
+
 class ExecProcess(Process):
     """An extra process in a running container (``runc exec --detach``).
 
@@ -633,7 +731,8 @@ class ExecProcess(Process):
         self.spec = spec
         self._spec_path = os.path.join(bundle, f".exec-{id}.json")
         self._pid_path = os.path.join(bundle, f".exec-{id}.pid")
-        self.on_pid: Any = None  # set by the container: called with the PID once known
+        # Set by the container: called with the process once its PID is known.
+        self.on_pid: Callable[[ExecProcess], None] | None = None
         self.shepherd = None if terminal else shepherd
         self.shepherd_pid = 0  # the shepherd's PID, whose exit is the exec's while shepherded
         self.pidfd = -1  # the command's pidfd, once known
@@ -822,15 +921,3 @@ def _only_child(pid: int) -> int:
     except OSError:
         return 0
     return int(children[0]) if len(children) == 1 else 0
-
-
-def ns_pid(pid: int) -> int:
-    """``pid`` as its innermost pid namespace sees it (NSpid), 0 if unknown."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return 0

@@ -1,4 +1,6 @@
-"""A ``runc restore`` with a deadline, which a kill or a delete of the task ends at once.
+"""A restore's two halves below the checkpoint layer: ``RestoreJob``, what the
+checkpoint layer does around ``runc restore``, and ``RestoreRun``, a ``runc restore``
+with a deadline, which a kill or a delete of the task ends at once.
 
 runc hands a restore to CRIU (``criu swrk``, runc's child), which can hang: a stuck
 action script, a blocked file system. ``RestoreRun`` bounds it. When its timeout
@@ -21,8 +23,9 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable
+from typing import Any, Protocol
 
-from runtime.errors import DeadlineExceeded, FailedPrecondition
+from runtime.errors import DeadlineExceeded, FailedPrecondition, StasisError
 from runtime.linux import cgroups
 from runtime.linux import mount as mounts
 from runtime.linux.leftovers import remove_criu_root
@@ -36,6 +39,33 @@ log = logging.getLogger("stasis.restoring")
 KILL_WAIT_S = 10.0
 _POLL_S = 0.02
 _MAX_DEPTH = 256  # ppid chain walked to tell a shim descendant
+
+
+class RestoreJob(Protocol):
+    """A restore from a checkpoint, prepared by the checkpoint layer before Create
+    (``shim.checkpoint.restore``) and owned by the container's created-from-checkpoint
+    init: what happens around its ``runc restore``."""
+
+    #: The checkpoint, as errors name it.
+    ref: str
+
+    def execs(self) -> list[dict[str, Any]]:
+        """The exec processes the checkpoint recorded (restored with the init's tree)."""
+        ...
+
+    async def restored(self, pid: int) -> None:
+        """``runc restore`` returned with the tree's init as ``pid``: finish what CRIU
+        cannot (GPU state); raising fails the Start."""
+        ...
+
+    async def verdict(self, pid: int) -> StasisError | None:
+        """Once Start returned (``pid`` 0: it failed): why the restored tree must not
+        run, or None."""
+        ...
+
+    async def close(self) -> None:
+        """Release the checkpoint and what checked it (idempotent)."""
+        ...
 
 
 class Outcome(enum.Enum):

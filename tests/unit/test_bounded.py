@@ -232,10 +232,10 @@ def test_a_restore_failing_after_runc_restore_kills_what_it_restored(tmp_path: P
         )
         p.prepare_restore(opts, timeout=60)
 
-        def on_pid(_: InitProcess) -> None:
+        def on_restored(_: InitProcess) -> None:
             raise ValueError("adopting went wrong")
 
-        p.on_pid = on_pid
+        p.on_restored = on_restored
         with pytest.raises(ValueError):
             await p.start()
         assert runc.calls[-1] == ("kill", "c1", signal.SIGKILL, True)

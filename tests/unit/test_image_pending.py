@@ -1,7 +1,7 @@
 """A checkpoint whose image comes later (CheckpointRequest.image_pending, then
 stasis.v1.Checkpointer/SetImage), and the stasis CLI's fast path that sends it.
 
-The shim side is the real TaskService behind the real ttrpc server (on an event
+The shim side is the real CheckpointService behind the real ttrpc server (on an event
 loop in a thread of its own); only the checkpoint itself is a stand-in that asks
 for the image the way shim.checkpoint.take does, once its dump would be done. The
 CLI side runs `checkpoint` in this process against that server, listening where
@@ -33,8 +33,10 @@ from runtime.rpc import containerd as ctrd
 from runtime.rpc import ttrpc_server as ttrpc
 from runtime.rpc.ttrpc_client import Client, RPCError
 from shim.checkpoint import take as checkpointing
+from shim.daemon.checkpoint_api import SERVICE as STASIS_SERVICE
+from shim.daemon.checkpoint_api import CheckpointService
 from shim.daemon.events import Publisher
-from shim.daemon.task_api import STASIS_SERVICE, TaskService
+from shim.daemon.task_api import TaskService
 from shim.task.reaper import Reaper
 
 ID = "c1"
@@ -49,17 +51,18 @@ class Shim(LoopServer):
 
     def __init__(self, path: str, ids: tuple[str, ...] = (ID,)) -> None:
         super().__init__(path)
-        self.service = TaskService(NAMESPACE, Publisher(""), Reaper(), on_shutdown=lambda: None)
-        self.service.containers.update({id: object() for id in ids})  # type: ignore[misc]
+        tasks = TaskService(NAMESPACE, Publisher(""), Reaper(), on_shutdown=lambda: None)
+        tasks.containers.update({id: object() for id in ids})  # type: ignore[misc]
+        self.service = CheckpointService(tasks)
         self.images: list[str] = []
         self.dumping = threading.Event()  # a checkpoint waits on `dumped`
         self.dumped: asyncio.Event | None = None
 
     def services(self) -> dict[str, dict[str, ttrpc.Handler]]:
-        return {STASIS_SERVICE: self.service.stasis_handlers()}
+        return {STASIS_SERVICE: self.service.handlers()}
 
     async def checkpoint(
-        self, container: object, spec: checkpointing.CheckpointSpec, *_: Any
+        self, container: object, spec: checkpointing.CheckpointSpec, **_: Any
     ) -> checkpointing.CheckpointResult:
         """What shim.checkpoint.take.checkpoint does with the image."""
         if self.dumped is not None:
@@ -438,7 +441,7 @@ def test_cli_fast_path_failure_is_the_shims(
 ) -> None:
     lookups(info())
 
-    async def stopped(*_: Any) -> checkpointing.CheckpointResult:
+    async def stopped(*_: Any, **__: Any) -> checkpointing.CheckpointResult:
         raise cli.FailedPrecondition(f"cannot checkpoint container {ID}: it is stopped")
 
     monkeypatch.setattr(checkpointing, "checkpoint", stopped)
@@ -484,4 +487,4 @@ def _quiet(caplog: pytest.LogCaptureFixture) -> None:
 def test_cli_names_agree_with_the_shims() -> None:
     # The CLI spells them out to stay free of runtime.rpc.ttrpc_server (asyncio) on its fast path.
     assert (cli.CHECKPOINTER, cli.NAMESPACE_KEY) == (STASIS_SERVICE, ttrpc.NAMESPACE_KEY)
-    assert TaskService.image_claim_s < cli.SET_IMAGE_TIMEOUT
+    assert CheckpointService.image_claim_s < cli.SET_IMAGE_TIMEOUT
