@@ -61,13 +61,14 @@ def serve(
     socket_path: str,
     namespace: str,
     bundle: str,
+    address: str,
     ttrpc_address: str,
     debug: bool = False,
 ) -> int:
     """Serve the Task API on ``sock`` until Shutdown (or SIGTERM); returns the exit code."""
     _setup_logging(bundle, debug)
     try:
-        asyncio.run(_serve(sock, socket_path, namespace, ttrpc_address))
+        asyncio.run(_serve(sock, socket_path, namespace, address, ttrpc_address))
     except Exception:
         log.exception("shim failed")
         return 1
@@ -77,7 +78,9 @@ def serve(
     return 0
 
 
-async def _serve(sock: socket.socket, socket_path: str, namespace: str, ttrpc_address: str) -> None:
+async def _serve(
+    sock: socket.socket, socket_path: str, namespace: str, address: str, ttrpc_address: str
+) -> None:
     loop = asyncio.get_running_loop()
     set_subreaper()
     reaper = Reaper()
@@ -89,7 +92,9 @@ async def _serve(sock: socket.socket, socket_path: str, namespace: str, ttrpc_ad
         # Let the Shutdown reply reach containerd before the socket closes.
         loop.call_later(0.01, stop.set)
 
-    service = TaskService(namespace, publisher, reaper, on_shutdown=shutdown)
+    service = TaskService(
+        namespace, publisher, reaper, on_shutdown=shutdown, containerd_address=address
+    )
     server = ttrpc.Server()
     server.register(SERVICE, service.handlers())
     server.register(STASIS_SERVICE, service.stasis_handlers())

@@ -14,9 +14,9 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -37,13 +37,16 @@ from runtime.errors import (
 from runtime.linux import cgroups
 from runtime.linux import mount as mounts
 from runtime.linux.runc import CheckpointOpts
-from runtime.names import RESTORE_ANNOTATION
+from runtime.names import RESTORE_ANNOTATION, RUNTIME
 from runtime.rpc import ttrpc_server as ttrpc
 from shim.daemon import runtimeoptions
 from shim.daemon.events import Publisher
 from shim.task.container import Container, CreateConfig, read_spec
 from shim.task.process import Exit, Process
 from shim.task.reaper import Reaper
+
+if TYPE_CHECKING:
+    from runtime.rpc.containerd import ContainerInfo
 
 log = logging.getLogger("stasis.service")
 
@@ -54,12 +57,6 @@ CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 _EMPTY = empty_pb2.Empty()
 # How long an init's exit waits for the exits of its execs.
 _EXEC_EXIT_GRACE = 2.0
-# How long a checkpoint sent with image_pending waits, once its dump is done, for
-# the image (SetImage) before it records the annotations' image instead.
-IMAGE_WAIT_S = 30.0
-# How long a SetImage that came before its Checkpoint waits for it (the two come
-# on two connections, in either order).
-IMAGE_CLAIM_S = 5.0
 
 
 def _empty_dir(path: str) -> None:
@@ -114,27 +111,6 @@ def _cri_work_path(c: Container) -> str:
     return ""
 
 
-@dataclass(frozen=True)
-class _Image:
-    """What a SetImage delivered."""
-
-    image: str
-    error: str
-    abort: bool
-
-
-class _PendingImage:
-    """The image of a container's checkpoints sent with image_pending, while the
-    CLI looks it up. Created by whichever comes first, the Checkpoint or the
-    SetImage; every checkpoint of the container running meanwhile shares it
-    (they checkpoint the same container, so the same image)."""
-
-    def __init__(self) -> None:
-        self.delivered: asyncio.Future[_Image] = asyncio.get_running_loop().create_future()
-        self.claimed = asyncio.Event()  # set once a checkpoint waits for it
-        self.checkpoints = 0
-
-
 class TaskService:
     """containerd.task.v2.Task for every container of one shim (one pod or one container).
 
@@ -142,19 +118,16 @@ class TaskService:
     start/exit bookkeeping that keeps TaskStart before TaskExit.
     """
 
-    #: Seconds a checkpoint sent with image_pending waits for its SetImage.
-    image_wait_s = IMAGE_WAIT_S
-    #: Seconds a SetImage that came first waits for its checkpoint.
-    image_claim_s = IMAGE_CLAIM_S
-
     def __init__(
         self,
         namespace: str,
         publisher: Publisher,
         reaper: Reaper,
         on_shutdown: Callable[[], None],
+        containerd_address: str = "",
     ) -> None:
         self.namespace = namespace
+        self.containerd_address = containerd_address  # its gRPC socket (the -address flag)
         self.publisher = publisher
         self.reaper = reaper
         self.on_shutdown = on_shutdown
@@ -164,9 +137,6 @@ class TaskService:
         self._starting: set[Process] = set()
         self._pending_exits: dict[Process, Exit] = {}
         self._held_inits: dict[Container, Exit] = {}
-        # Container id -> its image while checkpoints sent with image_pending run;
-        # changed only without an await between lookup and update (one event loop).
-        self._images: dict[str, _PendingImage] = {}
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -520,27 +490,29 @@ class TaskService:
 
     async def stasis_checkpoint(self, req: stasis_api.CheckpointRequest) -> Message:
         """stasis.v1.Checkpointer/Checkpoint: a Stasis checkpoint into a store."""
-        c = self._get(req.id)
-        # Registered before anything can await, so a SetImage that comes later
-        # always finds it.
-        pending = self._expect_image(req.id) if req.image_pending else None
-        try:
-            from runtime import config
-            from shim.checkpoint import take as checkpointing
+        from runtime import config
+        from shim.checkpoint import take as checkpointing
 
+        c = self._get(req.id)
+        warnings: list[str] = []
+        # Without an image in the request, containerd is asked while the dump runs.
+        lookup = None if req.image else asyncio.create_task(self._look_up(req.id))
+        try:
             spec = checkpointing.CheckpointSpec(
                 store=req.store,
                 name=req.name,
                 exit=req.exit,
                 tcp_established=req.tcp_established,
-                image="" if pending else req.image,
+                image=req.image,
                 labels=dict(req.labels),
-                image_later=partial(self._image_of, req.id, pending) if pending else None,
+                image_later=partial(self._image_of, req.id, req.exit, lookup, warnings)
+                if lookup
+                else None,
             )
             result = await checkpointing.checkpoint(c, spec, config.load(), self.namespace)
         finally:
-            if pending is not None:
-                self._forget_image(req.id, pending)
+            if lookup is not None:
+                lookup.cancel()
         return stasis_api.CheckpointResponse(
             ref=result.ref,
             name=result.name,
@@ -548,73 +520,53 @@ class TaskService:
             criu_size=result.criu_size,
             seconds=result.seconds,
             frozen_seconds=result.frozen_seconds,
+            warnings=warnings,
         )
 
-    def _expect_image(self, id: str) -> _PendingImage:
-        pending = self._images.get(id)
-        if pending is None:
-            pending = self._images[id] = _PendingImage()
-        pending.checkpoints += 1
-        pending.claimed.set()
-        return pending
+    async def _look_up(self, id: str) -> ContainerInfo | StasisError:
+        """containerd's record of container ``id``, or why it has none to give."""
+        from runtime.rpc.containerd import get_container
 
-    def _forget_image(self, id: str, pending: _PendingImage) -> None:
-        pending.checkpoints -= 1
-        if pending.checkpoints == 0 and self._images.get(id) is pending:
-            del self._images[id]
-
-    async def _image_of(self, id: str, pending: _PendingImage) -> str:
-        """The image SetImage delivers for a checkpoint of ``id``; "" when none
-        comes in time or the CLI could not look it up (the checkpoint then records
-        the image the annotations name). Raises FailedPrecondition when the CLI
-        found the container is not the one it meant."""
         try:
-            # Shielded: the future is shared, and a timeout must not cancel it.
-            async with asyncio.timeout(self.image_wait_s):
-                got = await asyncio.shield(pending.delivered)
-        except TimeoutError:
-            log.warning(
-                "checkpoint of %s: no image came (SetImage) within %g s; "
-                "recording the image its annotations name, if any",
-                id,
-                self.image_wait_s,
+            return await asyncio.to_thread(
+                get_container, self.containerd_address, self.namespace, id
             )
-            return ""
-        if got.abort:
-            raise FailedPrecondition(got.error or f"checkpoint of {id}: aborted by its caller")
-        if got.error:
-            log.warning(
-                "checkpoint of %s: its image could not be looked up (%s); "
-                "recording the image its annotations name, if any",
-                id,
-                got.error,
-            )
-            return ""
-        return got.image
+        except StasisError as e:
+            return e
 
-    async def stasis_set_image(self, req: stasis_api.SetImageRequest) -> Message:
-        """stasis.v1.Checkpointer/SetImage: the image of a checkpoint sent with image_pending."""
-        self._get(req.id)
-        pending = self._images.get(req.id)
-        early = pending is None
-        if pending is None:
-            pending = self._images[req.id] = _PendingImage()
-        if not pending.delivered.done():
-            pending.delivered.set_result(_Image(req.image, req.error, req.abort))
-        if not early:
-            return _EMPTY
-        try:
-            async with asyncio.timeout(self.image_claim_s):
-                await pending.claimed.wait()
-        except TimeoutError:
-            raise FailedPrecondition(
-                f"SetImage for container {req.id}: no checkpoint of it waits for an image "
-                f"(none sent with image_pending came within {self.image_claim_s:g} s)"
-            ) from None
-        finally:
-            if not pending.claimed.is_set() and self._images.get(req.id) is pending:
-                del self._images[req.id]
-        return _EMPTY
+    async def _image_of(
+        self,
+        id: str,
+        exit: bool,
+        lookup: asyncio.Task[ContainerInfo | StasisError],
+        warnings: list[str],
+    ) -> str:
+        """The image containerd records for ``id``; "" when containerd cannot be asked
+        (the checkpoint then records the image its annotations name). Raises
+        FailedPrecondition when containerd does not know the container or runs it on
+        another runtime, unless the dump already stopped it (``exit``): then failing
+        would lose its state, and the checkpoint is kept, with a warning."""
+        found = await lookup
+        if not isinstance(found, StasisError):
+            if found.runtime == RUNTIME:
+                return found.image
+            runtime = found.runtime or "an unknown runtime"
+            found = FailedPrecondition(f"container {id} runs on {runtime}, not {RUNTIME}")
+        if isinstance(found, NotFound | FailedPrecondition):
+            if not exit:
+                raise FailedPrecondition(str(found)) from found
+            why = (
+                f"{found}; its shim checkpointed it all the same, "
+                "as the dump had already stopped it"
+            )
+        else:
+            why = (
+                f"the image of {id} could not be looked up ({found}); "
+                "the checkpoint records the one its annotations name, if any"
+            )
+        log.warning("checkpoint of %s: %s", id, why)
+        warnings.append(why)
+        return ""
 
     def stasis_handlers(self) -> dict[str, ttrpc.Handler]:
         """The ttrpc method table of stasis.v1.Checkpointer."""
@@ -622,7 +574,6 @@ class TaskService:
             "Checkpoint": self._edge(
                 "Checkpoint", stasis_api.CheckpointRequest, self.stasis_checkpoint
             ),
-            "SetImage": self._edge("SetImage", stasis_api.SetImageRequest, self.stasis_set_image),
         }
 
     async def _stats(self, req: api.StatsRequest) -> api.StatsResponse:
