@@ -27,10 +27,9 @@ from runtime.errors import (
     StasisError,
     Unavailable,
 )
-from runtime.names import GROUP_ANNOTATIONS, RUNTIME, socket_path
+from runtime.names import GROUP_ANNOTATIONS, RUNTIME, TTRPC_NAMESPACE_KEY, socket_path
 from runtime.rpc import ttrpc_client
 from runtime.rpc.containerd import ContainerInfo, get_container
-from runtime.rpc.ttrpc_wire import NAMESPACE_KEY
 from runtime.store.metadata import restore_metadata
 
 CHECKPOINTER = "stasis.v1.Checkpointer"
@@ -159,7 +158,7 @@ def _send_checkpoint(
                 CHECKPOINTER,
                 "Checkpoint",
                 req.SerializeToString(),
-                metadata={NAMESPACE_KEY: ns.namespace},
+                metadata={TTRPC_NAMESPACE_KEY: ns.namespace},
             )
     except ttrpc_client.RPCError as e:
         if not e.closed:
