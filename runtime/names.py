@@ -23,6 +23,8 @@ TTRPC_NAMESPACE_KEY = "containerd-namespace-ttrpc"
 # The annotations that group containers onto one shim, as containerd's runc shim does:
 # its own group annotation, then CRI's sandbox id.
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+# The runtime type containerd knows Stasis by.
+RUNTIME = "io.containerd.stasis.v2"
 # Where shim sockets live (containerd's directory for them).
 SOCKET_DIR = "/run/containerd/s"
 VERSION = "0.1.0"

@@ -1,13 +1,10 @@
 """A blocking ttrpc client for unary calls over a unix socket, without asyncio.
 
-The stasis CLI's fast path sends its Checkpoint before it has imported asyncio
-(tens of milliseconds that the user waits for): this module speaks the same
-wire format as :mod:`runtime.rpc.ttrpc_server` (10-byte big-endian header: uint32 payload
-length, uint32 stream id, uint8 message type, uint8 flags; then a protobuf
-``ttrpc.Request`` or ``ttrpc.Response``) with a plain socket, and must never
-import asyncio, protobuf (~30 ms more; :mod:`runtime.rpc.pbwire` encodes the
-envelopes) or :mod:`runtime.rpc.ttrpc_server`. One call at a time per connection; a
-thread that needs a call of its own opens its own connection.
+It speaks the wire format of :mod:`runtime.rpc.ttrpc_server` (10-byte big-endian
+header: uint32 payload length, uint32 stream id, uint8 message type, uint8 flags;
+then a protobuf ``ttrpc.Request`` or ``ttrpc.Response``) over a plain socket, for
+callers that are not event loops (the stasis CLI). One call at a time per
+connection; a thread that needs a call of its own opens its own connection.
 """
 
 from __future__ import annotations

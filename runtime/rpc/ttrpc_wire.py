@@ -4,8 +4,7 @@ The wire format (github.com/containerd/ttrpc): a 10-byte big-endian header
 (uint32 payload length, uint32 stream id, uint8 message type, uint8 flags), then
 a protobuf ``ttrpc.Request`` or ``ttrpc.Response``. :mod:`runtime.rpc.ttrpc_server` (asyncio
 server and client) and :mod:`runtime.rpc.ttrpc_client` (the CLI's blocking client,
-which must import neither asyncio nor protobuf) both build on this module; the
-clients' envelopes are encoded and decoded with :mod:`runtime.rpc.pbwire`.
+without asyncio) both build on this module.
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
+from google.protobuf.message import DecodeError
+
+from protos.ttrpc import request_pb2
 from runtime.errors import Code
-from runtime.rpc import pbwire
 
 #: ttrpc's default limit on one frame's payload (channel.go messageLengthMax).
 MAX_MESSAGE_SIZE = 4 << 20
@@ -90,27 +91,22 @@ def encode_request(
     max_message_size: int,
 ) -> bytes:
     """A serialized ``ttrpc.Request``; RPCError(RESOURCE_EXHAUSTED) when it is too big."""
-    # Request{service 1, method 2, payload 3, timeout_nano 4, repeated metadata 5
-    # KeyValue{key 1, value 2}}
-    fields: list[tuple[int, pbwire.Value]] = [(1, service), (2, method), (3, payload)]
+    request = request_pb2.Request(service=service, method=method, payload=payload)
     if timeout is not None:
-        fields.append((4, max(1, int(timeout * 1e9))))
+        request.timeout_nano = max(1, int(timeout * 1e9))
     for key, value in (metadata or {}).items():
-        # (a pair of empty strings encodes to nothing, and is left out)
-        fields.append((5, pbwire.encode([(1, key), (2, value)])))
-    data = pbwire.encode(fields)
+        request.metadata.add(key=key, value=value)
+    data = request.SerializeToString()
     if len(data) > max_message_size:
         raise RPCError(Code.RESOURCE_EXHAUSTED, oversized_message(len(data), max_message_size))
     return data
 
 
 def decode_response(data: bytes) -> tuple[int, str, bytes]:
-    """(status code, status message, payload) of a serialized ``ttrpc.Response``
-    (Response{status 1 Status{code 1, message 2}, payload 2}); ValueError when it
-    is malformed."""
-    response = pbwire.Message(data)
-    status = response.message(1)
-    code = status.uint(1)
-    if code >= 1 << 63:  # a negative int32, sign-extended to 64 bits on the wire
-        code -= 1 << 64
-    return code, status.string(2), response.bytes(2)
+    """(status code, status message, payload) of a serialized ``ttrpc.Response``;
+    ValueError when it is malformed."""
+    try:
+        response = request_pb2.Response.FromString(data)
+    except DecodeError as e:
+        raise ValueError(str(e)) from e
+    return response.status.code, response.status.message, response.payload

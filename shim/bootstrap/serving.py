@@ -40,6 +40,7 @@ def serve_group(fd: int, path: str, namespace: str, bundle: str, address: str, d
         socket_path=path,
         namespace=namespace,
         bundle=bundle,
+        address=address,
         ttrpc_address=os.environ.get("TTRPC_ADDRESS", address + ".ttrpc"),
         debug=debug,
     )

@@ -76,7 +76,8 @@ class CheckpointSpec:
     image: str = ""
     labels: dict[str, str] = field(default_factory=dict)
     #: When set, the image is not known yet: awaited once the dump is done, just
-    #: before it is recorded ("" from it: the annotations' image, as for ``image``).
+    #: before it is recorded ("" from it: the annotations' image, as for ``image``);
+    #: what it raises fails the checkpoint.
     image_later: Callable[[], Awaitable[str]] | None = None
 
 
@@ -205,7 +206,8 @@ async def checkpoint(
             if cuda is not None and not spec.exit:  # after a leave-running dump
                 await capture_gpu.resume_container(container.id, cuda)
         known = {f"checkpoint/{name}": digest for name, digest in tail.items()}
-        image = (await _later_image(container.id, spec)) or annotated
+        later = spec.image_later
+        image = (await later() if later is not None else spec.image) or annotated
         writer.write_bytes("spec.dump", json.dumps(oci, indent=1).encode())
         checkpointed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config_dump = {
@@ -267,25 +269,6 @@ async def checkpoint(
         seconds=time.monotonic() - started,
         frozen_seconds=frozen,
     )
-
-
-async def _later_image(id: str, spec: CheckpointSpec) -> str:
-    """The image to record: ``spec.image``, or what ``spec.image_later`` gives.
-
-    It is asked this late so that the caller's lookup runs alongside the dump. A
-    caller that finds the container is not the one it meant (FailedPrecondition)
-    fails the checkpoint, unless the dump already stopped the container (``exit``):
-    then failing would lose its state, and the checkpoint is kept.
-    """
-    if spec.image_later is None:
-        return spec.image
-    try:
-        return await spec.image_later()
-    except FailedPrecondition as e:
-        if not spec.exit:
-            raise
-        log.warning("checkpoint of %s: %s; kept, as the dump already stopped it", id, e)
-        return ""
 
 
 # Versions, asked once per shim (they do not change under a running shim).

@@ -62,13 +62,14 @@ def serve(
     socket_path: str,
     namespace: str,
     bundle: str,
+    address: str,
     ttrpc_address: str,
     debug: bool = False,
 ) -> int:
     """Serve the Task API on ``sock`` until Shutdown (or SIGTERM); returns the exit code."""
     _setup_logging(bundle, debug)
     try:
-        asyncio.run(_serve(sock, socket_path, namespace, ttrpc_address))
+        asyncio.run(_serve(sock, socket_path, namespace, address, ttrpc_address))
     except Exception:
         log.exception("shim failed")
         return 1
@@ -78,7 +79,9 @@ def serve(
     return 0
 
 
-async def _serve(sock: socket.socket, socket_path: str, namespace: str, ttrpc_address: str) -> None:
+async def _serve(
+    sock: socket.socket, socket_path: str, namespace: str, address: str, ttrpc_address: str
+) -> None:
     loop = asyncio.get_running_loop()
     set_subreaper()
     reaper = Reaper()
@@ -93,7 +96,10 @@ async def _serve(sock: socket.socket, socket_path: str, namespace: str, ttrpc_ad
     service = TaskService(namespace, publisher, reaper, on_shutdown=shutdown)
     server = ttrpc.Server()
     server.register(SERVICE, service.handlers())
-    server.register(checkpoint_api.SERVICE, checkpoint_api.CheckpointService(service).handlers())
+    server.register(
+        checkpoint_api.SERVICE,
+        checkpoint_api.CheckpointService(service, containerd_address=address).handlers(),
+    )
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     serving = loop.create_task(server.serve(sock))

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -252,27 +251,19 @@ def test_checkpoint_of_stopped_or_unknown_container_is_a_clear_error(
 
 REPO = Path(__file__).resolve().parents[2]
 
-# `stasis ARGS` with a spy on the ttrpc client: what each call carried, and whether
-# asyncio, grpc, protobuf and argparse were imported when it was made (written as JSON to
-# argv[1]). The payloads are read with runtime.rpc.pbwire, which tests/unit/test_pbwire.py
-# checks against the generated classes: importing those would load protobuf.
+# `stasis ARGS` with a spy on the ttrpc client: the method and image of each call
+# (written as JSON to argv[1]).
 SPY = """
 import json, sys
+from protos.stasis.v1 import checkpoint_pb2 as pb
 from runtime.cli import main as cli
-from runtime.rpc.pbwire import Message
 from runtime.rpc import ttrpc_client
 
 seen = []
 call = ttrpc_client.Client.call
 
 def spy(self, service, method, payload, **kw):
-    entry = {"method": method}
-    entry.update((m, m in sys.modules) for m in ("asyncio", "grpc", "google.protobuf", "argparse"))
-    if method == "Checkpoint":
-        entry["image_pending"] = Message(payload).boolean(8)
-    else:
-        entry["image"] = Message(payload).string(2)
-    seen.append(entry)
+    seen.append({"method": method, "image": pb.CheckpointRequest.FromString(payload).image})
     return call(self, service, method, payload, **kw)
 
 ttrpc_client.Client.call = spy
@@ -295,66 +286,29 @@ def spied_stasis(
     return done, json.loads(calls.read_text())
 
 
-def test_checkpoint_goes_out_before_containerd_is_asked_and_records_the_image(
+def test_checkpoint_goes_to_the_shim_which_records_the_image(
     containerd: Containerd, ids: list[str], tmp_path: Path
 ) -> None:
     id = start_counter(containerd, ids)
     wait_count(containerd, id, 5)
     store = tmp_path / "store"
+    # containerd's options after the command, too.
+    argv = stasis_argv(containerd)
     done, calls = spied_stasis(
         containerd, tmp_path / "calls.json", "checkpoint", id, "--to", str(store), "--name", "f"
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    # Sent at once (containerd's lookup runs in a thread meanwhile), then the image
-    # it found, on a connection of its own; neither asyncio nor grpcio nor protobuf
-    # is ever imported (the lookup speaks HTTP/2 itself: runtime.rpc.grpclite; the
-    # messages are runtime.rpc.pbwire's), nor argparse (cli.fast_checkpoint_args).
-    none = {"asyncio": False, "grpc": False, "google.protobuf": False, "argparse": False}
-    assert calls == [
-        {"method": "Checkpoint", **none, "image_pending": True},
-        {"method": "SetImage", **none, "image": IMAGE},
-    ], calls
+    # One call, without the image: the shim asks containerd for it while it checkpoints.
+    assert calls == [{"method": "Checkpoint", "image": ""}], calls
     assert json.loads((store / "f" / "config.dump").read_text())["rootfsImageName"] == IMAGE
-    assert json.loads(stasis(containerd, "inspect", str(store / "f")).stdout)["image"] == IMAGE
+    assert json.loads((store / "f" / "stasis.json").read_text())["image"] == IMAGE
+    inspect = subprocess.run(
+        [*argv[:3], "inspect", str(store / "f"), *argv[3:]],
+        capture_output=True, text=True, timeout=60, check=True, cwd=REPO,
+    )  # fmt: skip
+    assert json.loads(inspect.stdout)["image"] == IMAGE
     wait_count(containerd, id, wait_count(containerd, id, 0))  # still counting
-
-
-def test_image_set_before_the_checkpoint_arrives(
-    containerd: Containerd, ids: list[str], tmp_path: Path
-) -> None:
-    from protos.stasis.v1 import checkpoint_pb2 as pb
-    from runtime.rpc.ttrpc_client import Client
-    from shim.bootstrap.start import socket_path
-
-    id = start_counter(containerd, ids)
-    wait_count(containerd, id, 5)
-    sock = socket_path(str(containerd.address), containerd.namespace, id)
-    meta = {"containerd-namespace-ttrpc": containerd.namespace}
-    early = "registry.test/early:1"
-    answers: list[bytes] = []
-
-    def set_image() -> None:
-        with Client.connect(sock) as client:
-            req = pb.SetImageRequest(id=id, image=early)
-            payload = req.SerializeToString()
-            answers.append(client.call("stasis.v1.Checkpointer", "SetImage", payload,
-                                       timeout=10, metadata=meta))  # fmt: skip
-
-    setter = threading.Thread(target=set_image)
-    setter.start()
-    try:
-        time.sleep(0.5)  # it waits in the shim for the checkpoint
-        assert setter.is_alive()
-        req = pb.CheckpointRequest(id=id, store=str(tmp_path), name="e", image_pending=True)
-        with Client.connect(sock) as client:
-            client.call("stasis.v1.Checkpointer", "Checkpoint", req.SerializeToString(),
-                        timeout=120, metadata=meta)  # fmt: skip
-    finally:
-        setter.join(15)
-    assert answers == [b""]
-    assert json.loads((tmp_path / "e" / "config.dump").read_text())["rootfsImageName"] == early
-    assert json.loads((tmp_path / "e" / "stasis.json").read_text())["image"] == early
 
 
 def test_fast_path_to_a_container_of_another_runtime_name(
@@ -373,11 +327,11 @@ def test_fast_path_to_a_container_of_another_runtime_name(
     done, calls = spied_stasis(containerd, tmp_path / "calls.json", "checkpoint", id,
                                "--to", str(store), "--name", "a")  # fmt: skip
     assert (done.returncode, done.stderr) == (1, f"stasis: {why}\n")
-    assert [c["method"] for c in calls] == ["Checkpoint", "SetImage"], calls
+    assert [c["method"] for c in calls] == ["Checkpoint"], calls
     # The shim published nothing, and the container runs on.
     assert json.loads(stasis(containerd, "list", "--store", str(store), "--json").stdout) == []
     wait_count(containerd, id, wait_count(containerd, id, 0))
-    # With --exit, the dump stops it before the lookup's verdict can stop the
+    # With --exit, the dump stops it before the shim's lookup can stop the
     # checkpoint: the checkpoint is kept, with a warning.
     done, _ = spied_stasis(containerd, tmp_path / "calls.json", "checkpoint", id,
                            "--to", str(store), "--name", "b", "--exit")  # fmt: skip
@@ -386,10 +340,10 @@ def test_fast_path_to_a_container_of_another_runtime_name(
     assert done.stdout.strip() == f"file://{store}/b"
 
 
-def test_containerd_lookup_without_grpcio(containerd: Containerd, ids: list[str]) -> None:
-    """runtime.rpc.containerd.get_container (runtime.rpc.grpclite's HTTP/2, the CLI's
-    lookup) against the real containerd: the container's image, runtime and spec,
-    and containerd's NotFound for an unknown id or another namespace."""
+def test_containerd_lookup(containerd: Containerd, ids: list[str]) -> None:
+    """runtime.rpc.containerd.get_container (h2, the CLI's and the shim's lookup)
+    against the real containerd: the container's image, runtime and spec, and
+    containerd's NotFound for an unknown id or another namespace."""
     from runtime.errors import NotFound
     from runtime.rpc.containerd import get_container
 

@@ -453,13 +453,13 @@ def test_restore_puts_dashdash_before_ctrs_positional_values(
 ) -> None:
     import argparse
 
-    from runtime.cli import main as cli
+    from runtime.cli import containers as cli
 
     store = signed_store(tmp_path / "s")
     make(store, "ok", {"image": "docker.io/x:1"})
     make(store, "evil", {"image": "--privileged"})
     calls: list[tuple[str, ...]] = []
-    monkeypatch.setattr(cli, "_ctr", lambda ns, *args, check=True: calls.append(args) or "")
+    monkeypatch.setattr(cli, "ctr", lambda ns, *args, check=True: calls.append(args) or "")
 
     def ns(ref: str, image: str | None = None, new_id: str = "new") -> argparse.Namespace:
         return argparse.Namespace(

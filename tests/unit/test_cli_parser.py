@@ -1,14 +1,15 @@
-"""Tests for the stasis CLI's parser: built for the named subcommand alone, it reads
-every command line as the whole tree does."""
+"""Tests for the stasis CLI's parser: one argparse tree, containerd's options before
+or after the command, a help text on every argument."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import argparse
+import json
+from typing import Any
 
 import pytest
 
+from runtime.cli import containers
 from runtime.cli import main as cli
 
 LINES = [
@@ -20,134 +21,122 @@ LINES = [
     ["gc", "--grace", "60"],
     ["kube", "restore", "file:///x", "--policy", "fresh", "--no-wait"],
     ["import", "a.tar", "--name", "n"],
+    ["checkpoint", "--exit", "c1", "--tcp-established", "--json"],
+    ["-n=ns", "checkpoint", "c1"],
+    ["checkpoint", "c1", "--to", "a", "--to", "b", "--exit", "--exit"],
+    ["checkpoint", "checkpoint"],  # a container named like the command
+    ["checkpoint", "c1", "--name", "with space and é"],
+    ["checkpoint", "--", "c1"],
 ]
-
-
-@pytest.mark.parametrize("argv", LINES)
-def test_one_subcommand_reads_as_the_whole_tree(argv: list[str]) -> None:
-    full = cli._parser().parse_args(argv)
-    assert cli._parser(cli._command_in(argv)).parse_args(argv) == full
-
-
-@pytest.mark.parametrize(
-    ("argv", "command"),
-    [
-        (["checkpoint", "x"], "checkpoint"),
-        (["-n", "ns", "--address", "a", "inspect", "r"], "inspect"),
-        (["--namespace=ns", "rm", "r"], "rm"),
-        (["--nam", "ns", "rm", "r"], "rm"),
-        (["--version"], None),
-        ([], None),
-        (["bogus", "x"], None),
-    ],
-)
-def test_command_in(argv: list[str], command: str | None) -> None:
-    assert cli._command_in(argv) == command
-
-
-def test_errors_and_help_still_know_every_command(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        cli.main(["bogus"])
-    err = capsys.readouterr().err
-    assert "invalid choice: 'bogus'" in err and "checkpoint" in err and "kube" in err
-
-
-def test_commands_are_the_parsers() -> None:
-    # COMMANDS is what _command_in recognises; a subcommand missing from it would
-    # only cost the whole tree, one in it without a parser would break that command.
-    sub = next(a for a in cli._parser()._actions if a.dest == "command")
-    assert set(sub.choices) == cli.COMMANDS  # type: ignore[arg-type]
-
-
-# Command lines `stasis checkpoint` may get; the fast reading must equal argparse's
-# whenever it gives one, and must give one for the plain forms.
-CHECKPOINT_LINES = [
-    (["checkpoint", "c1"], True),
-    (["checkpoint", "c1", "--exit", "--json"], True),
-    (["checkpoint", "--exit", "c1", "--tcp-established", "--json"], True),
-    (["--address", "/run/c.sock", "-n", "k8s.io", "checkpoint", "c1", "--to", "/x"], True),
-    (["--address=/run/c.sock", "--namespace=ns", "checkpoint", "c1", "--name=n", "--to="], True),
-    (["-n=ns", "checkpoint", "c1"], True),
-    (["checkpoint", "c1", "--to", "a", "--to", "b", "--exit", "--exit"], True),
-    (["checkpoint", "checkpoint"], True),  # a container named like the command
-    (["checkpoint", "c1", "--to", ""], True),
-    (["checkpoint", "c1", "--name", "with space and é"], True),
-    # argparse's to read: abbreviations, attached short values, options as values
-    (["--addr", "/a", "checkpoint", "c1"], False),
-    (["-nns", "checkpoint", "c1"], False),
-    (["checkpoint", "c1", "--tcp"], False),
-    (["checkpoint", "c1", "--to", "-x"], False),
-    (["checkpoint", "--", "c1"], False),
-]
-# ... and those argparse refuses (the fast reading must leave them to it)
 REFUSED = [
     ["checkpoint"],
     ["checkpoint", "c1", "c2"],
     ["checkpoint", "c1", "--bogus"],
     ["checkpoint", "c1", "--json=yes"],
     ["checkpoint", "c1", "--to"],
-    ["checkpoint", "c1", "--address", "/a"],  # a top-level option after the command
     ["--exit", "checkpoint", "c1"],
-    ["checkpoint", "c1", "-h"],
-    ["--version"],
+    ["kube", "checkpoint", "ns/pod", "-n", "x"],
     [],
 ]
 
 
-@pytest.mark.parametrize(("argv", "fast"), CHECKPOINT_LINES)
-def test_fast_checkpoint_args_read_as_argparse(
-    argv: list[str], fast: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CONTAINERD_NAMESPACE", "env-ns")
-    got = cli.fast_checkpoint_args(argv)
-    assert (got is not None) == fast
-    if got is not None:
-        assert vars(got) == vars(cli._parser().parse_args(argv))
+def parse(argv: list[str]) -> dict[str, Any]:
+    ns = vars(cli.parser().parse_args(argv))
+    ns.pop("run")
+    return ns
+
+
+@pytest.mark.parametrize("argv", LINES)
+def test_command_lines_parse(argv: list[str]) -> None:
+    parse(argv)
 
 
 @pytest.mark.parametrize("argv", REFUSED)
-def test_fast_checkpoint_args_leave_errors_to_argparse(argv: list[str]) -> None:
-    assert cli.fast_checkpoint_args(argv) is None
+def test_wrong_command_lines_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
-        cli._parser().parse_args(argv)
+        parse(argv)
 
 
-@pytest.mark.parametrize("argv", [line for line, _ in CHECKPOINT_LINES] + LINES)
-def test_other_commands_are_never_read_fast(argv: list[str]) -> None:
-    if argv[:1] != ["checkpoint"] and "checkpoint" not in argv:
-        assert cli.fast_checkpoint_args(argv) is None
+def test_what_a_checkpoint_command_line_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONTAINERD_NAMESPACE", "env-ns")
+    monkeypatch.delenv("CONTAINERD_ADDRESS", raising=False)
+    assert parse(["checkpoint", "c1", "--exit", "--json"]) == {
+        "address": "/run/containerd/containerd.sock", "namespace": "env-ns",
+        "command": "checkpoint", "container": "c1", "to": None, "name": None,
+        "exit": True, "tcp_established": False, "json": True,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "obj",
+    ("argv", "address", "namespace"),
     [
-        {"ref": "file:///var/lib/stasis/checkpoints/c1", "name": "c1", "size": 1073999930,
-         "criu_size": 0, "seconds": 1.326, "frozen_seconds": 0.1},
-        {"ref": 'quote " backslash \\ tab \t é \u2028 \x00', "n": -1, "t": True, "f": False},
-        {"none": None, "big": 10**30, "tiny": 1e-300, "neg": -0.0},
-        {"nan": float("nan")},
-        {"inf": float("inf")},
-        {},
+        (["--address", "/a", "-n", "ns", "checkpoint", "c1"], "/a", "ns"),
+        (["checkpoint", "c1", "-n", "ns", "--address", "/a"], "/a", "ns"),
+        (["checkpoint", "--address=/a", "c1", "--namespace=ns"], "/a", "ns"),
+        (["-n", "first", "checkpoint", "c1", "-n", "later"], "/env", "later"),
+        (["--address", "/a", "inspect", "r", "-n", "ns"], "/a", "ns"),
+        (["kube", "-n", "ns", "install"], "/env", "ns"),
+        (["list"], "/env", "default"),
     ],
-)  # fmt: skip
-def test_flat_json_is_json_dumps(obj: dict[str, object]) -> None:
-    import json
+)
+def test_global_options_before_or_after_the_command(
+    argv: list[str], address: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONTAINERD_ADDRESS", "/env")
+    monkeypatch.delenv("CONTAINERD_NAMESPACE", raising=False)
+    ns = parse(argv)
+    assert (ns["address"], ns["namespace"]) == (address, namespace)
 
-    assert cli.flat_json(obj) == json.dumps(obj)  # type: ignore[arg-type]
+
+def test_kube_options_named_like_global_ones_keep_their_meaning() -> None:
+    ns = parse(["-n", "ctr-ns", "kube", "restore", "r", "--namespace", "pods"])
+    assert (ns["namespace"], ns["kube_namespace"]) == ("ctr-ns", "pods")
+    ns = parse(["--address", "/a", "kube", "checkpoint", "ns/p", "--address", "/b"])
+    assert (ns["address"], ns["kube_address"]) == ("/a", "/b")
 
 
-def test_checkpoint_command_line_imports_neither_argparse_nor_json() -> None:
-    """`stasis checkpoint` waits for every import of the CLI: argparse and json
-    (with re, which both pull in) cost it ~20 ms."""
-    repo = Path(__file__).resolve().parents[2]
-    code = (
-        f"import sys; sys.path.insert(0, {str(repo)!r})\n"
-        "from runtime.cli import main as cli\n"
-        "ns = cli.fast_checkpoint_args(['-n', 'ns', 'checkpoint', 'c1', '--exit', '--json'])\n"
-        "out = cli.flat_json({'ref': 'file:///x', 'seconds': 1.5})\n"
-        "print(ns.container, out, [m for m in ('argparse', 'json', 're') if m in sys.modules])\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == 'c1 {"ref": "file:///x", "seconds": 1.5} []'
+def test_errors_and_help_know_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bogus"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in err and "checkpoint" in err and "kube" in err
+
+
+def parsers(p: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``p`` and every parser below it."""
+    found = [p]
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += parsers(child)
+    return found
+
+
+def test_every_argument_has_a_help_text() -> None:
+    missing = [
+        f"{p.prog}: {a.dest}"
+        for p in parsers(cli.parser())
+        for a in p._actions
+        if not a.help and not isinstance(a, argparse._SubParsersAction)
+    ]
+    assert missing == []
+
+
+def test_import_help_names_its_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["import", "--help"])
+    out = capsys.readouterr().out
+    assert "FILE.tar" in out and "the archive to read" in out
+    assert " file\n" not in out and " file " not in out
+
+
+def test_checkpoint_json_is_json_dumps(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    got = {"ref": 'file:///x/quote " é', "name": "c1", "size": 10**12, "criu_size": 0,
+           "seconds": 1.326, "frozen_seconds": 0.1}  # fmt: skip
+    monkeypatch.setattr(containers, "checkpoint", lambda ns: got)
+    assert cli.main(["checkpoint", "c1", "--json"]) == 0
+    assert capsys.readouterr().out == json.dumps(got) + "\n"
+    assert cli.main(["checkpoint", "c1"]) == 0
+    assert capsys.readouterr().out == 'file:///x/quote " é\n'

@@ -22,10 +22,9 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/stasis/v1/checkpoint.proto\x12\tstasis.v1\x1a\x1bgoogle/protobuf/empty.proto\"\xf2\x01\n\x11\x43heckpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05store\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04\x65xit\x18\x04 \x01(\x08\x12\x17\n\x0ftcp_established\x18\x05 \x01(\x08\x12\r\n\x05image\x18\x06 \x01(\t\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.stasis.v1.CheckpointRequest.LabelsEntry\x12\x15\n\rimage_pending\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x0fSetImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x04 \x01(\x08\"y\n\x12\x43heckpointResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x11\n\tcriu_size\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x66rozen_seconds\x18\x06 \x01(\x01\x32\x99\x01\n\x0c\x43heckpointer\x12I\n\nCheckpoint\x12\x1c.stasis.v1.CheckpointRequest\x1a\x1d.stasis.v1.CheckpointResponse\x12>\n\x08SetImage\x12\x1a.stasis.v1.SetImageRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/stasis/v1/checkpoint.proto\x12\tstasis.v1\"\xe1\x01\n\x11\x43heckpointRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05store\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04\x65xit\x18\x04 \x01(\x08\x12\x17\n\x0ftcp_established\x18\x05 \x01(\x08\x12\r\n\x05image\x18\x06 \x01(\t\x12\x38\n\x06labels\x18\x07 \x03(\x0b\x32(.stasis.v1.CheckpointRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x08\x10\t\"\x8b\x01\n\x12\x43heckpointResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x11\n\tcriu_size\x18\x04 \x01(\x04\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x66rozen_seconds\x18\x06 \x01(\x01\x12\x10\n\x08warnings\x18\x07 \x03(\t2Y\n\x0c\x43heckpointer\x12I\n\nCheckpoint\x12\x1c.stasis.v1.CheckpointRequest\x1a\x1d.stasis.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHECKPOINTREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CHECKPOINTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CHECKPOINTREQUEST']._serialized_start=78
-  _globals['_CHECKPOINTREQUEST']._serialized_end=320
-  _globals['_CHECKPOINTREQUEST_LABELSENTRY']._serialized_start=275
-  _globals['_CHECKPOINTREQUEST_LABELSENTRY']._serialized_end=320
-  _globals['_SETIMAGEREQUEST']._serialized_start=322
-  _globals['_SETIMAGEREQUEST']._serialized_end=396
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=398
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=519
-  _globals['_CHECKPOINTER']._serialized_start=522
-  _globals['_CHECKPOINTER']._serialized_end=675
+  _globals['_CHECKPOINTREQUEST']._serialized_start=49
+  _globals['_CHECKPOINTREQUEST']._serialized_end=274
+  _globals['_CHECKPOINTREQUEST_LABELSENTRY']._serialized_start=223
+  _globals['_CHECKPOINTREQUEST_LABELSENTRY']._serialized_end=268
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=277
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=416
+  _globals['_CHECKPOINTER']._serialized_start=418
+  _globals['_CHECKPOINTER']._serialized_end=507
 # @@protoc_insertion_point(module_scope)

@@ -1,14 +1,13 @@
-from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("id", "store", "name", "exit", "tcp_established", "image", "labels", "image_pending")
+    __slots__ = ("id", "store", "name", "exit", "tcp_established", "image", "labels")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,7 +22,6 @@ class CheckpointRequest(_message.Message):
     TCP_ESTABLISHED_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_PENDING_FIELD_NUMBER: _ClassVar[int]
     id: str
     store: str
     name: str
@@ -31,33 +29,22 @@ class CheckpointRequest(_message.Message):
     tcp_established: bool
     image: str
     labels: _containers.ScalarMap[str, str]
-    image_pending: bool
-    def __init__(self, id: _Optional[str] = ..., store: _Optional[str] = ..., name: _Optional[str] = ..., exit: bool = ..., tcp_established: bool = ..., image: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., image_pending: bool = ...) -> None: ...
-
-class SetImageRequest(_message.Message):
-    __slots__ = ("id", "image", "error", "abort")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    IMAGE_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
-    ABORT_FIELD_NUMBER: _ClassVar[int]
-    id: str
-    image: str
-    error: str
-    abort: bool
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[str] = ..., error: _Optional[str] = ..., abort: bool = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., store: _Optional[str] = ..., name: _Optional[str] = ..., exit: bool = ..., tcp_established: bool = ..., image: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
-    __slots__ = ("ref", "name", "size", "criu_size", "seconds", "frozen_seconds")
+    __slots__ = ("ref", "name", "size", "criu_size", "seconds", "frozen_seconds", "warnings")
     REF_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CRIU_SIZE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     ref: str
     name: str
     size: int
     criu_size: int
     seconds: float
     frozen_seconds: float
-    def __init__(self, ref: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., criu_size: _Optional[int] = ..., seconds: _Optional[float] = ..., frozen_seconds: _Optional[float] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ref: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., criu_size: _Optional[int] = ..., seconds: _Optional[float] = ..., frozen_seconds: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
