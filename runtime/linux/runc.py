@@ -43,7 +43,9 @@ class RuncError(Unavailable):
 # runc's own messages for a missing container and for a wrong state; anything
 # else (e.g. "executable file not found" from the container's process) stays a
 # plain RuncError.
-_NOT_FOUND = re.compile(r"container\b[^:]*\b(does not exist|not found)|no such process")
+_NOT_FOUND = re.compile(
+    r"container\b[^:]*\b(does not exist|not found)|no such process|process already finished"
+)
 _WRONG_STATE = (
     "container not running",
     "container is not running",
@@ -242,19 +244,15 @@ class Runc:
 
         A container whose init has already exited raises NotFound, as containerd's
         runc shim reports it ("process already finished"), not FailedPrecondition:
-        containerd ignores that error when it stops or deletes a task. So does an init
-        that exits between runc's state check and its signal ("unable to signal init:
-        os: process already finished").
+        containerd ignores that error when it stops or deletes a task. An init that
+        exits between runc's state check and its signal ("unable to signal init: os:
+        process already finished") is NotFound already (``_classify``).
         """
         args = ["--all"] if all else []
         try:
             await self._run("kill", [*args, id, str(sig)])
         except FailedPrecondition as e:
             if "not running" not in str(e):
-                raise
-            raise NotFound(f"process already finished: {e}") from e
-        except RuncError as e:
-            if "process already finished" not in e.detail:
                 raise
             raise NotFound(f"process already finished: {e}") from e
 
