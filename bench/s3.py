@@ -62,11 +62,11 @@ from bed.containerd import Containerd, bed_missing, images_dir, unique_id  # noq
 from botocore.exceptions import BotoCoreError, ClientError  # noqa: E402
 
 from bench import checkpoint as ck  # noqa: E402
+from runtime.names import SPOOL_DIR  # noqa: E402
 
 NAMESPACE = "stasis-bench-s3"  # not the other benches' nor the tests': no shared runc root
 BUCKET = "stasis-bench"
 ACCESS_KEY, SECRET_KEY = "stasis-bench-key", "stasis-bench-secret"
-SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.store.s3.DEFAULT_SPOOL_DIR (the shims')
 TARGET = 1.5  # ours / raw runc, checkpoint and restore: at most
 MiB = 1 << 20
 PART = 8 * MiB  # runtime.store.s3.PART_SIZE

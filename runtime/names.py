@@ -27,6 +27,10 @@ GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-i
 RUNTIME = "io.containerd.stasis.v2"
 # Where shim sockets live (containerd's directory for them).
 SOCKET_DIR = "/run/containerd/s"
+# Where S3 checkpoints are spooled before their upload, and the file a spool gets once
+# its commit starts (what `stasis push` uploads again).
+SPOOL_DIR = "/var/lib/stasis/spool"
+SPOOL_PENDING = ".stasis-pending.json"
 VERSION = "0.1.0"
 
 

@@ -38,14 +38,20 @@ from runtime.errors import (
     StasisError,
     Unavailable,
 )
-from runtime.names import POD_FILE, POD_FILE_MAX, RESTORE_ANNOTATION, RESTORE_GRANT, RESTORE_POLICY
+from runtime.names import (
+    POD_FILE,
+    POD_FILE_MAX,
+    RESTORE_ANNOTATION,
+    RESTORE_GRANT,
+    RESTORE_POLICY,
+    RUNTIME,
+)
 
 if TYPE_CHECKING:
     from kubernetes import client as k8s
 
 log = logging.getLogger("stasis.kube")
 
-RUNTIME = "io.containerd.stasis.v2"
 RUNTIME_CLASS = "stasis"
 HANDLER = "stasis"
 CRI_NAMESPACE = "k8s.io"  # containerd namespace of the CRI plugin

@@ -51,6 +51,7 @@ from runtime.errors import (
     Unavailable,
 )
 from runtime.linux import fsresolve
+from runtime.names import METADATA_FILE
 
 if TYPE_CHECKING:
     from runtime.store.crypt import Key, Sealer
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 MANIFEST_SIG = "manifest.sig"  # runtime.store.signing.SIG_FILE (signing loads cryptography)
 SIG_MAX = 4096  # bytes of manifest.sig read
-METADATA_FILE = "stasis.json"
 MANIFEST_VERSION = 1
 PARTIAL_PREFIX = ".partial-"
 CHUNK = 1 << 20

@@ -64,11 +64,11 @@ from runtime.errors import (
     StasisError,
     Unavailable,
 )
+from runtime.names import METADATA_FILE, SPOOL_DIR, SPOOL_PENDING
 from runtime.store.local import (
     DISK_FULL,
     MANIFEST,
     MANIFEST_SIG,
-    METADATA_FILE,
     NAME_PATTERN,
     NAME_RE,
     SIG_MAX,
@@ -103,14 +103,12 @@ T = TypeVar("T")
 
 MiB = 1 << 20
 COMPRESSIONS = ("zstd", "none")
-DEFAULT_SPOOL_DIR = "/var/lib/stasis/spool"
 DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"
 PART_SIZE = 8 * MiB  # multipart part (and ranged GET) size; S3 wants >= 5 MiB
-PENDING = ".stasis-pending.json"  # in a spool: name, url, metadata, compression for push
 PID_FILE = ".stasis-upload.pid"  # in a spool: the PID of the upload worker (runtime.store.upload)
 DATA_PREFIX = "data-"
 
-_SPOOL_OWN = frozenset({PENDING, PID_FILE})  # the spool's bookkeeping, never uploaded
+_SPOOL_OWN = frozenset({SPOOL_PENDING, PID_FILE})  # the spool's bookkeeping, never uploaded
 _SPOOL_NAME = re.compile(rf"(?:{NAME_PATTERN})-[0-9a-f]{{12}}")
 _NEW_SPOOL = re.compile(rf"\.(?:{NAME_PATTERN})-[0-9a-f]{{12}}\.new")
 
@@ -518,7 +516,7 @@ class S3Store:
         url: str,
         s3: S3Config | None = None,
         *,
-        spool_dir: str = DEFAULT_SPOOL_DIR,
+        spool_dir: str = SPOOL_DIR,
         cache_dir: str = DEFAULT_CACHE_DIR,
         compression: str = "zstd",
         zstd_level: int = 3,
@@ -1018,16 +1016,17 @@ class S3Store:
                 raise NotFound(f"spool {spool} does not exist")
             # Only a commit writes the pending record, after the dump finished:
             # a spool without it (a writer killed mid-dump) is no checkpoint.
-            if not os.path.lexists(os.path.join(spool, PENDING)):
+            if not os.path.lexists(os.path.join(spool, SPOOL_PENDING)):
                 raise FailedPrecondition(
-                    f"spool {spool} was never committed (no {PENDING}): it is not a checkpoint"
+                    f"spool {spool} was never committed (no {SPOOL_PENDING}): "
+                    "it is not a checkpoint"
                 )
-            pending = json.loads(read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+            pending = json.loads(read_small(os.path.join(spool, SPOOL_PENDING), _MAX_STASIS_JSON))
             tree = scan_tree(spool)
         except (OSError, ValueError, NotRegular) as e:
             raise InvalidArgument(f"spool {spool} cannot be read: {e}") from e
         if not isinstance(pending, dict):
-            raise InvalidArgument(f"spool {spool}: {PENDING} is not an object")
+            raise InvalidArgument(f"spool {spool}: {SPOOL_PENDING} is not an object")
         name = name or pending.get("name") or os.path.basename(spool).rpartition("-")[0]
         check_name(str(name))
         metadata = pending.get("metadata", {})
@@ -1420,7 +1419,7 @@ def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.l
 def _kept_for(spool: str) -> str | None:
     """The store URL a committed spool records (None: not committed, or not recorded)."""
     try:
-        doc = json.loads(read_small(os.path.join(spool, PENDING), _MAX_STASIS_JSON))
+        doc = json.loads(read_small(os.path.join(spool, SPOOL_PENDING), _MAX_STASIS_JSON))
     except (OSError, ValueError, NotRegular):
         return None
     url = doc.get("url") if isinstance(doc, dict) else None
@@ -1589,7 +1588,7 @@ class S3Writer(LocalFiles):
                 # push refuses to upload it in clear, or under another key
                 "key_id": key.id if key is not None else None,
             }
-            with open_new(os.path.join(self.spool, PENDING)) as f:
+            with open_new(os.path.join(self.spool, SPOOL_PENDING)) as f:
                 f.write(json.dumps(pending).encode())
         except OSError as e:
             self.abort()

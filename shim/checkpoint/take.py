@@ -38,10 +38,18 @@ from runtime.errors import (
 )
 from runtime.linux import cgroups
 from runtime.linux.runc import CheckpointOpts
-from runtime.names import RESTORE_ANNOTATION
+from runtime.names import (
+    METADATA_FILE,
+    POD_FILE,
+    POD_FILE_MAX,
+    RESTORE_ANNOTATION,
+    RESTORE_GRANT,
+    RESTORE_POLICY,
+    RUNTIME,
+)
 from runtime.security import ceiling
 from runtime.store import upload
-from runtime.store.local import METADATA_FILE, CheckpointReader, LocalStore, Store
+from runtime.store.local import CheckpointReader, LocalStore, Store
 from runtime.store.metadata import restore_metadata
 from runtime.store.resolve import resolve_source, signing_for
 from shim.task.container import Container
@@ -49,20 +57,14 @@ from shim.task.process import Status
 
 log = logging.getLogger("stasis.checkpoint")
 
-RUNTIME = "io.containerd.stasis.v2"
 RESTORE_FROM = RESTORE_ANNOTATION
-RESTORE_POLICY = "stasis.dev/restore-policy"
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.containerd.image.name")
 CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 # The Kubernetes namespace of a CRI container, as containerd's CRI plugin sets it
 # (pod annotations reach the shim only as stasis.dev/*, so a pod cannot fake it).
 KUBE_NAMESPACE_ANNOTATIONS = ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace")
-RESTORE_GRANT = "stasis.dev/restore-grant"  # runtime.store.signing grant: `stasis kube restore`
 METADATA_MAX = 1 << 20
-POD_FILE = "pod.json"  # what makes a checkpoint a pod checkpoint (runtime/kube/pods.py)
-POD_FILE_MAX = 4 << 20
-METADATA_NAME = "stasis.json"
 FORMAT_VERSION = 1
 
 
@@ -462,7 +464,7 @@ def _check_profile(reader: CheckpointReader, spec: dict[str, Any]) -> None:
     try:
         theirs = ceiling.recorded_ceiling(recorded)
     except ValueError as e:
-        raise DataLoss(f"{reader.name!r}: {METADATA_NAME}: {e}") from e
+        raise DataLoss(f"{reader.name!r}: {METADATA_FILE}: {e}") from e
     problems = ceiling.Ceiling.from_spec(spec).admits(theirs)
     if problems:
         raise PermissionDenied(

@@ -38,11 +38,11 @@ from bed.s3proxy import Fault, FaultProxy
 from bed.workload import COUNTER, IMAGE, RUNTIME, bundle, count, holding_memory, stasis_argv, task
 from conftest import S3Server, signing_table
 
+from runtime.names import SPOOL_DIR, SPOOL_PENDING
+
 pytestmark = pytest.mark.integration
 
-SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.store.s3.DEFAULT_SPOOL_DIR, where shims spool
 WORKER_PID = ".stasis-upload.pid"  # runtime.store.s3.PID_FILE, in the spool
-PENDING = ".stasis-pending.json"  # runtime.store.s3.PENDING: the spool was committed
 # Shared objects that boto3/botocore (the XML parsers) or zstandard load:
 # a shim that never imported them has none of them mapped.
 # (ssl is no marker: asyncio maps it in every shim.)
@@ -329,7 +329,7 @@ def test_upload_worker_killed_mid_upload_nothing_listed_gc_cleans_container_runs
         # The spool is kept, committed, for `stasis push`.
         spools = glob.glob(f"{SPOOL_DIR}/{name}-*")
         assert len(spools) == 1 and spools[0] in err, (spools, err)
-        assert os.path.exists(os.path.join(spools[0], PENDING))
+        assert os.path.exists(os.path.join(spools[0], SPOOL_PENDING))
 
         # Without a manifest there is no checkpoint.
         assert stasis(c, "list", "--store", prefix, "--json").stdout.strip() == "[]"

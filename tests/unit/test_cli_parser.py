@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
-from runtime.cli import containers
+from runtime.cli import checkpoint
 from runtime.cli import main as cli
 
 LINES = [
@@ -135,8 +137,36 @@ def test_checkpoint_json_is_json_dumps(
 ) -> None:
     got = {"ref": 'file:///x/quote " é', "name": "c1", "size": 10**12, "criu_size": 0,
            "seconds": 1.326, "frozen_seconds": 0.1}  # fmt: skip
-    monkeypatch.setattr(containers, "checkpoint", lambda ns: got)
+    monkeypatch.setattr(checkpoint, "checkpoint", lambda ns: got)
     assert cli.main(["checkpoint", "c1", "--json"]) == 0
     assert capsys.readouterr().out == json.dumps(got) + "\n"
     assert cli.main(["checkpoint", "c1"]) == 0
     assert capsys.readouterr().out == 'file:///x/quote " é\n'
+
+
+# What a command may load: its own module and what it needs, nothing for the others.
+_LOADED = """
+import sys
+from runtime.cli import main
+ns = main.parser().parse_args(sys.argv[1:])
+main._handler(ns.run)
+print(" ".join(sorted(sys.modules)))
+"""
+_HEAVY = ("runtime.store", "runtime.rpc.containerd", "cryptography", "h2", "boto", "kubernetes")
+
+
+@pytest.mark.parametrize(
+    ("argv", "heavy"),
+    [
+        (["checkpoint", "c1"], ()),
+        (["restore", "r", "n"], ("runtime.store", "cryptography")),
+        (["list"], ("runtime.store", "cryptography")),
+        (["kube", "install"], ()),  # the kubernetes client is loaded when the command runs
+    ],
+)
+def test_a_command_loads_only_its_own_modules(argv: list[str], heavy: tuple[str, ...]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _LOADED, *argv], capture_output=True, text=True, check=True
+    ).stdout.split()
+    loaded = {prefix for prefix in _HEAVY for m in out if m == prefix or m.startswith(prefix + ".")}
+    assert loaded == set(heavy), argv

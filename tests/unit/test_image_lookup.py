@@ -32,7 +32,7 @@ from bed.loopserver import LoopServer
 from protos.containerd.services.containers.v1 import containers_pb2
 from protos.stasis.v1 import checkpoint_pb2 as pb
 from runtime import names
-from runtime.cli import containers as cli
+from runtime.cli import checkpoint as cli
 from runtime.errors import (
     Code,
     DeadlineExceeded,

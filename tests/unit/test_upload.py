@@ -29,9 +29,10 @@ from moto.server import ThreadedMotoServer
 from runtime.config import S3Config
 from runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from runtime.linux.proc import Completed, ForkSpawner, Stdio
+from runtime.names import SPOOL_PENDING
 from runtime.store import upload
 from runtime.store.local import LocalStore, MemoryStore
-from runtime.store.s3 import PENDING, PID_FILE, S3Store, collect_spools, new_spool, spool_worker
+from runtime.store.s3 import PID_FILE, S3Store, collect_spools, new_spool, spool_worker
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "stasis-upload-secret-9Fq2"
@@ -153,7 +154,7 @@ def test_the_upload_runs_in_a_worker(
     assert listed.name == "ckpt" and listed.size == info.size
     with store.open("ckpt") as r:
         r.verify()
-        assert PID_FILE not in r.manifest.files and PENDING not in r.manifest.files
+        assert PID_FILE not in r.manifest.files and SPOOL_PENDING not in r.manifest.files
 
 
 def test_a_refusal_comes_before_anything_is_written(store: S3Store, tmp_path: Path) -> None:
@@ -194,7 +195,7 @@ def test_a_killed_worker_fails_the_commit_and_keeps_the_spool(store: S3Store) ->
 
     spool, pid = asyncio.run(go())
     assert not alive(pid)
-    assert os.path.exists(os.path.join(spool, PENDING)) and spool_worker(spool) == pid
+    assert os.path.exists(os.path.join(spool, SPOOL_PENDING)) and spool_worker(spool) == pid
     assert store.list() == []
     info = store.push(spool)  # the spool's lock died with the worker
     assert info.name == "ckpt" and not os.path.exists(spool)
@@ -287,7 +288,7 @@ def spool(root: Path, name: str, url: str | None, committed: bool = True) -> Pat
         doc: dict[str, Any] = {"name": name, "metadata": {}, "compression": "zstd"}
         if url is not None:
             doc["url"] = url
-        Path(path, PENDING).write_text(json.dumps(doc))
+        Path(path, SPOOL_PENDING).write_text(json.dumps(doc))
     return Path(path)
 
 

@@ -11,83 +11,14 @@ import sys
 from typing import Any
 
 from runtime import config
-from runtime.cli.common import progress, seconds
-from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, StasisError
+from runtime.cli.common import progress
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtime.names import SPOOL_PENDING
 from runtime.store.archive import export_tar, import_tar
 from runtime.store.crypt import write_key_file
 from runtime.store.local import LocalStore
 from runtime.store.resolve import default_store, open_store, resolve, signing_for
 from runtime.store.signing import PUBLIC_SUFFIX, key_id, write_private
-
-DEFAULT_GC_GRACE = 3600.0
-SPOOL_DIR = "/var/lib/stasis/spool"  # runtime.store.s3.DEFAULT_SPOOL_DIR
-PENDING = ".stasis-pending.json"  # runtime.store.s3.PENDING: written once a commit starts
-
-
-def add_parsers(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], parent: argparse.ArgumentParser
-) -> None:
-    """The commands' parsers, each with its handler as ``run``."""
-
-    def command(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[parent])
-        p.set_defaults(run=run)
-        return p
-
-    li = command("list", list_command, "list checkpoints")
-    li.add_argument("--store", default="", help="the store (default: the configured one)")
-    li.add_argument("--json", action="store_true", help="print JSON")
-    i = command("inspect", inspect, "show a checkpoint")
-    i.add_argument("ref", help="the checkpoint: a name, a path, file:// or s3:// URL")
-    i.add_argument(
-        "--json", action="store_true", help="print its name, ref, path and manifest as JSON"
-    )
-    rm = command("rm", remove_command, "remove a checkpoint")
-    rm.add_argument("ref", help="the checkpoint: a name, a path, file:// or s3:// URL")
-    t = command(
-        "trust",
-        trust,
-        "sign a local checkpoint this node did not sign (an older or a foreign one) "
-        "after checking every file against its manifest; logged",
-    )
-    t.add_argument("ref", help="the checkpoint: a name, a path or file:// URL")
-    e = command("export", export, "write a checkpoint archive")
-    e.add_argument("ref", help="the checkpoint: a name, a path, file:// or s3:// URL")
-    e.add_argument("file", metavar="FILE.tar", help="the archive to write")
-    im = command("import", import_command, "read a checkpoint archive into the default store")
-    im.add_argument("file", metavar="FILE.tar", help="the archive to read")
-    im.add_argument("--name", help="checkpoint name (default: the archive's, less .tar)")
-    im.add_argument(
-        "--trust",
-        action="store_true",
-        help="import an archive not signed by a trusted key (it is signed by this node)",
-    )
-    g = command("gc", gc_command, "remove partial checkpoints, stray objects and kept spools")
-    g.add_argument("--store", default="", help="default: the configured store")
-    g.add_argument(
-        "--grace",
-        type=seconds,
-        default=DEFAULT_GC_GRACE,
-        metavar="SECONDS",
-        help=f"only leftovers untouched for this long (default {DEFAULT_GC_GRACE:g})",
-    )
-    g.add_argument("--json", action="store_true", help="print what was removed as JSON")
-    pu = command("push", push_command, "upload a kept spool again (after a failed S3 upload)")
-    pu.add_argument("spool", metavar="SPOOL_DIR", help="the spool directory the upload kept")
-    pu.add_argument(
-        "--to",
-        default="",
-        help="s3://bucket/prefix (default: the spool's own store, else the configured one)",
-    )
-    pu.add_argument("--name", help="checkpoint name (default: the one the spool records)")
-    pu.add_argument("--json", action="store_true", help="print ref, name and size as JSON")
-    kg = command("keygen", keygen, "write a new checkpoint encryption key (mode 0600)")
-    kg.add_argument("file", metavar="FILE", help="the key file to create (never overwritten)")
-    kg.add_argument(
-        "--signing",
-        action="store_true",
-        help="an Ed25519 signing key (PEM) instead, its public key in FILE.pub",
-    )
 
 
 def open_checkpoint(ref: str) -> Any:
@@ -104,14 +35,6 @@ def remove_checkpoint(ref: str) -> None:
     if name not in {info.name for info in store.list()}:
         raise NotFound(f"{ref!r} is not a complete checkpoint of {store.url}")
     store.remove(name)
-
-
-def default_is_s3() -> bool:
-    """Whether the configured store is an S3 one (False when the config is unreadable)."""
-    try:
-        return config.load().storage.url.startswith("s3://")
-    except StasisError:
-        return False
 
 
 def list_command(ns: argparse.Namespace) -> int:
@@ -230,11 +153,11 @@ def push(spool: str, to: str, name: str | None) -> dict[str, Any]:
         )
     if not os.path.isdir(spool):
         raise FailedPrecondition(f"spool {spool} does not exist (or is not a directory)")
-    if not os.path.lexists(os.path.join(spool, PENDING)):
+    if not os.path.lexists(os.path.join(spool, SPOOL_PENDING)):
         # Its writer died before commit (during the CRIU dump, say): the files may be
         # incomplete, and a manifest over them would make them look restorable.
         raise FailedPrecondition(
-            f"spool {spool} was never committed (no {PENDING}): its checkpoint may be "
+            f"spool {spool} was never committed (no {SPOOL_PENDING}): its checkpoint may be "
             "incomplete; not uploading it"
         )
     store = open_store(url, cfg)
@@ -247,7 +170,7 @@ def push(spool: str, to: str, name: str | None) -> dict[str, Any]:
 def _spool_url(spool: str) -> str:
     """The store a committed spool was meant for ("" if it does not say)."""
     try:
-        with open(os.path.join(spool, PENDING), "rb") as f:
+        with open(os.path.join(spool, SPOOL_PENDING), "rb") as f:
             doc = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
         return ""
