@@ -1,63 +1,8 @@
-"""Stasis configuration: ``/etc/stasis/config.toml``, then environment overrides.
+"""Stasis configuration: ``/etc/stasis/config.toml`` (or ``$STASIS_CONFIG``), then
+``STASIS_*`` environment overrides; every key and variable: docs/configuration.md.
 
-The file (path overridable with ``STASIS_CONFIG``) looks like::
-
-    [storage]
-    url = "file:///var/lib/stasis/checkpoints"   # or "s3://bucket/prefix"
-    # Where a container's stasis.dev/restore-from may point besides `url`:
-    restore_sources = ["file:///mnt/nas/checkpoints", "s3://other-bucket/prefix"]
-
-    [storage.s3]
-    access_key_id = "..."
-    secret_access_key = "..."
-    region = "eu-west-1"
-    endpoint = "https://minio.example:9000"
-    request_checksum_calculation = "when_supported"  # or "when_required"
-
-    [encryption]
-    # Encrypt new checkpoints (AES-256-GCM) and decrypt encrypted ones with
-    # this key: 32 bytes, raw, hex or base64; mode 0600/0400 (`stasis keygen`).
-    key_file = "/etc/stasis/checkpoint.key"
-
-    [signing]
-    # The node's Ed25519 key: signs every checkpoint it writes (PEM, mode
-    # 0600; created with its directory 0700 on first use if missing; `stasis
-    # keygen --signing FILE`). Its public key is always trusted.
-    key_file = "/etc/stasis/signing.key"
-    # Other keys whose checkpoints restore here: PEM public key files, or
-    # directories of *.pub / *.pem files.
-    trusted_keys = ["/etc/stasis/trusted.d"]
-
-    [restore]
-    # What a restored rootfs diff may contain (an image's own setuid binaries
-    # and device nodes are normal, hence allowed by default).
-    allow_setuid = true    # setuid/setgid files and file capabilities
-    allow_devices = true   # device nodes
-    # Restore a checkpoint into another containerd or Kubernetes namespace
-    # than the one it was taken in (refused by default).
-    cross_namespace = false
-    # How long `runc restore` (CRIU) may take before it is killed and the task's
-    # Start fails (seconds).
-    timeout_seconds = 600
-
-    [limits]
-    # What an archive or a rootfs diff may expand to; beyond either, or beyond
-    # the free space of the target less reserve_bytes, nothing is written.
-    max_import_bytes = 274877906944   # `stasis import`: 256 GiB
-    max_diff_bytes = 68719476736      # a restore's rootfs diff: 64 GiB
-    reserve_bytes = 1073741824        # free space always left: 1 GiB
-
-Every key is optional. Environment variables override the file:
-``STASIS_STORAGE_URL``, ``STASIS_S3_ACCESS_KEY_ID``,
-``STASIS_S3_SECRET_ACCESS_KEY``, ``STASIS_S3_REGION``, ``STASIS_S3_ENDPOINT``,
-``STASIS_S3_REQUEST_CHECKSUM_CALCULATION``, ``STASIS_ENCRYPTION_KEY_FILE``,
-``STASIS_SIGNING_KEY_FILE``, ``STASIS_SIGNING_TRUSTED_KEYS`` (paths separated by
-commas, replacing the file's list), ``STASIS_RESTORE_SOURCES`` (URLs separated by
-commas, replacing the file's list) and ``STASIS_RESTORE_TIMEOUT_SECONDS``; an empty
-variable counts as unset.
-A missing default file means defaults; a file named by ``STASIS_CONFIG`` must
-exist. Unknown keys, wrong types and bad values are errors naming the file (or
-variable) and the key, so a typo never silently falls back to a default.
+Every key is optional; unknown keys, wrong types and bad values are errors naming the
+file (or variable) and the key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations

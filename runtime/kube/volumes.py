@@ -1,27 +1,12 @@
 """The volumes of a Kubernetes pod checkpoint: PersistentVolumeClaims, their
-PersistentVolumes and CSI VolumeSnapshots.
+PersistentVolumes and CSI VolumeSnapshots (docs/architecture.md, "Kubernetes volumes").
 
-A pod checkpoint holds the memory and files of its containers, not the data of
-their PersistentVolumeClaims: that stays in the volumes. So a checkpoint records
-each claim the pod mounts and makes sure the data outlives the claim:
-
-* ``record_volumes`` records the claim (spec, labels, annotations) and its bound
-  PersistentVolume, sets the volume's reclaim policy to ``Retain`` (deleting the
-  claim then leaves the volume ``Released`` instead of deleting it), and, for claims
-  annotated ``stasis.dev/volume-snapshot: "true"`` (or all of them), takes a CSI
-  VolumeSnapshot and waits until it is ``readyToUse``.
-* ``restore_volumes`` recreates every recorded claim that is missing: from its
-  snapshot (``spec.dataSource``), else bound again to its retained volume (the
-  volume's ``claimRef`` is pointed at the new claim, the claim names the volume),
-  else, when the volume is gone too, as a new claim its storage class provisions.
-
-The module has two halves: pure functions that read and build API objects as plain
-JSON dicts (unit-tested without a cluster), and the two entry points that make the
-API calls. Every API failure becomes one ``StasisError`` line naming the object and
-the reason (the apiserver's message, never the raw response).
-
-The ``kubernetes`` client is passed in (``CoreV1Api``, ``CustomObjectsApi``); this
-module never imports it at load time and reads every reply as raw JSON.
+``record_volumes`` records each claim the pod mounts and its bound volume, sets the
+volume's reclaim policy to ``Retain`` and, where asked, takes a VolumeSnapshot and
+waits until it is ready; ``restore_volumes`` recreates every missing claim: from its
+snapshot, else bound again to its retained volume, else new from its storage class.
+Every API failure is one ``StasisError`` line naming the object and the reason. The
+``kubernetes`` client is passed in; replies are read as raw JSON.
 """
 
 from __future__ import annotations

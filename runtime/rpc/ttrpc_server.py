@@ -1,27 +1,11 @@
-"""ttrpc, containerd's lightweight RPC protocol over unix sockets, for asyncio.
+"""A ttrpc server (containerd's RPC protocol over unix sockets) on asyncio: unary calls,
+payloads as bytes (the service layer owns its protobuf types), answered in any order.
 
-containerd talks to a runtime v2 shim with ttrpc: every message is a frame with
-a 10-byte big-endian header (uint32 payload length, uint32 stream id, uint8
-message type, uint8 flags) followed by a protobuf ``ttrpc.Request`` (client to
-server) or ``ttrpc.Response`` (server to client). Clients pick odd, increasing
-stream ids; many requests can be in flight on one connection and are answered
-in any order. Flags only matter for streams (data frames), which this module
-does not implement: data frames sent to the server are ignored.
-
-This module only moves bytes: handlers get the request's payload bytes and
-return the response's payload bytes, so the service layer owns its protobuf
-types. Only unary calls are implemented (the shim API has no streaming RPCs).
-
-Everything runs on the event loop of the caller: no threads, stdlib plus
-protobuf only, because the shim is one long-lived process per pod.
-
-The server stays up whatever its clients do: it holds at most
-``max_connections`` connections (more are closed at once), drops a connection
-that sends no complete request within ``first_request_timeout`` or stalls in
-the middle of a frame for ``frame_timeout`` (a connection that has made a
-request may then stay idle as long as it likes: containerd keeps one open for
-the shim's lifetime), and when accept fails for lack of descriptors it backs
-off instead of spinning. Such complaints are logged at most once a minute.
+It stays up whatever its clients do: at most ``max_connections`` connections, a
+connection dropped when it sends no complete request within
+``first_request_timeout`` or stalls mid-frame for ``frame_timeout`` (an idle one that
+has made a request stays: containerd keeps one for the shim's lifetime), a backoff
+when accept fails for lack of descriptors, complaints logged at most once a minute.
 """
 
 from __future__ import annotations
