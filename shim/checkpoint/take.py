@@ -704,8 +704,6 @@ class RestoreGate:
 
     def _judge(self, pid: int, *, before_run: bool) -> StasisError | None:
         """Check the tree rooted at ``pid``; on any excess kill it and say why."""
-        from runtime.security import ceiling
-
         try:
             limit = ceiling.Ceiling.from_spec(self.spec)
             problems = ceiling.check_restored(limit, pid, _container_cgroups(pid))
@@ -776,8 +774,6 @@ def _criu_of(init: int) -> int | None:
 
 def _container_cgroups(init: int) -> dict[str, str] | None:
     """The new container's cgroups: those runc put CRIU in (None: CRIU not found)."""
-    from runtime.security import ceiling
-
     criu = _criu_of(init)
     try:
         return ceiling.cgroup_paths(criu) if criu is not None else None
@@ -793,8 +789,6 @@ def _kill_tree(pid: int) -> None:
     CRIU, its tracer, could reap it, and CRIU's own clean-up then waits for the
     init forever. With CRIU killed too the tracees are released and die.
     """
-    from runtime.security import ceiling
-
     criu = _criu_of(pid)
     try:
         pids = ceiling.process_tree(pid)
