@@ -1,5 +1,5 @@
 """Checkpoints in an S3-compatible object store (``s3://bucket/prefix``): a transport
-for the local checkpoint format (``runtime.store.local``), not a second one.
+for the local checkpoint format (``runtime.store.files``), not a second one.
 
 Checkpoint ``N`` is ``prefix/N/``: one object per file under a fresh
 ``data-<random>/`` (``.zst`` when compressed), ``manifest.sig`` with signing, and
@@ -65,22 +65,11 @@ from runtime.errors import (
     Unavailable,
 )
 from runtime.names import METADATA_FILE, SPOOL_DIR, SPOOL_PENDING
-from runtime.store.local import (
+from runtime.store.files import (
     DISK_FULL,
-    MANIFEST,
-    MANIFEST_SIG,
-    NAME_PATTERN,
-    NAME_RE,
-    SIG_MAX,
-    CheckpointInfo,
     DirReader,
-    Encryption,
-    FileEntry,
     LocalFiles,
-    Manifest,
     NotRegular,
-    check_name,
-    check_rel,
     digest_file,
     is_locked,
     new_token,
@@ -89,8 +78,21 @@ from runtime.store.local import (
     problems_message,
     read_small,
     rmtree,
-    safe_rel,
     scan_tree,
+)
+from runtime.store.model import (
+    MANIFEST,
+    MANIFEST_SIG,
+    NAME_PATTERN,
+    NAME_RE,
+    SIG_MAX,
+    CheckpointInfo,
+    Encryption,
+    FileEntry,
+    Manifest,
+    check_name,
+    check_rel,
+    safe_rel,
 )
 
 if TYPE_CHECKING:

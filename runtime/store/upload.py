@@ -40,7 +40,9 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from runtime.capture.digest import KnownDigest
 from runtime.errors import Code, Internal, StasisError, Unavailable
 from runtime.linux.proc import Completed, Spawner, Stdio
-from runtime.store.local import CheckpointInfo, CheckpointWriter, Store, check_name, rmtree
+from runtime.store.api import CheckpointWriter, Store
+from runtime.store.files import rmtree
+from runtime.store.model import CheckpointInfo, check_name
 
 if TYPE_CHECKING:
     from runtime.store.s3 import S3Store, S3Writer

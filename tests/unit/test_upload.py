@@ -31,7 +31,8 @@ from runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavaila
 from runtime.linux.proc import Completed, ForkSpawner, Stdio
 from runtime.names import SPOOL_PENDING
 from runtime.store import upload
-from runtime.store.local import LocalStore, MemoryStore
+from runtime.store.local import LocalStore
+from runtime.store.memory import MemoryStore
 from runtime.store.s3 import PID_FILE, S3Store, collect_spools, new_spool, spool_worker
 
 REPO = Path(__file__).resolve().parents[2]
