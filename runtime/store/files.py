@@ -71,6 +71,15 @@ def storage_error(e: OSError, doing: str, url: str) -> StasisError:
     return Unavailable(f"storage {url}: {doing}: {detail}")
 
 
+def local_error(e: OSError, doing: str, path: str) -> StasisError:
+    """A failure of a local copy (a spool, a cache) as a StasisError naming the path; a
+    full disk is ResourceExhausted."""
+    detail = e.strerror or str(e)
+    if e.errno in DISK_FULL:
+        return ResourceExhausted(f"local disk is full: {doing} in {path}: {detail}")
+    return Unavailable(f"{doing} in {path}: {detail}")
+
+
 def new_token() -> str:
     """A random suffix for staging, spool and data directory names."""
     return os.urandom(6).hex()

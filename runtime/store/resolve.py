@@ -102,7 +102,8 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
     InvalidArgument.
     """
     if ref.startswith("s3://"):
-        from runtime.store.s3 import S3Store, split_ref  # boto3 only for S3 stores
+        from runtime.store.s3 import S3Store  # boto3 only for S3 stores
+        from runtime.store.s3layout import split_ref
 
         url, name = split_ref(ref)
         store = S3Store(
