@@ -444,7 +444,7 @@ def checkpoint_pod(
     ``name``, and each container's checkpoint.
     """
     from runtime import config as config_mod
-    from runtime.store.local import check_name
+    from runtime.store.model import check_name
     from runtime.store.resolve import resolve
 
     started = time.monotonic()
@@ -570,7 +570,7 @@ def read_members(ref: str, record: dict[str, Any], config: Any = None) -> dict[s
 
     from runtime import config as config_mod
     from runtime.security import podpolicy
-    from runtime.store.local import check_name
+    from runtime.store.model import check_name
     from runtime.store.resolve import resolve
 
     cfg = config if config is not None else config_mod.load()

@@ -6,6 +6,7 @@ against the manifest before the checkpoint exists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import stat
@@ -28,31 +29,33 @@ if TYPE_CHECKING:
     from runtime.config import Limits
     from runtime.store.signing import Signing
 
-from runtime.store.local import (
-    _MAX_SMALL_JSON,
+from runtime.store.api import CheckpointReader, Store
+from runtime.store.files import (
     DISK_FULL,
-    MANIFEST,
-    MANIFEST_SIG,
-    SIG_MAX,
-    CheckpointInfo,
-    CheckpointReader,
-    FileEntry,
-    Manifest,
+    HashingReader,
     NotRegular,
-    Store,
-    _copy,
-    _fsync_dir,
-    _HashingReader,
-    _StagingWriter,
-    _storage_error,
-    check_name,
-    log,
+    StagingWriter,
+    copy,
+    fsync_dir,
     new_token,
     open_new,
     problems_message,
     read_small,
     rmtree,
+    storage_error,
 )
+from runtime.store.model import (
+    MANIFEST,
+    MANIFEST_SIG,
+    MAX_SMALL_JSON,
+    SIG_MAX,
+    CheckpointInfo,
+    FileEntry,
+    Manifest,
+    check_name,
+)
+
+log = logging.getLogger("stasis.store")
 
 # What containerd's own checkpoint archives carry besides spec.dump and config.dump:
 # the CRI ContainerStatus as JSON (status.dump: containerd 2.1's CRI restore, i.e.
@@ -220,7 +223,7 @@ def export_tar(reader: CheckpointReader, tar_path: str, signing: Signing | None 
                         raise DataLoss(
                             f"{where}: {rel}: size {st.st_size}, manifest says {entry.size}"
                         )
-                    hashing = _HashingReader(f)
+                    hashing = HashingReader(f)
                     tar.addfile(member(rel, tarfile.REGTYPE, entry.size), hashing)
                 if hashing.sha256.hexdigest() != entry.sha256:
                     raise DataLoss(f"{where}: {rel}: sha256 mismatch")
@@ -230,11 +233,11 @@ def export_tar(reader: CheckpointReader, tar_path: str, signing: Signing | None 
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, tar_path)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException as e:
         rmtree(tmp)
         if isinstance(e, OSError):
-            raise _storage_error(e, f"exporting {where}", "file://" + tar_path) from e
+            raise storage_error(e, f"exporting {where}", "file://" + tar_path) from e
         raise
 
 
@@ -378,8 +381,8 @@ def import_tar(
                     assert src is not None
                     with src:
                         if rel == MANIFEST:
-                            manifest_data = src.read(_MAX_SMALL_JSON + 1)
-                            if len(manifest_data) > _MAX_SMALL_JSON:
+                            manifest_data = src.read(MAX_SMALL_JSON + 1)
+                            if len(manifest_data) > MAX_SMALL_JSON:
                                 raise InvalidArgument(f"{tar_path}: {MANIFEST} is too large")
                             continue
                         if rel == MANIFEST_SIG:
@@ -403,11 +406,11 @@ def import_tar(
                         budget.take(m.size, rel)
                         try:
                             with open_new(target) as dst:
-                                seen[rel] = _copy(src, dst)
+                                seen[rel] = copy(src, dst)
                         except OSError as e:
                             if e.errno in DISK_FULL:
                                 writer.abort()
-                            raise _storage_error(e, f"importing {rel}", store.url) from e
+                            raise storage_error(e, f"importing {rel}", store.url) from e
                 else:
                     raise InvalidArgument(
                         f"{tar_path}: member {m.name!r} is not a file or directory"
@@ -423,7 +426,7 @@ def import_tar(
             if imported.encryption is not None:
                 # Stored as it came, manifest and MAC included: re-sealing is
                 # impossible without the key, and needless with it.
-                if not isinstance(writer, _StagingWriter):
+                if not isinstance(writer, StagingWriter):
                     raise FailedPrecondition(
                         f"{tar_path} holds an encrypted checkpoint: {store.url} cannot store it"
                     )

@@ -19,7 +19,7 @@ from runtime.errors import DataLoss
 from runtime.names import METADATA_FILE
 
 if TYPE_CHECKING:
-    from runtime.store.local import CheckpointReader
+    from runtime.store.api import CheckpointReader
 
 MAX_BYTES = 1 << 20
 MAX_EXECS = 4096

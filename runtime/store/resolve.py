@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from runtime.store.crypt import Key
     from runtime.store.signing import Signing
 
-from runtime.store.local import NAME_PATTERN, NAME_RE, LocalStore, Store, _Anchor
+from runtime.store.api import Store
+from runtime.store.local import Anchor, LocalStore
+from runtime.store.model import NAME_PATTERN, NAME_RE
 
 # --------------------------------------------------------------------------- resolving
 
@@ -100,7 +102,8 @@ def resolve(ref: str, config: Config) -> tuple[Store, str]:
     InvalidArgument.
     """
     if ref.startswith("s3://"):
-        from runtime.store.s3 import S3Store, split_ref  # boto3 only for S3 stores
+        from runtime.store.s3 import S3Store  # boto3 only for S3 stores
+        from runtime.store.s3layout import split_ref
 
         url, name = split_ref(ref)
         store = S3Store(
@@ -180,7 +183,7 @@ def resolve_source(ref: str, config: Config) -> tuple[Store, str]:
         create=False,
         key=_key(config),
         signing=signing_for(config),
-        anchor=_Anchor(real, allowed),
+        anchor=Anchor(real, allowed),
     )
     return store, name
 

@@ -1,28 +1,24 @@
 """Checkpoints in an S3-compatible object store (``s3://bucket/prefix``): a transport
-for the local checkpoint format (``runtime.store.local``), not a second one.
+for the local checkpoint format (``runtime.store.files``), not a second one.
 
 Checkpoint ``N`` is ``prefix/N/``: one object per file under a fresh
 ``data-<random>/`` (``.zst`` when compressed), ``manifest.sig`` with signing, and
-``manifest.json``, the local manifest plus each file's stored ``key``,
-``stored_size`` and ``compression`` (and ``stasis.json`` copied in), written LAST.
+``manifest.json`` (``runtime.store.s3layout``), written LAST.
 
 * A checkpoint without a manifest does not exist: it is not listed, cannot be
   opened, and ``gc`` deletes its objects after the grace period. A failed upload
   aborts its multipart uploads and deletes its objects; a retry or a second
   writer never overwrites objects a manifest names.
-* Writers spool locally (``<spool_dir>/<name>-<random>/``, flocked while in
-  use); ``commit`` records ``.stasis-pending.json`` first and keeps the spool if
-  the upload fails, for ``push``. ``runtime.store.upload`` runs it in a child of
-  the shim.
+* Writers write a local spool (``runtime.store.spool``); ``commit`` records
+  ``.stasis-pending.json`` first and keeps the spool if the upload fails, for
+  ``push``. ``runtime.store.upload`` runs it in a child of the shim.
 * Readers download on demand into ``<cache_dir>/<name>-<random>/`` and hand out
   a path only for a file verified against the manifest; the local reader then
   decrypts (``runtime.store.crypt``) and serves it.
-* Transfers go through s3transfer, fed by file objects: hash -> zstd -> encrypt
-  on the way up (the manifest hashes the plaintext, or the ciphertext when
-  encrypted), decompress -> hash on the way down. Part uploads, PUTs and GETs get
-  ``part_attempts`` on top of botocore's retries.
-* botocore errors become one-line StasisErrors naming the operation, bucket, key
-  and endpoint, never the secret.
+* Transfers go through s3transfer, fed by file objects (``runtime.store.streams``):
+  the manifest hashes the plaintext, or the ciphertext when encrypted. Part
+  uploads, PUTs and GETs get ``part_attempts`` on top of botocore's retries;
+  botocore's errors become one-line StasisErrors (``runtime.store.s3client``).
 
 boto3, s3transfer and zstandard are imported on first use: writing a spool and
 ``gc_spools`` need none of them.
@@ -32,24 +28,18 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import queue
 import random
-import re
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from runtime.capture.digest import KnownDigest
 from runtime.config import S3Config
@@ -59,438 +49,81 @@ from runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     ResourceExhausted,
     StasisError,
     Unavailable,
 )
 from runtime.names import METADATA_FILE, SPOOL_DIR, SPOOL_PENDING
-from runtime.store.local import (
-    DISK_FULL,
-    MANIFEST,
-    MANIFEST_SIG,
-    NAME_PATTERN,
-    NAME_RE,
-    SIG_MAX,
-    CheckpointInfo,
+from runtime.store.files import (
+    DEFAULT_CACHE_DIR,
     DirReader,
-    Encryption,
-    FileEntry,
     LocalFiles,
-    Manifest,
     NotRegular,
-    check_name,
-    check_rel,
     digest_file,
-    is_locked,
+    local_error,
     new_token,
-    newest_mtime,
     open_new,
     problems_message,
     read_small,
     rmtree,
-    safe_rel,
     scan_tree,
 )
+from runtime.store.model import (
+    MANIFEST,
+    MANIFEST_SIG,
+    NAME_RE,
+    SIG_MAX,
+    CheckpointInfo,
+    Encryption,
+    FileEntry,
+    Manifest,
+    check_name,
+    check_rel,
+)
+from runtime.store.s3client import (
+    MISSING_KEY_CODES,
+    Client,
+    Watch,
+    clean,
+    is_transient,
+    is_unreachable,
+    stasis_error,
+)
+from runtime.store.s3layout import (
+    Remote,
+    StoredFile,
+    check_compression,
+    manifest_bytes,
+    parse_manifest,
+    parse_url,
+)
+from runtime.store.spool import (
+    MAX_STASIS_JSON,
+    SPOOL_OWN,
+    collect_spools,
+    new_spool,
+    read_stasis_json,
+    spool_lock,
+)
+from runtime.store.streams import Bad, Decoded, Digest, Encoded, MiB, Stage, Zstd
 
 if TYPE_CHECKING:
     from runtime.store.crypt import Key, Sealer
     from runtime.store.signing import Signing
 
+
 log = logging.getLogger("stasis.s3")
 
 T = TypeVar("T")
 
-MiB = 1 << 20
-COMPRESSIONS = ("zstd", "none")
-DEFAULT_CACHE_DIR = "/var/lib/stasis/cache"
 PART_SIZE = 8 * MiB  # multipart part (and ranged GET) size; S3 wants >= 5 MiB
-PID_FILE = ".stasis-upload.pid"  # in a spool: the PID of the upload worker (runtime.store.upload)
 DATA_PREFIX = "data-"
 
-_SPOOL_OWN = frozenset({SPOOL_PENDING, PID_FILE})  # the spool's bookkeeping, never uploaded
-_SPOOL_NAME = re.compile(rf"(?:{NAME_PATTERN})-[0-9a-f]{{12}}")
-_NEW_SPOOL = re.compile(rf"\.(?:{NAME_PATTERN})-[0-9a-f]{{12}}\.new")
-
 _EXT = {"zstd": ".zst", "none": ""}
-_READ = 4 * MiB  # input read per compressor call
 _IO_CHUNK = 256 << 10  # download writes into the decoder
 _MAX_PARTS = 9_000  # S3 allows 10,000; compressed output may exceed the input a little
 _MAX_MANIFEST = 64 * MiB
-_MAX_STASIS_JSON = 1 * MiB
 _DELETE_BATCH = 1000  # DeleteObjects limit
-
-_AUTH_CODES = frozenset(
-    {"AccessDenied", "AccountProblem", "AllAccessDisabled", "ExpiredToken", "Forbidden"}
-    | {"InvalidAccessKeyId", "InvalidClientTokenId", "InvalidSecurity", "InvalidToken"}
-    | {"SignatureDoesNotMatch", "TokenRefreshRequired", "UnrecognizedClientException"}
-)
-_THROTTLE_CODES = frozenset(
-    {"RequestLimitExceeded", "RequestThrottled", "ServiceUnavailable", "SlowDown"}
-    | {"Throttling", "ThrottlingException", "TooManyRequests"}
-)
-_TRANSIENT_CODES = _THROTTLE_CODES | {"InternalError", "RequestTimeout", "RequestTimeTooSkewed"}
-_REGION_CODES = frozenset(
-    {"AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "PermanentRedirect"}
-)
-_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-
-
-# --------------------------------------------------------------------------- urls
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/a/b/`` -> ("bucket", "a/b"); InvalidArgument if it is not one."""
-    if not url.startswith("s3://"):
-        raise InvalidArgument(f"{url!r} is not an s3:// URL")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not bucket or any(c in bucket for c in "?#@:\\ ") or bucket in (".", ".."):
-        raise InvalidArgument(f"{url!r} names no valid bucket (s3://bucket/prefix)")
-    prefix = prefix.strip("/")
-    if prefix and safe_rel(prefix) != prefix:
-        raise InvalidArgument(f"{url!r}: the prefix may not contain '//', '.' or '..'")
-    return bucket, prefix
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    """``s3://bucket/prefix/name`` -> ("s3://bucket/prefix", "name")."""
-    bucket, path = parse_url(ref)
-    store_prefix, _, name = path.rpartition("/")
-    if not name:
-        raise InvalidArgument(f"{ref!r} names no checkpoint (s3://bucket/prefix/name)")
-    check_name(name)
-    return f"s3://{bucket}/{store_prefix}" if store_prefix else f"s3://{bucket}", name
-
-
-# --------------------------------------------------------------------------- manifest
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    """Where and how one checkpoint file is stored: ``key`` is relative to ``prefix/N/``."""
-
-    key: str
-    stored_size: int
-    compression: str
-
-
-@dataclass(frozen=True)
-class _Remote:
-    """A parsed S3 manifest: the plain manifest plus storage details."""
-
-    manifest: Manifest
-    stored: dict[str, StoredFile]
-    stasis_json: dict[str, Any] | None
-    raw: bytes
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        """Commit metadata updated with ``stasis.json`` (as CheckpointInfo has it)."""
-        metadata = dict(self.manifest.metadata)
-        if self.stasis_json is not None:
-            metadata.update(self.stasis_json)
-        return metadata
-
-
-def _manifest_bytes(
-    manifest: Manifest, stored: dict[str, StoredFile], stasis_json: dict[str, Any] | None
-) -> bytes:
-    doc = json.loads(manifest.to_json())
-    for rel, s in stored.items():
-        doc["files"][rel].update(key=s.key, stored_size=s.stored_size, compression=s.compression)
-    if stasis_json is not None:
-        doc["stasis_json"] = stasis_json
-    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _parse_manifest(data: bytes, where: str) -> _Remote:
-    """Parse an S3 manifest; anything malformed is DataLoss naming ``where``."""
-    manifest = Manifest.parse(data, where)
-    doc = json.loads(data)  # valid: Manifest.parse checked it
-    stored: dict[str, StoredFile] = {}
-    for rel in manifest.files:
-        entry = doc["files"][rel]
-        key, size, comp = (entry.get(k) for k in ("key", "stored_size", "compression"))
-        if not isinstance(key, str) or safe_rel(key) != key or key == MANIFEST:
-            raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored key")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise DataLoss(f"{where}: {MANIFEST}: {rel}: bad stored_size")
-        if comp not in COMPRESSIONS:
-            raise DataLoss(f"{where}: {MANIFEST}: {rel}: unknown compression {comp!r}")
-        stored[rel] = StoredFile(key, size, comp)
-    extra = doc.get("stasis_json")
-    if extra is not None and not isinstance(extra, dict):
-        raise DataLoss(f"{where}: {MANIFEST}: 'stasis_json' is not an object")
-    return _Remote(manifest, stored, extra, data)
-
-
-# --------------------------------------------------------------------------- streams
-
-
-class _Stage(Protocol):
-    """One step of a stream: ``update`` per chunk, then ``finish`` once."""
-
-    def update(self, data: bytes) -> bytes: ...
-
-    def finish(self) -> bytes: ...
-
-
-class _Digest:
-    """A stage that passes data through and records its sha256 and size."""
-
-    def __init__(self) -> None:
-        self._sha256 = hashlib.sha256()
-        self.size = 0
-
-    def update(self, data: bytes) -> bytes:
-        self._sha256.update(data)
-        self.size += len(data)
-        return data
-
-    def finish(self) -> bytes:
-        return b""
-
-    @property
-    def entry(self) -> FileEntry:
-        """The manifest entry of what passed."""
-        return FileEntry(self._sha256.hexdigest(), self.size)
-
-
-class _Zstd:
-    """A stage that compresses with zstd (worker threads only for big inputs)."""
-
-    def __init__(self, size: int, level: int, threads: int) -> None:
-        import zstandard
-
-        cctx = zstandard.ZstdCompressor(level=level, threads=threads if size > _READ else 0)
-        self._c = cctx.compressobj(size=size)
-
-    def update(self, data: bytes) -> bytes:
-        return bytes(self._c.compress(data))
-
-    def finish(self) -> bytes:
-        return bytes(self._c.flush())
-
-
-class _Encoded:
-    """A spooled file read through ``stages``, as s3transfer uploads it.
-
-    The file is opened, and the stages made, on the first read (every file of
-    a commit is queued at once). ``read(n)`` returns ``n`` bytes until the end:
-    multipart parts must be whole. ``stored`` counts the bytes read out; after
-    ``stop`` it reads as ended, so a cancelled upload stops reading.
-    """
-
-    def __init__(
-        self, path: str, rel: str, where: str, stages: Callable[[], builtins.list[_Stage]]
-    ) -> None:
-        self._path = path
-        self._rel = rel
-        self._where = where
-        self._make_stages = stages
-        self._stages: builtins.list[_Stage] = []
-        self._src: IO[bytes] | None = None
-        self._buf = bytearray()
-        self._ended = False
-        self.stored = 0
-
-    def _open(self) -> IO[bytes]:
-        try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise _local_error(e, f"reading {self._rel}", self._path) from e
-        f = open(fd, "rb")  # noqa: SIM115 - closed at the end of the stream
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
-            raise InvalidArgument(f"{self._where}: {self._rel} is not a regular file")
-        return f
-
-    def _fill(self) -> None:
-        if self._src is None:
-            self._src = self._open()
-            self._stages = self._make_stages()
-        try:
-            chunk = self._src.read(_READ)
-        except OSError as e:
-            raise _local_error(e, f"reading {self._rel}", self._path) from e
-        if chunk:
-            for stage in self._stages:
-                chunk = stage.update(chunk)
-        else:
-            self._ended = True
-            for stage in self._stages:
-                chunk = stage.update(chunk) + stage.finish()
-        self._buf += chunk
-
-    def read(self, n: int = -1) -> bytes:
-        """The next ``n`` bytes of the stream (all the rest for ``n`` < 0)."""
-        while not self._ended and (n < 0 or len(self._buf) < n):
-            self._fill()
-        if self._ended and self._src is not None:
-            self._src.close()
-            self._src = None
-        n = len(self._buf) if n < 0 else min(n, len(self._buf))
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        self.stored += n
-        return out
-
-    def stop(self) -> None:
-        """End the stream at the next read (from any thread)."""
-        self._ended = True
-
-
-class _Bad(Exception):
-    """A stored file does not match its manifest entry (``reason`` says how)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _Sink:
-    """Plaintext of one file, written beside ``target``: hashed, never past the
-    manifest's size; ``finish`` moves it into place only if it matches the
-    manifest (_Bad otherwise), ``discard`` removes what is left."""
-
-    def __init__(self, target: str, entry: FileEntry) -> None:
-        self._target = target
-        self._entry = entry
-        self._f: IO[bytes] | None = None
-        self._tmp: str | None = None
-        self._digest = _Digest()
-
-    def _file(self) -> IO[bytes]:
-        import tempfile
-
-        if self._f is None:
-            directory = os.path.dirname(self._target)
-            os.makedirs(directory, 0o700, exist_ok=True)
-            prefix = f".{os.path.basename(self._target)}."
-            fd, self._tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
-            self._f = open(fd, "wb")  # noqa: SIM115 - closed by finish or discard
-        return self._f
-
-    def write(self, data: bytes) -> int:
-        """Take the next plaintext bytes."""
-        if self._digest.size + len(data) > self._entry.size:
-            raise _Bad(f"decompresses to more than the {self._entry.size} bytes the manifest says")
-        return self._file().write(self._digest.update(data))
-
-    def finish(self) -> None:
-        """Check the file against the manifest and move it into place."""
-        self._file().close()
-        got = self._digest.entry
-        if got.size != self._entry.size:
-            raise _Bad(f"size {got.size}, manifest says {self._entry.size}")
-        if got.sha256 != self._entry.sha256:
-            raise _Bad("sha256 mismatch")
-        assert self._tmp is not None
-        os.replace(self._tmp, self._target)
-        self._tmp = None
-
-    def discard(self) -> None:
-        """Remove the partial file, if any (never raises)."""
-        if self._f is not None:
-            with contextlib.suppress(OSError):
-                self._f.close()
-        if self._tmp is not None:
-            rmtree(self._tmp)
-            self._tmp = None
-
-
-class _Decoded:
-    """Where s3transfer writes one stored object, in order: counted against the
-    stored size and decompressed into a _Sink. Local failures are StasisErrors,
-    mismatches _Bad."""
-
-    def __init__(
-        self, rel: str, target: str, entry: FileEntry, stored: StoredFile, cache: str
-    ) -> None:
-        self.sink = _Sink(target, entry)
-        self._rel = rel
-        self._stored = stored
-        self._cache = cache
-        self._received = 0
-        self._zstd: Any = None  # made on the first write: thousands are queued at once
-
-    def write(self, data: bytes) -> int:
-        """Take the next bytes of the stored object."""
-        self._received += len(data)
-        size = self._stored.stored_size
-        if self._received > size:
-            raise _Bad(f"stored object is larger than the manifest's {size} bytes")
-        try:
-            if self._stored.compression != "zstd":
-                self.sink.write(data)
-                return len(data)
-            if self._zstd is None:
-                import zstandard
-
-                sink = cast(IO[bytes], self.sink)
-                self._zstd = zstandard.ZstdDecompressor().stream_writer(
-                    sink, write_size=MiB, closefd=False
-                )
-            self._zstd.write(data)
-        except _Bad:
-            raise
-        except OSError as e:
-            raise _local_error(e, f"downloading {self._rel}", self._cache) from e
-        except Exception as e:  # zstandard.ZstdError
-            raise _Bad(f"cannot be decompressed (zstd): {e}") from e
-        return len(data)
-
-    def finish(self) -> None:
-        """Check the whole object against the manifest and move it into place."""
-        size = self._stored.stored_size
-        if self._received != size:
-            raise _Bad(f"stored object is {self._received} bytes, the manifest says {size}")
-        try:
-            if self._zstd is not None:
-                self._zstd.close()
-            self.sink.finish()
-        except OSError as e:
-            raise _local_error(e, f"downloading {self._rel}", self._cache) from e
-
-
-def _check_compression(compression: str) -> str:
-    if compression not in COMPRESSIONS:
-        raise InvalidArgument(
-            f"unknown compression {compression!r}: one of {', '.join(COMPRESSIONS)}"
-        )
-    return compression
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _is_transient(e: BaseException) -> bool:
-    """Whether trying the same request again may help (network, 5xx, throttling)."""
-    from botocore import exceptions as bx
-
-    if isinstance(e, bx.ClientError):
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return code in _TRANSIENT_CODES or status >= 500 or status == 429
-    if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError | bx.ConnectTimeoutError):
-        return False  # a black-holed endpoint: botocore's attempts took long enough
-    return isinstance(
-        e,
-        bx.ConnectionError
-        | bx.HTTPClientError
-        | bx.ReadTimeoutError
-        | bx.ResponseStreamingError
-        | bx.IncompleteReadError
-        | ConnectionError
-        | TimeoutError,
-    )
-
-
-def _is_unreachable(e: BaseException) -> bool:
-    from botocore import exceptions as bx
-
-    cause = e.__cause__ if isinstance(e, StasisError) else e
-    return isinstance(cause, bx.ConnectionError)
 
 
 # --------------------------------------------------------------------------- store
@@ -547,7 +180,7 @@ class S3Store:
             raise InvalidArgument(f"S3 part size must be at least 5 MiB, not {part_size}")
         if concurrency < 1:
             raise InvalidArgument(f"S3 concurrency must be at least 1, not {concurrency}")
-        self.compression = _check_compression(compression)
+        self.compression = check_compression(compression)
         self.spool_dir = os.path.abspath(spool_dir)
         self.cache_dir = os.path.abspath(cache_dir)
         self.zstd_level = zstd_level
@@ -628,59 +261,15 @@ class S3Store:
 
     def _clean(self, what: object) -> str:
         """One line of server or SDK text, never the secret."""
-        text = " ".join(str(what).split())
-        secret = self._cfg.secret_access_key
-        if secret and len(secret) >= 8:  # a shorter one would mangle words, and is no secret
-            text = text.replace(secret, "***")
-        return text if len(text) <= 300 else text[:297] + "..."
+        return clean(what, self._cfg.secret_access_key)
 
     def error(self, e: BaseException, op: str, key: str | None = None) -> StasisError:
         """``e`` (from boto3/botocore) as one-line StasisError naming op, bucket, key, endpoint."""
         if isinstance(e, StasisError):
             return e
-        from botocore import exceptions as bx
-
         target = f"s3://{self.bucket}/{key}" if key else f"bucket {self.bucket}"
         head = f"S3 {op} {target} at {self.endpoint}"
-        if isinstance(e, bx.ClientError):
-            err = e.response.get("Error", {})
-            code = str(err.get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            message = err.get("Message")
-            detail = self._clean(f"{code}: {message}" if message else code or f"HTTP {status}")
-            if code == "NoSuchBucket":
-                return NotFound(f"{head}: bucket {self.bucket} does not exist ({detail})")
-            if code in _REGION_CODES or status == 301:
-                return Unavailable(
-                    f"{head}: the bucket is in another region or behind another endpoint; "
-                    f"set storage.s3.region/endpoint ({detail})"
-                )
-            if code in _AUTH_CODES or status == 403:
-                return PermissionDenied(
-                    f"{head}: access refused, check the credentials and the bucket's "
-                    f"permissions ({detail})"
-                )
-            if code in _MISSING_KEY_CODES or status == 404:
-                return NotFound(f"{head}: no such object ({detail})")
-            if code in _THROTTLE_CODES or status in (429, 503):
-                return Unavailable(f"{head}: throttled, still after retries ({detail})")
-            if code == "InvalidBucketName":
-                return InvalidArgument(f"{head}: invalid bucket name ({detail})")
-            return Unavailable(f"{head}: {detail} (HTTP {status})")
-        if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
-            return PermissionDenied(
-                f"{head}: no usable S3 credentials: set storage.s3.access_key_id and "
-                "secret_access_key (or STASIS_S3_*), or the AWS variables or files"
-            )
-        if isinstance(e, bx.CredentialRetrievalError):
-            return PermissionDenied(f"{head}: cannot load S3 credentials ({self._clean(e)})")
-        if isinstance(e, bx.ConnectTimeoutError):
-            return Unavailable(f"{head}: cannot reach the endpoint (connect timed out)")
-        if isinstance(e, bx.ConnectionError):
-            return Unavailable(f"{head}: cannot reach the endpoint ({type(e).__name__})")
-        if isinstance(e, bx.ReadTimeoutError):
-            return Unavailable(f"{head}: the endpoint stopped answering (read timed out)")
-        return Unavailable(f"{head}: {type(e).__name__}: {self._clean(e)}")
+        return stasis_error(e, head, self.bucket, self._cfg.secret_access_key)
 
     def _call(self, op: str, key: str | None, fn: Callable[..., T], **kwargs: Any) -> T:
         """``fn(**kwargs)``, its failure mapped (botocore retries the request itself)."""
@@ -700,10 +289,10 @@ class S3Store:
                 if attempt > 1 and hasattr(kwargs.get("Body"), "seek"):
                     kwargs["Body"].seek(0)
                 return fn(**kwargs)
-            except (StasisError, _Bad):
+            except (StasisError, Bad):
                 raise
             except Exception as e:
-                if attempt >= self._part_attempts or not _is_transient(e):
+                if attempt >= self._part_attempts or not is_transient(e):
                     raise self.error(e, op, key) from e
                 delay = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
                 log.warning(
@@ -755,12 +344,12 @@ class S3Store:
         # unreachable endpoint should fail fast.
         return self._call("get", key, get)
 
-    def _load(self, name: str) -> _Remote:
+    def _load(self, name: str) -> Remote:
         """The parsed manifest of ``name``: NotFound, or DataLoss if malformed."""
         data = self._get_manifest(check_name(name))
         if data is None:
             raise NotFound(f"{self._where(name)} does not exist")
-        return _parse_manifest(data, self._where(name))
+        return parse_manifest(data, self._where(name))
 
     def _pages(self, op: str, what: str | None, method: str, **kwargs: Any) -> Iterator[Any]:
         """The pages of a paginated listing (``method`` of the client), failures mapped."""
@@ -850,14 +439,14 @@ class S3Store:
             os.makedirs(self.cache_dir, 0o700, exist_ok=True)
             cache = tempfile.mkdtemp(prefix=f"{name}-", dir=self.cache_dir)
         except OSError as e:
-            raise _local_error(e, f"preparing a local copy of {name}", self.cache_dir) from e
+            raise local_error(e, f"preparing a local copy of {name}", self.cache_dir) from e
         try:
             with open_new(os.path.join(cache, MANIFEST)) as f:
                 f.write(remote.raw)
             return S3Reader(self, name, remote, cache, sealer)
         except OSError as e:
             rmtree(cache)
-            raise _local_error(e, f"preparing a local copy of {name}", cache) from e
+            raise local_error(e, f"preparing a local copy of {name}", cache) from e
         except BaseException:
             rmtree(cache)
             raise
@@ -1021,7 +610,7 @@ class S3Store:
                     f"spool {spool} was never committed (no {SPOOL_PENDING}): "
                     "it is not a checkpoint"
                 )
-            pending = json.loads(read_small(os.path.join(spool, SPOOL_PENDING), _MAX_STASIS_JSON))
+            pending = json.loads(read_small(os.path.join(spool, SPOOL_PENDING), MAX_STASIS_JSON))
             tree = scan_tree(spool)
         except (OSError, ValueError, NotRegular) as e:
             raise InvalidArgument(f"spool {spool} cannot be read: {e}") from e
@@ -1030,7 +619,7 @@ class S3Store:
         name = name or pending.get("name") or os.path.basename(spool).rpartition("-")[0]
         check_name(str(name))
         metadata = pending.get("metadata", {})
-        compression = _check_compression(str(pending.get("compression", self.compression)))
+        compression = check_compression(str(pending.get("compression", self.compression)))
         key_id = pending.get("key_id")
         if key_id is not None and (self.key is None or self.key.id != key_id):
             configured = "no key" if self.key is None else f"key id {self.key.id}"
@@ -1041,7 +630,7 @@ class S3Store:
             )
         if tree.others:
             raise InvalidArgument(f"spool {spool}: {tree.others[0]} is not a regular file")
-        files = {rel: size for rel, size in tree.files.items() if rel not in _SPOOL_OWN}
+        files = {rel: size for rel, size in tree.files.items() if rel not in SPOOL_OWN}
         if MANIFEST in files or not isinstance(metadata, dict):
             raise InvalidArgument(f"spool {spool} was not written by a checkpoint writer")
         info = self._upload_kept(spool, str(name), metadata, compression, files)
@@ -1087,9 +676,9 @@ class S3Store:
             encryption, sealer = Encryption.new(self.key)
         kept = "none" if sealer is not None else compression
         stored_keys = {rel: f"{data_dir}/{rel}{_EXT[kept]}" for rel in sorted(files)}
-        digests = {rel: _Digest() for rel in stored_keys}
+        digests = {rel: Digest() for rel in stored_keys}
         streams = {
-            rel: _Encoded(
+            rel: Encoded(
                 os.path.join(spool, rel),
                 rel,
                 where,
@@ -1097,7 +686,7 @@ class S3Store:
             )
             for rel in stored_keys
         }
-        client = _Client(self)
+        client = Client(self.client(), self._call, self._retry)
         key = self._manifest_key(name)
         manifest_sent = False
         try:
@@ -1114,11 +703,11 @@ class S3Store:
             }
             stasis_json = None
             if METADATA_FILE in files and sealer is None:  # encrypted: stays in its file
-                stasis_json = _read_stasis_json(spool)
+                stasis_json = read_stasis_json(spool)
             manifest = Manifest(name, datetime.now(UTC), entries, metadata)
             if encryption is not None and sealer is not None:
                 manifest = manifest.sealed(encryption, sealer)
-            data = _manifest_bytes(manifest, stored, stasis_json)
+            data = manifest_bytes(manifest, stored, stasis_json)
             # Whoever published this name while we uploaded wins (no atomic rename in S3).
             if self._get_manifest(name) is not None:
                 raise AlreadyExists(f"{where} was written by someone else meanwhile")
@@ -1142,7 +731,7 @@ class S3Store:
                 except Exception as e2:
                     log.warning("%s; keeping the data its manifest may point at", e2)
                     keys = []  # the data may belong to a listed checkpoint
-            if keys and (client.unreachable or _is_unreachable(e)):
+            if keys and (client.unreachable or is_unreachable(e)):
                 log.warning("%s: endpoint unreachable, leaving partial uploads to gc", where)
             elif keys:
                 try:
@@ -1168,13 +757,13 @@ class S3Store:
         return CheckpointInfo(name, f"{self.url}/{name}", manifest.created, total, info_metadata)
 
     def _stages(
-        self, rel: str, size: int, compression: str, sealer: Sealer | None, digest: _Digest
-    ) -> builtins.list[_Stage]:
+        self, rel: str, size: int, compression: str, sealer: Sealer | None, digest: Digest
+    ) -> builtins.list[Stage]:
         """hash -> zstd, or with a key zstd -> encrypt -> hash (the manifest hashes what is
         stored then)."""
-        squeeze: builtins.list[_Stage] = []
+        squeeze: builtins.list[Stage] = []
         if compression == "zstd":
-            squeeze.append(_Zstd(size, self.zstd_level, self.zstd_threads))
+            squeeze.append(Zstd(size, self.zstd_level, self.zstd_threads))
         if sealer is None:
             return [digest, *squeeze]
         from runtime.store import crypt
@@ -1182,7 +771,7 @@ class S3Store:
         flags = crypt.FLAGS_ZSTD if compression == "zstd" else crypt.FLAGS_NONE
         return [*squeeze, crypt.Encryptor(sealer, rel, flags), digest]
 
-    def _transfers(self, client: _Client, readers: int) -> Any:
+    def _transfers(self, client: Client, readers: int) -> Any:
         """An s3transfer TransferManager with the store's part size and concurrency;
         ``readers`` streams are read (uploads) or started (downloads) at once."""
         from s3transfer.manager import TransferConfig, TransferManager
@@ -1201,7 +790,7 @@ class S3Store:
         )
         return TransferManager(client, config)
 
-    def _send(self, client: _Client, uploads: dict[str, tuple[_Encoded, int]]) -> None:
+    def _send(self, client: Client, uploads: dict[str, tuple[Encoded, int]]) -> None:
         """Upload each stream to its key (key -> stream, file size), one file read at a
         time; the first failure cancels the rest (s3transfer aborts their multipart
         uploads)."""
@@ -1212,7 +801,7 @@ class S3Store:
             try:
                 for key, (stream, size) in uploads.items():
                     bound = size + size // 64 + MiB if size >= huge else None
-                    watch = _Watch(done, bound)
+                    watch = Watch(done, bound)
                     futures.append(mgr.upload(stream, self.bucket, key, subscribers=[watch]))
                 for _ in futures:
                     future = done.get()
@@ -1226,18 +815,18 @@ class S3Store:
 
     def _result(self, future: Any, op: str) -> None:
         """The outcome of an s3transfer transfer, its failure mapped (a stored object
-        missing for a "get": _Bad)."""
+        missing for a "get": Bad)."""
         from botocore.exceptions import ClientError
         from s3transfer.exceptions import RetriesExceededError
 
         key = str(future.meta.call_args.key)
         try:
             future.result()
-        except (StasisError, _Bad):
+        except (StasisError, Bad):
             raise
         except ClientError as e:
-            if op == "get" and str(e.response.get("Error", {}).get("Code")) in _MISSING_KEY_CODES:
-                raise _Bad(f"stored object s3://{self.bucket}/{key} is missing") from e
+            if op == "get" and str(e.response.get("Error", {}).get("Code")) in MISSING_KEY_CODES:
+                raise Bad(f"stored object s3://{self.bucket}/{key} is missing") from e
             raise self.error(e, op, key) from e
         except RetriesExceededError as e:
             raise self.error(e.last_exception, op, key) from e
@@ -1245,25 +834,27 @@ class S3Store:
             raise self.error(e, op, key) from e
 
     def _receive(
-        self, name: str, remote: _Remote, rels: builtins.list[str], cache: str
+        self, name: str, remote: Remote, rels: builtins.list[str], cache: str
     ) -> dict[str, str]:
         """Download ``rels`` of ``name`` into ``cache`` (big objects with parallel ranged
         GETs); a file lands only verified. Returns a problem per file that differs."""
         files, stored = remote.manifest.files, remote.stored
         decoded = {
-            rel: _Decoded(rel, os.path.join(cache, rel), files[rel], stored[rel], cache)
+            rel: Decoded(rel, os.path.join(cache, rel), files[rel], stored[rel], cache)
             for rel in rels
         }
         problems: dict[str, str] = {}
         done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         try:
-            with self._transfers(_Client(self), readers=self.concurrency) as mgr:
+            with self._transfers(
+                Client(self.client(), self._call, self._retry), readers=self.concurrency
+            ) as mgr:
                 futures = {
                     mgr.download(
                         self.bucket,
                         self._dir_key(name) + stored[rel].key,
                         d,
-                        subscribers=[_Watch(done)],
+                        subscribers=[Watch(done)],
                     ): rel
                     for rel, d in decoded.items()
                 }
@@ -1273,21 +864,12 @@ class S3Store:
                     try:
                         self._result(future, "get")
                         decoded[rel].finish()
-                    except _Bad as e:
+                    except Bad as e:
                         problems[rel] = f"{rel}: {e.reason}"
         finally:
             for d in decoded.values():
                 d.sink.discard()
         return problems
-
-
-def _read_stasis_json(spool: str) -> dict[str, Any] | None:
-    """The spool's ``stasis.json`` if it is a small JSON object (else None, as the local store)."""
-    try:
-        doc = json.loads(read_small(os.path.join(spool, METADATA_FILE), _MAX_STASIS_JSON))
-    except (OSError, ValueError, NotRegular):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def _show_endpoint(endpoint: str | None) -> str:
@@ -1298,194 +880,6 @@ def _show_endpoint(endpoint: str | None) -> str:
     host, slash, path = rest.partition("/")
     host = host.rpartition("@")[2]
     return f"{scheme}{sep}{host}{slash}{path}".rstrip("/")
-
-
-def _local_error(e: OSError, doing: str, path: str) -> StasisError:
-    detail = e.strerror or str(e)
-    if e.errno in DISK_FULL:
-        return ResourceExhausted(f"local disk is full: {doing} in {path}: {detail}")
-    return Unavailable(f"{doing} in {path}: {detail}")
-
-
-# --------------------------------------------------------------------------- spools
-
-
-def new_spool(spool_dir: str, name: str) -> tuple[str, int]:
-    """Create ``<spool_dir>/<name>-<random>/`` (0700) and lock it; returns its path and
-    the lock's descriptor (closing it releases the lock).
-
-    The directory is made and locked under a hidden name, then renamed into
-    place: ``collect_spools`` never finds it unlocked while its writer lives.
-    """
-    check_name(name)
-    token = new_token()
-    spool = os.path.join(spool_dir, f"{name}-{token}")
-    new = os.path.join(spool_dir, f".{name}-{token}.new")
-    doing = f"creating the spool for checkpoint {name}"
-    try:
-        os.makedirs(spool_dir, 0o700, exist_ok=True)
-        os.mkdir(new, 0o700)
-    except OSError as e:
-        raise _local_error(e, doing, spool_dir) from e
-    try:
-        os.chmod(new, 0o700)
-        lock = os.open(new, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        rmtree(new)
-        raise _local_error(e, doing, spool_dir) from e
-    # Where flock is not supported the grace period alone protects the spool.
-    with contextlib.suppress(OSError):
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    try:
-        os.rename(new, spool)
-    except OSError as e:
-        os.close(lock)
-        rmtree(new)
-        raise _local_error(e, doing, spool_dir) from e
-    return spool, lock
-
-
-def spool_worker(spool: str) -> int | None:
-    """The PID recorded in the spool's ``.stasis-upload.pid`` (the upload worker that
-    has or had it), or None."""
-    try:
-        return int(read_small(os.path.join(spool, PID_FILE), 64))
-    except (OSError, ValueError, NotRegular):
-        return None
-
-
-@contextlib.contextmanager
-def spool_lock(spool: str) -> Iterator[None]:
-    """Hold the spool's lock for the block: FailedPrecondition if another process
-    (a writer, an upload) holds it, NotFound if there is no such directory."""
-    try:
-        fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(f"spool {spool} does not exist") from None
-    except OSError as e:
-        raise InvalidArgument(f"spool {spool} cannot be read: {e.strerror or e}") from e
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = spool_worker(spool)
-            holder = f" (its upload worker is pid {pid})" if pid else ""
-            raise FailedPrecondition(
-                f"spool {spool} is in use by another process{holder}: "
-                "a checkpoint is still writing or uploading it"
-            ) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise InvalidArgument(f"spool {spool} cannot be locked: {e.strerror}") from e
-        yield
-    finally:
-        os.close(fd)  # drops the lock
-
-
-def collect_spools(spool_dir: str, url: str, grace_seconds: float) -> builtins.list[str]:
-    """Remove spools untouched for ``grace_seconds`` that no live process holds: the
-    ones never committed (their writer died during the dump) and the ones a failed
-    upload kept for store ``url`` (or whose store is not recorded). Returns their paths.
-
-    A kept spool of another store stays: ``gc`` of that store collects it.
-    """
-    if grace_seconds < 0:
-        raise InvalidArgument(f"gc grace period must be >= 0, not {grace_seconds}")
-    deadline = time.time() - grace_seconds
-    try:
-        with os.scandir(spool_dir) as it:
-            entries = sorted(
-                (e.path, e.name)
-                for e in it
-                if e.is_dir(follow_symlinks=False)
-                and (_SPOOL_NAME.fullmatch(e.name) or _NEW_SPOOL.fullmatch(e.name))
-            )
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise _local_error(e, "collecting spools", spool_dir) from e
-    removed: builtins.list[str] = []
-    for path, name in entries:
-        if is_locked(path) or newest_mtime(path) > deadline:
-            continue
-        if not name.startswith(".") and _kept_for(path) not in (None, url):
-            continue
-        rmtree(path)
-        if not os.path.lexists(path):
-            removed.append(path)
-    return removed
-
-
-def _kept_for(spool: str) -> str | None:
-    """The store URL a committed spool records (None: not committed, or not recorded)."""
-    try:
-        doc = json.loads(read_small(os.path.join(spool, SPOOL_PENDING), _MAX_STASIS_JSON))
-    except (OSError, ValueError, NotRegular):
-        return None
-    url = doc.get("url") if isinstance(doc, dict) else None
-    return url if isinstance(url, str) else None
-
-
-# --------------------------------------------------------------------------- transfers
-
-
-class _Client:
-    """The client s3transfer calls: PUTs, part uploads and completions get the
-    store's own retries (botocore does not retry a body that broke off
-    mid-stream), every failure is mapped, and once the endpoint proved
-    unreachable no abort is attempted (``gc`` collects the rest)."""
-
-    def __init__(self, store: S3Store) -> None:
-        self._store = store
-        self._s3 = store.client()
-        self.unreachable = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._s3, name)
-
-    def _run(self, op: str, retry: bool, kwargs: dict[str, Any], name: str) -> Any:
-        store, key = self._store, str(kwargs.get("Key"))
-        try:
-            if retry:
-                return store._retry(op, key, getattr(self._s3, name), **kwargs)
-            return store._call(op, key, getattr(self._s3, name), **kwargs)
-        except StasisError as e:
-            self.unreachable = self.unreachable or _is_unreachable(e)
-            raise
-
-    def put_object(self, **kwargs: Any) -> Any:
-        return self._run("put", True, kwargs, "put_object")
-
-    def upload_part(self, **kwargs: Any) -> Any:
-        return self._run(f"upload part {kwargs['PartNumber']} of", True, kwargs, "upload_part")
-
-    def create_multipart_upload(self, **kwargs: Any) -> Any:
-        return self._run("create multipart upload", False, kwargs, "create_multipart_upload")
-
-    def complete_multipart_upload(self, **kwargs: Any) -> Any:
-        return self._run("complete multipart upload", True, kwargs, "complete_multipart_upload")
-
-    def abort_multipart_upload(self, **kwargs: Any) -> Any:
-        if self.unreachable:
-            raise Unavailable(f"{kwargs.get('Key')}: endpoint unreachable, left for gc")
-        return self._run("abort multipart upload", False, kwargs, "abort_multipart_upload")
-
-
-class _Watch:
-    """An s3transfer subscriber: queues the transfer's future once it is done, and
-    gives an upload whose parts would outnumber S3's limit an upper bound of its
-    size (s3transfer then picks bigger parts)."""
-
-    def __init__(self, done: queue.SimpleQueue[Any], size_bound: int | None = None) -> None:
-        self._done = done
-        self._size_bound = size_bound
-
-    def on_queued(self, future: Any, **kwargs: Any) -> None:
-        if self._size_bound is not None:
-            future.meta.provide_transfer_size(self._size_bound)
-
-    def on_done(self, future: Any, **kwargs: Any) -> None:
-        self._done.put(future)
 
 
 # --------------------------------------------------------------------------- writer
@@ -1514,14 +908,14 @@ class S3Writer(LocalFiles):
         self._lock = lock
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
-        err = _local_error(e, f"checkpoint {self._name}: {doing}", self.spool)
+        err = local_error(e, f"checkpoint {self._name}: {doing}", self.spool)
         if isinstance(err, ResourceExhausted):
             self.abort()
         return err
 
     def _target(self, rel: str) -> str:
         check_rel(rel)
-        if rel == MANIFEST or rel in _SPOOL_OWN:
+        if rel == MANIFEST or rel in SPOOL_OWN:
             raise InvalidArgument(f"{rel} is written by commit, not by the caller")
         return os.path.join(self.spool, rel)
 
@@ -1562,7 +956,7 @@ class S3Writer(LocalFiles):
             if not isinstance(metadata, dict | None):
                 raise TypeError(f"a dict is needed, not {type(metadata).__name__}")
             metadata = json.loads(json.dumps(metadata or {}))
-            compression = _check_compression(self.compression)
+            compression = check_compression(self.compression)
         except (TypeError, ValueError) as e:
             self.abort()
             raise InvalidArgument(f"{where}: bad metadata: {e}") from e
@@ -1576,7 +970,7 @@ class S3Writer(LocalFiles):
                 raise InvalidArgument(
                     f"{where}: {tree.others[0]} is not a regular file or directory"
                 )
-            files = {rel: size for rel, size in tree.files.items() if rel not in _SPOOL_OWN}
+            files = {rel: size for rel, size in tree.files.items() if rel not in SPOOL_OWN}
             if MANIFEST in files:
                 raise InvalidArgument(f"{where}: {MANIFEST} was written by the caller")
             key = self._store.key
@@ -1592,7 +986,7 @@ class S3Writer(LocalFiles):
                 f.write(json.dumps(pending).encode())
         except OSError as e:
             self.abort()
-            raise _local_error(e, f"committing checkpoint {self._name}", self.spool) from e
+            raise local_error(e, f"committing checkpoint {self._name}", self.spool) from e
         except BaseException:
             self.abort()
             raise
@@ -1639,7 +1033,7 @@ class S3Reader(DirReader):
     """
 
     def __init__(
-        self, store: S3Store, name: str, remote: _Remote, cache: str, sealer: Sealer | None = None
+        self, store: S3Store, name: str, remote: Remote, cache: str, sealer: Sealer | None = None
     ) -> None:
         super().__init__(
             name,

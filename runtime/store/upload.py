@@ -7,7 +7,7 @@ caller's Spawner and talks to it in JSON lines:
 
 1. shim -> worker (stdin): store URL, S3 config and options (a key by its file's
    path), the name; the secret travels only on this pipe.
-2. The worker makes and locks the spool (``runtime.store.s3.new_spool``), writes
+2. The worker makes and locks the spool (``runtime.store.spool.new_spool``), writes
    its PID into ``.stasis-upload.pid``, checks the name is free and says ``ready``:
    refused credentials and taken names fail before anything is frozen.
 3. The shim dumps into the spool; ``commit`` records ``.stasis-pending.json`` and
@@ -40,7 +40,9 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from runtime.capture.digest import KnownDigest
 from runtime.errors import Code, Internal, StasisError, Unavailable
 from runtime.linux.proc import Completed, Spawner, Stdio
-from runtime.store.local import CheckpointInfo, CheckpointWriter, Store, check_name, rmtree
+from runtime.store.api import CheckpointWriter, Store
+from runtime.store.files import rmtree
+from runtime.store.model import CheckpointInfo, check_name
 
 if TYPE_CHECKING:
     from runtime.store.s3 import S3Store, S3Writer
@@ -455,7 +457,8 @@ def _scrub(text: str, secret: str) -> str:
 
 def _serve(request: dict[str, Any], events: _Events) -> int:
     from runtime.config import S3Config
-    from runtime.store.s3 import PID_FILE, S3Store, new_spool
+    from runtime.store.s3 import S3Store
+    from runtime.store.spool import PID_FILE, new_spool
 
     options = dict(request["options"])
     if options.get("signing") is not None:

@@ -49,7 +49,8 @@ from runtime.names import (
 )
 from runtime.security import ceiling
 from runtime.store import upload
-from runtime.store.local import CheckpointReader, LocalStore, Store
+from runtime.store.api import CheckpointReader, Store
+from runtime.store.local import LocalStore
 from runtime.store.metadata import restore_metadata
 from runtime.store.resolve import resolve_source, signing_for
 from shim.task.container import Container

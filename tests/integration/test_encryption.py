@@ -23,7 +23,8 @@ from bed.containerd import Containerd, bed_missing, images_dir, unique_id
 from bed.workload import IMAGE, RUNTIME, remove, stasis, task, wait_count
 
 from runtime.store import crypt
-from runtime.store.local import DEFAULT_CACHE_DIR, LocalStore
+from runtime.store.files import DEFAULT_CACHE_DIR
+from runtime.store.local import LocalStore
 
 pytestmark = pytest.mark.integration
 

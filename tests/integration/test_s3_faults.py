@@ -42,12 +42,12 @@ from runtime.names import SPOOL_DIR, SPOOL_PENDING
 
 pytestmark = pytest.mark.integration
 
-WORKER_PID = ".stasis-upload.pid"  # runtime.store.s3.PID_FILE, in the spool
+WORKER_PID = ".stasis-upload.pid"  # runtime.store.spool.PID_FILE, in the spool
 # Shared objects that boto3/botocore (the XML parsers) or zstandard load:
 # a shim that never imported them has none of them mapped.
 # (ssl is no marker: asyncio maps it in every shim.)
 UPLOAD_LIBS = ("zstandard", "/pyexpat.", "/_elementtree.")
-CACHE_DIR = "/var/lib/stasis/cache"  # runtime.store.s3.DEFAULT_CACHE_DIR, restores download
+CACHE_DIR = "/var/lib/stasis/cache"  # runtime.store.files.DEFAULT_CACHE_DIR, restores download
 MEM_MIB = 96  # random (incompressible) memory the container holds: the upload's bulk
 PROXY_RATE = 8 << 20  # bytes/s the proxy lets through towards moto: ~12 s for the upload
 

@@ -32,7 +32,8 @@ from runtime.linux.proc import Stdio
 from runtime.linux.runc import CheckpointOpts, RestoreOpts, Runc
 from runtime.store import metadata
 from runtime.store.archive import import_tar
-from runtime.store.local import LocalStore, Manifest
+from runtime.store.local import LocalStore
+from runtime.store.model import Manifest
 from shim.task.process import InitProcess, Status
 from shim.task.stdio import ProcessIO
 from tests.unit.test_process import FakeIO, FakeRunc, run

@@ -38,8 +38,10 @@ from runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
+from runtime.store.api import CheckpointReader, CheckpointWriter, Store
 from runtime.store.archive import export_tar, import_tar
-from runtime.store.local import MANIFEST, CheckpointReader, CheckpointWriter, LocalStore, Store
+from runtime.store.local import LocalStore
+from runtime.store.model import MANIFEST
 from runtime.store.resolve import default_store, open_store, resolve
 from runtime.store.s3 import S3Reader, S3Store, S3Writer
 

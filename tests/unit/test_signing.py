@@ -12,7 +12,8 @@ from runtime.cli import main as cli
 from runtime.config import Config, RestorePolicy, SigningConfig, StorageConfig, load
 from runtime.errors import AlreadyExists, DataLoss, InvalidArgument, PermissionDenied
 from runtime.store.archive import export_tar, import_tar
-from runtime.store.local import LocalStore, MemoryStore
+from runtime.store.local import LocalStore
+from runtime.store.memory import MemoryStore
 from runtime.store.signing import SIG_FILE, Signing, key_id, load_private, write_private
 from shim.checkpoint import take as checkpointing
 

@@ -30,9 +30,12 @@ from runtime.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from runtime.store import local as st
+from runtime.store import files as st
+from runtime.store.api import CheckpointWriter, Store
 from runtime.store.archive import export_tar, import_tar
-from runtime.store.local import MANIFEST, CheckpointWriter, LocalStore, Manifest, MemoryStore, Store
+from runtime.store.local import LocalStore
+from runtime.store.memory import MemoryStore
+from runtime.store.model import MANIFEST, FileEntry, Manifest
 from runtime.store.resolve import default_store, open_store, resolve
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -122,9 +125,7 @@ def test_round_trip(store: Store, tmp_path: Path) -> None:
         assert set(r.manifest.files) == EXPECTED
         for rel, data in _contents(tmp_path).items():
             assert Path(r.file(rel)).read_bytes() == data
-            assert r.manifest.files[rel] == st.FileEntry(
-                hashlib.sha256(data).hexdigest(), len(data)
-            )
+            assert r.manifest.files[rel] == FileEntry(hashlib.sha256(data).hexdigest(), len(data))
         assert Path(r.file("checkpoint"), "pages-1.img").read_bytes() == PAGES
         assert os.path.isfile(os.path.join(r.path, MANIFEST))
         r.verify()
@@ -360,7 +361,7 @@ def test_manifest_is_written_last(
     events: list[str] = []
     digest = st.digest_file
 
-    def recording_digest(path: str, *, seal: bool = False) -> st.FileEntry:
+    def recording_digest(path: str, *, seal: bool = False) -> FileEntry:
         partial = next(root.glob(".partial-x-*"))
         events.append(f"digest {'manifest' if (partial / MANIFEST).exists() else 'no-manifest'}")
         return digest(path, seal=seal)

@@ -1,5 +1,5 @@
 """Tests for runtime.store.upload (an S3 checkpoint's commit in a worker process) and for the
-spool bookkeeping it relies on (runtime.store.s3: locks, the worker's pid file, gc).
+spool bookkeeping it relies on (runtime.store.spool: locks, the worker's pid file, gc).
 
 The worker is real (`python -m runtime.store.upload`, started through ForkSpawner); the
 S3 server is moto's, in a thread of the test process.
@@ -31,8 +31,10 @@ from runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Unavaila
 from runtime.linux.proc import Completed, ForkSpawner, Stdio
 from runtime.names import SPOOL_PENDING
 from runtime.store import upload
-from runtime.store.local import LocalStore, MemoryStore
-from runtime.store.s3 import PID_FILE, S3Store, collect_spools, new_spool, spool_worker
+from runtime.store.local import LocalStore
+from runtime.store.memory import MemoryStore
+from runtime.store.s3 import S3Store
+from runtime.store.spool import PID_FILE, collect_spools, new_spool, spool_worker
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "stasis-upload-secret-9Fq2"
