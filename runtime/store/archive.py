@@ -430,7 +430,7 @@ def import_tar(
                     raise FailedPrecondition(
                         f"{tar_path} holds an encrypted checkpoint: {store.url} cannot store it"
                     )
-                writer._preserve = imported
+                writer.preserve = imported
         return writer.commit(metadata)
 
 

@@ -759,7 +759,7 @@ class StagingWriter(LocalFiles):
         self._sealer: Sealer | None = None
         # An imported encrypted checkpoint: its files are stored as they came
         # and its authenticated manifest is kept verbatim (see import_tar).
-        self._preserve: Manifest | None = None
+        self.preserve: Manifest | None = None
 
     def _fail(self, e: OSError, doing: str) -> StasisError:
         """Map a write failure; a full disk also throws the partial checkpoint away."""
@@ -825,7 +825,7 @@ class StagingWriter(LocalFiles):
         paths = {rel: os.path.join(self._staging, rel) for rel in tree.files}
         files: dict[str, FileEntry] = {}
         encryption: Encryption | None = None
-        if self._key is not None and self._preserve is None:
+        if self._key is not None and self.preserve is None:
             # Encrypted in place before digesting: the manifest describes the
             # stored bytes (verify needs no key); the plaintext digests of
             # ``known`` describe nothing stored and are ignored.
@@ -845,10 +845,10 @@ class StagingWriter(LocalFiles):
                 raise got
             files[rel] = got
         manifest = Manifest(self._name, datetime.now(UTC), files, metadata)
-        if self._preserve is not None:
-            if files != self._preserve.files:
+        if self.preserve is not None:
+            if files != self.preserve.files:
                 raise DataLoss(f"{where}: files differ from the imported {MANIFEST}")
-            manifest = self._preserve
+            manifest = self.preserve
         elif encryption is not None and self._sealer is not None:
             manifest = manifest.sealed(encryption, self._sealer)
         data = manifest.to_json()

@@ -163,7 +163,7 @@ class LocalStore:
         finally:
             os.close(top)
 
-    def _open_dir(self, name: str) -> int:
+    def open_dir(self, name: str) -> int:
         """A descriptor of checkpoint directory ``name``, reached through no symlink.
 
         NotFound if it is missing; PermissionDenied if a symlink (or ``..``) is
@@ -228,7 +228,7 @@ class LocalStore:
     def _load(self, name: str) -> Manifest:
         """The manifest of complete checkpoint ``name``: NotFound, PermissionDenied (a
         symlink), or DataLoss if malformed."""
-        fd = self._open_dir(name)
+        fd = self.open_dir(name)
         try:
             return self._load_at(fd, name)
         finally:
@@ -274,7 +274,7 @@ class LocalStore:
         The reader reads through the directory descriptor checked here; its
         ``path`` is the kernel's name for that directory (no symlink in it).
         """
-        fd = self._open_dir(name)
+        fd = self.open_dir(name)
         try:
             manifest = self._load_at(fd, name, check=True)
             sealer = manifest.open_with(self.key, f"checkpoint {name} in {self.url}")
@@ -297,7 +297,7 @@ class LocalStore:
         if self.signing is None:
             raise FailedPrecondition(f"{self.url}: this store has no signing key to vouch with")
         where = f"checkpoint {name} in {self.url}"
-        fd = self._open_dir(name)
+        fd = self.open_dir(name)
         try:
             data = read_small(MANIFEST, dir_fd=fd)
             manifest = Manifest.parse(data, where)
@@ -341,7 +341,7 @@ class LocalStore:
         infos = []
         for name in names:
             try:
-                fd = self._open_dir(name)
+                fd = self.open_dir(name)
             except NotFound:
                 continue  # removed meanwhile
             except StasisError as e:  # a symlink under the name, say

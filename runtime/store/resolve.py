@@ -198,7 +198,7 @@ def check_source(ref: str, config: Config) -> None:
     store, name = resolve_source(ref, config)
     if isinstance(store, LocalStore):
         with contextlib.suppress(NotFound):
-            os.close(store._open_dir(name))
+            os.close(store.open_dir(name))
 
 
 def _by_path(path: str, ref: str, config: Config) -> tuple[Store, str]:

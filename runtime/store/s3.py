@@ -308,7 +308,8 @@ class S3Store:
     def _where(self, name: str) -> str:
         return f"checkpoint {name} in {self.url}"
 
-    def _dir_key(self, name: str) -> str:
+    def dir_key(self, name: str) -> str:
+        """The key prefix of checkpoint ``name``'s objects."""
         return f"{self._base}{name}/"
 
     def _manifest_key(self, name: str) -> str:
@@ -487,7 +488,7 @@ class S3Store:
         whatever a failure leaves behind is for ``gc``.
         """
         check_name(name)
-        keys = [str(o["Key"]) for o in self._list_keys(self._dir_key(name))]
+        keys = [str(o["Key"]) for o in self._list_keys(self.dir_key(name))]
         if not keys:
             raise NotFound(f"{self._where(name)} does not exist")
         manifest = self._manifest_key(name)
@@ -551,7 +552,7 @@ class S3Store:
                     continue
                 if remote is not None:
                     keep = {manifest_key, self._sig_key(name)} | {
-                        self._dir_key(name) + s.key for s in remote.stored.values()
+                        self.dir_key(name) + s.key for s in remote.stored.values()
                     }
                     doomed += [k for k, t in objects if k not in keep and t <= deadline]
                     continue
@@ -693,7 +694,7 @@ class S3Store:
             self._send(
                 client,
                 {
-                    self._dir_key(name) + k: (streams[rel], files[rel])
+                    self.dir_key(name) + k: (streams[rel], files[rel])
                     for rel, k in stored_keys.items()
                 },
             )
@@ -724,7 +725,7 @@ class S3Store:
                 Bucket=self.bucket, Key=key, Body=data, ContentType="application/json"
             )
         except BaseException as e:
-            keys = [self._dir_key(name) + k for k in stored_keys.values()]
+            keys = [self.dir_key(name) + k for k in stored_keys.values()]
             if manifest_sent:  # it may have landed: never leave it pointing at deleted data
                 try:
                     self._call("delete", key, client.delete_object, Bucket=self.bucket, Key=key)
@@ -852,7 +853,7 @@ class S3Store:
                 futures = {
                     mgr.download(
                         self.bucket,
-                        self._dir_key(name) + stored[rel].key,
+                        self.dir_key(name) + stored[rel].key,
                         d,
                         subscribers=[Watch(done)],
                     ): rel

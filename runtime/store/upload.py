@@ -240,7 +240,7 @@ class _Worker:
         return worker
 
     def _target(self) -> str:
-        return f"s3://{self._store.bucket}/{self._store._dir_key(self._name)}"
+        return f"s3://{self._store.bucket}/{self._store.dir_key(self._name)}"
 
     def _send(self, message: dict[str, Any]) -> None:
         # One short line into an empty pipe: the write never blocks. A dead

@@ -12,7 +12,7 @@ import time
 from runtime.linux.leftovers import mounted, remove_criu_root
 from runtime.names import SOCKET_DIR
 from shim.bootstrap.flags import Flags
-from shim.bootstrap.start import _alive, parse_json
+from shim.bootstrap.start import alive, parse_json
 
 
 def _encode_delete_response(exit_status: int, at_ns: int) -> bytes:
@@ -40,7 +40,7 @@ def _remove_dead_socket(bundle: str) -> None:
     except OSError:
         return
     path = address.removeprefix("unix://")
-    if os.path.dirname(path) == SOCKET_DIR and os.path.exists(path) and not _alive(path):
+    if os.path.dirname(path) == SOCKET_DIR and os.path.exists(path) and not alive(path):
         try:
             os.unlink(path)
         except FileNotFoundError:

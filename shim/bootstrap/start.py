@@ -101,7 +101,8 @@ def socket_path(containerd_address: str, namespace: str, group: str) -> str:
     return os.path.join(SOCKET_DIR, digest)
 
 
-def _alive(path: str) -> bool:
+def alive(path: str) -> bool:
+    """Whether a shim listens on socket ``path`` (a connection is accepted)."""
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(1.0)
@@ -125,7 +126,7 @@ def _listen(path: str) -> _socket.socket | None:
             s.close()
             if e.errno != 98:  # EADDRINUSE
                 raise
-            if _alive(path):
+            if alive(path):
                 return None
             try:
                 os.unlink(path)
