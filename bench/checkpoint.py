@@ -88,6 +88,7 @@ from bench.common import (  # noqa: E402
     loadavg,
     machine_info,
     precompile,
+    private_signing_key,
     shim_path,
     signals_as_interrupt,
     signals_ignored,
@@ -1125,6 +1126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     precompile()
+    private_signing_key()
     if os.geteuid() != 0:
         print("bench/checkpoint.py needs root (private containerd, runc, CRIU)", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ itself off it (bench/shim.py would shadow the `shim` package):
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 import os
@@ -21,6 +22,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -45,6 +47,17 @@ def precompile() -> None:
     from shim.bootstrap.launcher import precompile as compile_packages
 
     compile_packages()
+
+
+def private_signing_key() -> None:
+    """The bench's shims, CLIs and upload workers sign with a key of the bench's own
+    (environment, inherited through containerd), never the machine's
+    /etc/stasis/signing.key, which the store makes on first use; removed at exit."""
+    if os.environ.get("STASIS_SIGNING_KEY_FILE"):
+        return
+    directory = tempfile.mkdtemp(prefix="stasis-bench-key-")
+    os.environ["STASIS_SIGNING_KEY_FILE"] = os.path.join(directory, "signing.key")
+    atexit.register(shutil.rmtree, directory, True)
 
 
 def shim_path() -> list[Path]:

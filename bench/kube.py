@@ -117,6 +117,8 @@ def main() -> int:
         # restores may read the bench's own store (storage.restore_sources)
         (work / "config.toml").write_text(f'[storage]\nrestore_sources = ["file://{work}"]\n')
         os.environ["STASIS_CONFIG"] = str(work / "config.toml")
+    if not os.environ.get("STASIS_SIGNING_KEY_FILE"):  # nor the machine's signing key
+        os.environ["STASIS_SIGNING_KEY_FILE"] = str(work / "signing" / "signing.key")
     containerd = Containerd.in_run_dir("1.7", shim_path(), cri=True)
     cluster: KubeCluster | None = None
     try:

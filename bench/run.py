@@ -592,6 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.precompile()
+    common.private_signing_key()
     if args.render_only:
         import json
 

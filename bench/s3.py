@@ -507,6 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ck.precompile()
+    ck.private_signing_key()
     if os.geteuid() != 0:
         print("bench/s3.py needs root (private containerd, runc, CRIU)", file=sys.stderr)
         return 2

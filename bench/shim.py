@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
     machine_info,
     memory_of,
     precompile,
+    private_signing_key,
     shim_path,
     signals_as_interrupt,
     signals_ignored,
@@ -669,6 +670,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     precompile()
+    private_signing_key()
     if os.geteuid() != 0:
         print("bench/shim.py needs root (it runs a private containerd)", file=sys.stderr)
         return 2
