@@ -68,6 +68,12 @@ class FailedPrecondition(StasisError):
     code = Code.FAILED_PRECONDITION
 
 
+class Aborted(StasisError):
+    """A concurrent change won: the object is no longer as it was read."""
+
+    code = Code.ABORTED
+
+
 class Unavailable(StasisError):
     """A dependency (runc, CRIU, storage, containerd) could not be reached or failed."""
 

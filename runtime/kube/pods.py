@@ -79,6 +79,7 @@ _STUCK = frozenset(
     }
 )
 TASK_SERVICE = "containerd.task.v2.Task"
+_PAUSED = 4  # containerd.v1.types.Status.PAUSED
 CHECKPOINT_SERVICE = "stasis.v1.Checkpointer"
 
 
@@ -128,7 +129,8 @@ def _api_error(e: Exception, doing: str) -> StasisError:
     return StasisError(text)
 
 
-def _call(doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def call(doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, an API call; its failure as the StasisError of its status."""
     from kubernetes.client import ApiException
     from urllib3.exceptions import HTTPError
 
@@ -140,8 +142,9 @@ def _call(doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise Unavailable(f"{doing}: cannot reach the API server: {e}") from e
 
 
-def _get_pod(core: k8s.CoreV1Api, namespace: str, name: str) -> dict[str, Any]:
-    obj = _call(f"pod {namespace}/{name}", core.read_namespaced_pod, name, namespace)
+def get_pod(core: k8s.CoreV1Api, namespace: str, name: str) -> dict[str, Any]:
+    """The pod as the API's JSON."""
+    obj = call(f"pod {namespace}/{name}", core.read_namespaced_pod, name, namespace)
     pod: dict[str, Any] = core.api_client.sanitize_for_serialization(obj)
     return pod
 
@@ -408,6 +411,34 @@ async def _freeze_dump(
     return results, extra, frozen
 
 
+def resume_pod(core: k8s.CoreV1Api, namespace: str, pod_name: str, *, address: str) -> int:
+    """Resume every container of the pod that a checkpoint left paused (its taker
+    stopped between pause and resume); returns how many were resumed."""
+    from protos.containerd.task.v2 import shim_pb2 as task
+
+    pod = get_pod(core, namespace, pod_name)
+    node = str((pod.get("spec") or {}).get("nodeName") or "")
+    targets = _targets(address, running_containers(pod), node)
+
+    async def resume_all() -> int:
+        shims, resumed = _Shims(), 0
+        try:
+            for t in targets:
+                state = task.StateResponse.FromString(
+                    await shims.call(t, TASK_SERVICE, "State",
+                                     task.StateRequest(id=t.id).SerializeToString())
+                )  # fmt: skip
+                if state.status == _PAUSED:
+                    req = task.ResumeRequest(id=t.id).SerializeToString()
+                    await shims.call(t, TASK_SERVICE, "Resume", req)
+                    resumed += 1
+        finally:
+            await shims.close()
+        return resumed
+
+    return asyncio.run(resume_all())
+
+
 class _Partial(Exception):
     def __init__(self, error: BaseException, written: dict[str, dict[str, Any]]) -> None:
         super().__init__(str(error))
@@ -449,7 +480,7 @@ def checkpoint_pod(
 
     started = time.monotonic()
     cfg = config if config is not None else config_mod.load()
-    pod = _get_pod(core, namespace, pod_name)
+    pod = get_pod(core, namespace, pod_name)
     phase = (pod.get("status") or {}).get("phase")
     if phase != "Running":
         raise FailedPrecondition(f"pod {namespace}/{pod_name} is {phase or 'unknown'}, not Running")
@@ -485,7 +516,7 @@ def checkpoint_pod(
         return records
 
     def delete_pod() -> None:
-        _call(f"delete pod {namespace}/{pod_name}", core.delete_namespaced_pod, pod_name, namespace)
+        call(f"delete pod {namespace}/{pod_name}", core.delete_namespaced_pod, pod_name, namespace)
 
     try:
         members, volumes, frozen = asyncio.run(
@@ -532,6 +563,23 @@ def _remove_refs(refs: list[str], cfg: Any) -> None:
             store.remove(n)
         except StasisError as e:
             log.warning("could not remove %s: %s", ref, e)
+
+
+def remove_pod_checkpoint(ref: str, config: Any = None) -> None:
+    """Remove pod checkpoint ``ref`` and its containers' checkpoints from the store: the
+    containers' first, so that what a failure leaves is still found by ``ref``."""
+    from runtime import config as config_mod
+    from runtime.store.resolve import resolve
+
+    cfg = config if config is not None else config_mod.load()
+    absolute, record = read_pod_checkpoint(ref, cfg)
+    store, name = resolve(absolute, cfg)
+    members = record.get("containers")
+    for member in members.values() if isinstance(members, dict) else ():
+        if isinstance(member, str):
+            with contextlib.suppress(NotFound):  # removed by an earlier try
+                store.remove(member)
+    store.remove(name)
 
 
 # --------------------------------------------------------------------------- restore
@@ -675,7 +723,7 @@ def restore_pod(
             check_volume=lambda claim, pv: podpolicy.check_volume(manifest, claim, pv, members),
         )
     _wait_name_free(core, ns, pod_name, deadline)
-    _call(f"create pod {ns}/{pod_name}", core.create_namespaced_pod, ns, manifest)
+    call(f"create pod {ns}/{pod_name}", core.create_namespaced_pod, ns, manifest)
     if wait:
         wait_running(core, ns, pod_name, max(deadline - time.monotonic(), 1.0))
     return str(pod_name)
@@ -706,7 +754,7 @@ def _wait_name_free(core: k8s.CoreV1Api, ns: str, name: str, deadline: float) ->
     """Waits while a pod of that name is being deleted (a checkpoint that stopped it)."""
     while True:
         try:
-            pod = _get_pod(core, ns, name)
+            pod = get_pod(core, ns, name)
         except NotFound:
             return
         if not (pod.get("metadata") or {}).get("deletionTimestamp"):
@@ -721,23 +769,33 @@ def wait_running(core: k8s.CoreV1Api, ns: str, name: str, timeout: float) -> dic
     kubelet's reason when a container is stuck (a failed restore) or on timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        pod = _get_pod(core, ns, name)
-        status = pod.get("status") or {}
-        statuses = status.get("containerStatuses") or []
-        if status.get("phase") == "Running" and statuses and all(s.get("ready") for s in statuses):
+        pod = get_pod(core, ns, name)
+        if pod_running(pod):
             return pod
-        for s in statuses:
-            waiting = (s.get("state") or {}).get("waiting") or {}
-            if waiting.get("reason") in _STUCK:
-                raise FailedPrecondition(
-                    f"pod {ns}/{name}: container {s.get('name')}: {waiting.get('reason')}: "
-                    f"{waiting.get('message') or _last_message(s)}"
-                )
-        if status.get("phase") in ("Failed", "Succeeded"):
-            raise FailedPrecondition(f"pod {ns}/{name} is {status['phase']}: {status}")
         if time.monotonic() > deadline:
+            status = pod.get("status") or {}
             raise Unavailable(f"pod {ns}/{name} not running after {timeout:.0f} s: {status}")
         time.sleep(0.2)
+
+
+def pod_running(pod: dict[str, Any]) -> bool:
+    """Whether the pod runs with every container ready (False: not yet); raises with
+    the kubelet's reason when a container is stuck (a failed restore) or it ended."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    where = f"pod {meta.get('namespace')}/{meta.get('name')}"
+    statuses = status.get("containerStatuses") or []
+    if status.get("phase") == "Running" and statuses and all(s.get("ready") for s in statuses):
+        return True
+    for s in statuses:
+        waiting = (s.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK:
+            raise FailedPrecondition(
+                f"{where}: container {s.get('name')}: {waiting.get('reason')}: "
+                f"{waiting.get('message') or _last_message(s)}"
+            )
+    if status.get("phase") in ("Failed", "Succeeded"):
+        raise FailedPrecondition(f"{where} is {status['phase']}: {status}")
+    return False
 
 
 def _last_message(s: dict[str, Any]) -> str:
@@ -764,11 +822,11 @@ def install_runtime_class(api_client: k8s.ApiClient) -> bool:
 
     node = client.NodeV1Api(api_client)
     try:
-        _call("create RuntimeClass stasis", node.create_runtime_class, runtime_class())
+        call("create RuntimeClass stasis", node.create_runtime_class, runtime_class())
         return True
     except AlreadyExists:
         pass
-    existing = _call("RuntimeClass stasis", node.read_runtime_class, RUNTIME_CLASS)
+    existing = call("RuntimeClass stasis", node.read_runtime_class, RUNTIME_CLASS)
     if existing.handler != HANDLER:
         raise FailedPrecondition(
             f"RuntimeClass {RUNTIME_CLASS} exists with handler {existing.handler!r}, "
