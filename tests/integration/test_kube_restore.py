@@ -26,41 +26,13 @@ from typing import Any
 
 import pytest
 from bed.containerd import unique_id
-from bed.images import BUSYBOX_REF
-from bed.kube import KubeCluster, KubeError
+from bed.counting import COUNTER, WARM, count, counting_pod, create, read, running, wait_count
+from bed.kube import KubeCluster
 from bed.tamper import resign
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-COUNTER = (
-    "date +%s%N > /tmp/started; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
-)
-WARM = 30  # counts (~3 s) before a checkpoint: a fresh start is far below
-
-
-def counting_pod(name: str, containers: tuple[str, ...], **annotations: str) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": {"app": "stasis-restore"}}
-    if annotations:
-        meta["annotations"] = annotations
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": meta,
-        "spec": {
-            "runtimeClassName": "stasis",
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": c,
-                    "image": BUSYBOX_REF,
-                    "imagePullPolicy": "Never",
-                    "command": ["sh", "-c", COUNTER],
-                }
-                for c in containers
-            ],
-        },
-    }
 
 
 def stasis(
@@ -78,42 +50,6 @@ def stasis(
     if check and done.returncode != 0:
         raise AssertionError(f"stasis {' '.join(args)}: rc {done.returncode}: {done.stderr}")
     return done
-
-
-def read(cluster: KubeCluster, pod: str, container: str, path: str) -> str:
-    r = cluster.kubectl("exec", pod, "-c", container, "--", "cat", path, check=False)
-    return r.stdout.strip() if r.returncode == 0 else ""
-
-
-def count(cluster: KubeCluster, pod: str, container: str) -> int:
-    """The counter's value (0 if none). `echo $i > /tmp/count` leaves the file empty
-    for an instant while it rewrites it: an empty read is tried again."""
-    for _ in range(10):
-        text = read(cluster, pod, container, "/tmp/count")
-        if text.isdigit():
-            return int(text)
-        time.sleep(0.1)
-    return 0
-
-
-def wait_count(cluster: KubeCluster, pod: str, container: str, above: int) -> int:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if (n := count(cluster, pod, container)) > above:
-            return n
-        time.sleep(0.3)
-    raise AssertionError(f"{pod}/{container} never counted past {above}")
-
-
-def running(cluster: KubeCluster, name: str) -> Any:
-    try:
-        return cluster.wait_pod(name, "Running", timeout=120)
-    except KubeError as e:
-        pytest.fail(str(e), pytrace=False)
-
-
-def create(cluster: KubeCluster, manifest: dict[str, Any]) -> None:
-    cluster.kubectl("apply", "--validate=false", "-f", "-", input=json.dumps(manifest))
 
 
 def wait_event(cluster: KubeCluster, pod: str, *needles: str, timeout: float = 120) -> str:
@@ -162,7 +98,7 @@ def two(kube_cluster: KubeCluster, pods: list[str], store: Path) -> dict[str, An
     before = {c: wait_count(kube_cluster, name, c, WARM) for c in ("a", "b")}
     started = {c: read(kube_cluster, name, c, "/tmp/started") for c in ("a", "b")}
     out = stasis(
-        kube_cluster, "kube", "checkpoint", f"default/{name}", "--to", str(store),
+        kube_cluster, "kube", "checkpoint", "--on-node", f"default/{name}", "--to", str(store),
         "--leave-running", "--json", f"--kubeconfig={kube_cluster.kubeconfig}",
     ).stdout  # fmt: skip
     result = json.loads(out.strip().splitlines()[-1])
@@ -191,7 +127,7 @@ def test_counting_pod_checkpointed_deleted_and_restored(
     started = read(kube_cluster, name, "main", "/tmp/started")
     # Without --leave-running the pod is stopped: deleted, its containers killed.
     ref = stasis(
-        kube_cluster, "kube", "checkpoint", f"default/{name}", "--to", str(store),
+        kube_cluster, "kube", "checkpoint", "--on-node", f"default/{name}", "--to", str(store),
         f"--kubeconfig={kube_cluster.kubeconfig}",
     ).stdout.strip().splitlines()[-1]  # fmt: skip
     assert ref.startswith("file://")
@@ -208,7 +144,7 @@ def test_counting_pod_checkpointed_deleted_and_restored(
     new = unique_id("restored")
     pods.append(new)
     out = stasis(
-        kube_cluster, "kube", "restore", ref, "--name", new,
+        kube_cluster, "kube", "restore", "--on-node", ref, "--name", new,
         f"--kubeconfig={kube_cluster.kubeconfig}",
     ).stdout  # fmt: skip
     assert out.strip().splitlines()[-1] == new
@@ -233,7 +169,7 @@ def test_two_container_pod_restored(
     new = unique_id("two-restored")
     pods.append(new)
     stasis(
-        kube_cluster, "kube", "restore", two["ref"], "--name", new,
+        kube_cluster, "kube", "restore", "--on-node", two["ref"], "--name", new,
         f"--kubeconfig={kube_cluster.kubeconfig}",
     )  # fmt: skip
     running(kube_cluster, new)
@@ -269,11 +205,11 @@ def test_failed_restores(
     corrupt, fresh = unique_id("corrupt"), unique_id("fresh")
     pods += [corrupt, fresh]
     stasis(
-        kube_cluster, "kube", "restore", bad_ref, "--name", corrupt, "--no-wait",
+        kube_cluster, "kube", "restore", "--on-node", bad_ref, "--name", corrupt, "--no-wait",
         f"--kubeconfig={kube_cluster.kubeconfig}",
     )  # fmt: skip
     r = stasis(
-        kube_cluster, "kube", "restore", bad_ref, "--name", fresh, "--policy", "fresh",
+        kube_cluster, "kube", "restore", "--on-node", bad_ref, "--name", fresh, "--policy", "fresh",
         f"--kubeconfig={kube_cluster.kubeconfig}", check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -332,7 +268,7 @@ def test_pod_with_a_claim_comes_back_on_its_retained_volume(
         before = wait_count(kube_cluster, name, "main", WARM)
 
         ref = stasis(
-            kube_cluster, "kube", "checkpoint", f"default/{name}", "--to", str(store),
+            kube_cluster, "kube", "checkpoint", "--on-node", f"default/{name}", "--to", str(store),
             f"--kubeconfig={kube_cluster.kubeconfig}",
         ).stdout.strip().splitlines()[-1]  # fmt: skip
         volume = kube_cluster.api("GET", f"/api/v1/persistentvolumes/{pv}")
@@ -350,7 +286,7 @@ def test_pod_with_a_claim_comes_back_on_its_retained_volume(
         new = unique_id("pvc-restored")
         pods.append(new)
         stasis(
-            kube_cluster, "kube", "restore", ref, "--name", new,
+            kube_cluster, "kube", "restore", "--on-node", ref, "--name", new,
             f"--kubeconfig={kube_cluster.kubeconfig}",
         )  # fmt: skip
         restored = kube_cluster.api(
@@ -397,8 +333,8 @@ def test_pod_json_asking_for_privileged_is_refused(
     new = unique_id("privileged")
     pods.append(new)
     r = stasis(
-        kube_cluster, "kube", "restore", f"file://{edited}", "--name", new, "--no-wait",
-        f"--kubeconfig={kube_cluster.kubeconfig}", check=False,
+        kube_cluster, "kube", "restore", "--on-node", f"file://{edited}", "--name", new,
+        "--no-wait", f"--kubeconfig={kube_cluster.kubeconfig}", check=False,
     )  # fmt: skip
     assert r.returncode != 0, f"restored: {r.stdout}"
     assert f"pod default/{new}: container a: securityContext.privileged: true" in r.stderr
