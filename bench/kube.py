@@ -141,7 +141,7 @@ def main() -> int:
         before = count(cluster, source)  # a lower bound of the checkpointed count
         done = subprocess.run(
             [sys.executable, "-m", "runtime.cli", "--address", str(containerd.address),
-             "kube", "checkpoint", f"default/{source}", "--to", str(work / "store"),
+             "kube", "checkpoint", "--on-node", f"default/{source}", "--to", str(work / "store"),
              "--leave-running", "--json", f"--kubeconfig={cluster.kubeconfig}"],
             cwd=REPO, capture_output=True, text=True, check=True, timeout=300,
         )  # fmt: skip

@@ -24,17 +24,24 @@
   stasis keygen --signing FILE       a new checkpoint signing key (signing.key_file),
                                      its public key in FILE.pub
   stasis kube checkpoint NAMESPACE/POD [--to STORE] [--name NAME] [--leave-running]
-                     [--snapshot-volumes] [--snapshot-class C] [--json]
-                     [--kubeconfig F] [--address CONTAINERD_SOCK]
-                                     checkpoint every container of a pod at one moment
-                                     (run on its node); stops (deletes) the pod unless
+                     [--json] [--timeout S] [--kubeconfig F]
+                                     checkpoint every container of a pod at one moment:
+                                     a Checkpoint resource, taken by the agent of the
+                                     pod's node; stops (deletes) the pod unless
                                      --leave-running; prints the pod checkpoint's REF
-  stasis kube restore REF [--name NEW] [--namespace NS] [--node NODE]
-                     [--policy fail|fresh] [--allow-cross-namespace] [--no-wait]
-                     [--kubeconfig F]
-                                     create the pod again, restored; prints its name
+                     --on-node [--address SOCK] [--snapshot-volumes] [--snapshot-class C]
+                                     the same, directly, on the pod's node
+  stasis kube restore CHECKPOINT|REF [--name NEW] [--namespace NS] [--node NODE]
+                     [--no-wait] [--kubeconfig F]
+                                     create the pod again, restored (a Restore resource);
+                                     prints its name
+                     --on-node [--policy fail|fresh] [--allow-cross-namespace]
+                                     the same, directly, from this node's stores
   stasis kube install [--kubeconfig F]
                                      register the `stasis` RuntimeClass (idempotent)
+  stasis agent --node NODE           the node agent: takes the node's Checkpoints
+  stasis controller                  the controller: assigns Checkpoints, runs Restores
+                                     and CheckpointPolicies (one leader, a Lease)
 
 containerd's --address and -n/--namespace go before or after the command. Errors
 are one line on stderr and a non-zero exit code.
@@ -54,6 +61,10 @@ from runtime.names import VERSION
 DEMO_IMAGE = "docker.io/stasis/busybox:test"
 DEFAULT_GC_GRACE = 3600.0
 REF_HELP = "the checkpoint: a name, a path, file:// or s3:// URL"
+ON_NODE_HELP = (
+    "through this node's containerd and stores directly, without the cluster's agent and "
+    "controller (run on the pod's node, as root)"
+)
 KUBECONFIG_HELP = "the kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster)"
 
 
@@ -97,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     _container_commands(command)
     _store_commands(command)
     _kube_commands(command)
+    _control_commands(command)
     return p
 
 
@@ -206,6 +218,13 @@ def _kube_commands(command: Command) -> None:
         help="snapshot every PVC the pod mounts (VolumeSnapshot)",
     )
     kc.add_argument("--snapshot-class", default=None, help="VolumeSnapshotClass to use")
+    kc.add_argument("--on-node", action="store_true", help=ON_NODE_HELP)
+    kc.add_argument(
+        "--timeout",
+        type=seconds,
+        default=600.0,
+        help="seconds to wait for the Checkpoint (default 600)",
+    )
     kc.add_argument("--kubeconfig", default=None, help=KUBECONFIG_HELP)
     kc.add_argument(
         "--address",
@@ -215,13 +234,18 @@ def _kube_commands(command: Command) -> None:
     )
     kc.add_argument("--json", action="store_true", help="print the pod checkpoint as JSON")
     kr = ks.add_parser("restore", help="create a pod again from a pod checkpoint")
-    kr.add_argument("ref", help="the pod checkpoint: a name, a path, file:// or s3:// URL")
+    kr.add_argument(
+        "ref",
+        help="a Checkpoint (in --namespace) or a pod checkpoint's file:// or s3:// URL; "
+        "with --on-node also a name or a path in this node's stores",
+    )
+    kr.add_argument("--on-node", action="store_true", help=ON_NODE_HELP)
     kr.add_argument("--name", default=None, help="pod name (default: the checkpointed pod's)")
     kr.add_argument(
         "--namespace",
         dest="kube_namespace",
         default=None,
-        help="namespace (default: the checkpointed pod's)",
+        help="namespace (default: the checkpointed pod's; of the Restore: default)",
     )
     kr.add_argument("--node", default=None, help="bind it to this node (skip the scheduler)")
     kr.add_argument(
@@ -245,6 +269,30 @@ def _kube_commands(command: Command) -> None:
     kr.add_argument("--kubeconfig", default=None, help=KUBECONFIG_HELP)
     ki = ks.add_parser("install", help="register the stasis RuntimeClass")
     ki.add_argument("--kubeconfig", default=None, help=KUBECONFIG_HELP)
+
+
+def _control_commands(command: Command) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kubeconfig", default=None, help=KUBECONFIG_HELP)
+        p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on it")
+        p.add_argument("--metrics-address", default="0.0.0.0", help="address of /metrics")
+        p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+
+    a = command("agent", "control:agent", "take the checkpoints of this node's pods")
+    a.add_argument("--node", default="", help="this node's name (default: $NODE_NAME)")
+    a.add_argument(
+        "--containerd",
+        dest="kube_address",
+        default=None,
+        help="containerd's socket (default: --address)",
+    )
+    a.add_argument("--workers", type=int, default=4, help="checkpoints at once (default 4)")
+    common(a)
+    c = command("controller", "control:controller", "assign checkpoints, restore, run policies")
+    c.add_argument("--lease-namespace", default="stasis-system", help="namespace of its Lease")
+    c.add_argument("--lease-name", default="stasis-controller", help="name of its Lease")
+    c.add_argument("--identity", default="", help="its name in the Lease (default: host-pid)")
+    common(c)
 
 
 def _handler(spec: str) -> Callable[[argparse.Namespace], int]:

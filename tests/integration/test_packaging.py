@@ -249,11 +249,12 @@ def test_daemonset_installs_stasis_then_a_pod_runs_checkpoints_and_restores(node
                       "--address", str(containerd.address)]  # fmt: skip
             kubeconfig = f"--kubeconfig={kube.kubeconfig}"
             ref = subprocess.run(
-                [*stasis, "kube", "checkpoint", f"default/{pod}", "--to", str(store), kubeconfig],
+                [*stasis, "kube", "checkpoint", "--on-node", f"default/{pod}", "--to", str(store),
+                 kubeconfig],
                 capture_output=True, text=True, check=True, timeout=240,
             ).stdout.strip().splitlines()[-1]  # fmt: skip
             subprocess.run(
-                [*stasis, "kube", "restore", ref, "--name", restored, kubeconfig],
+                [*stasis, "kube", "restore", "--on-node", ref, "--name", restored, kubeconfig],
                 capture_output=True, text=True, check=True, timeout=240,
             )  # fmt: skip
             assert _count_past(kube, restored, 0) >= before, "the restored pod counts on"

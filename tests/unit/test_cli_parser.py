@@ -21,7 +21,10 @@ LINES = [
     ["--addr", "rm", "list"],  # an abbreviated option whose value is a command's name
     ["-n", "checkpoint", "restore", "file:///x", "new"],
     ["gc", "--grace", "60"],
-    ["kube", "restore", "file:///x", "--policy", "fresh", "--no-wait"],
+    ["kube", "restore", "file:///x", "--on-node", "--policy", "fresh", "--no-wait"],
+    ["kube", "restore", "ckpt-1", "--namespace", "apps", "--name", "p2"],
+    ["agent", "--node", "node-a", "--metrics-port", "9100"],
+    ["controller", "--kubeconfig", "/k", "--lease-namespace", "x"],
     ["import", "a.tar", "--name", "n"],
     ["checkpoint", "--exit", "c1", "--tcp-established", "--json"],
     ["-n=ns", "checkpoint", "c1"],
