@@ -436,7 +436,7 @@ def pod_checkpoint(root: Path, edit: Edit | None = None) -> str:
 @pytest.fixture
 def restoring(monkeypatch: pytest.MonkeyPatch) -> FakeCore:
     monkeypatch.setattr(kube, "_wait_name_free", lambda *a: None)
-    monkeypatch.setattr(kube, "_call", lambda doing, fn, *a, **kw: fn(*a, **kw))
+    monkeypatch.setattr(kube, "call", lambda doing, fn, *a, **kw: fn(*a, **kw))
     return FakeCore()
 
 
