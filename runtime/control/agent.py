@@ -11,7 +11,6 @@ deleted Checkpoint's finalizer goes only once its data is gone from the store.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -20,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from runtime.control import resources as r
-from runtime.control.cluster import Cluster, Informer, Obj
+from runtime.control.cluster import Cluster, Informer, Obj, remove_data
 from runtime.control.metrics import Metrics
 from runtime.errors import Aborted, NotFound, StasisError
 from runtime.kube import pods
@@ -198,17 +197,9 @@ class Agent:
 
     def _remove_data(self, obj: Obj) -> None:
         ref = r.status(obj).get("ref") or self._published(obj)
-        if ref:
-            try:
-                pods.remove_pod_checkpoint(ref, self.config)
-            except NotFound:
-                pass
-            except StasisError as e:
-                self.metrics.store_error()
-                self.cluster.event(obj, "Warning", "DataNotRemoved", str(e), COMPONENT)
-                return  # the finalizer stays; the next resync tries again
-        with contextlib.suppress(Aborted):  # changed meanwhile: its next event comes back
-            self.cluster.remove_finalizer(obj, r.DATA_FINALIZER)
+        remove_data(
+            self.cluster, obj, ref, config=self.config, metrics=self.metrics, component=COMPONENT
+        )
 
     def _fail(self, obj: Obj, error: object) -> None:
         log.warning("checkpoint %s failed: %s", obj["metadata"]["name"], error)

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from runtime.control.resources import GROUP, VERSION, message
+from runtime.control.metrics import Metrics
+from runtime.control.resources import DATA_FINALIZER, GROUP, VERSION, message
 from runtime.errors import Aborted, NotFound, StasisError
-from runtime.kube.pods import call
+from runtime.kube.pods import call, remove_pod_checkpoint
 
 log = logging.getLogger("stasis.control")
 
@@ -170,6 +171,25 @@ class Cluster:
         except NotFound:
             return False
         return True
+
+
+def remove_data(
+    cluster: Cluster, obj: Obj, ref: str, *, config: Any, metrics: Metrics, component: str
+) -> None:
+    """A deleted Checkpoint's data (pod checkpoint ``ref`` and its containers') removed
+    from the store, then its data finalizer; a store failure keeps the finalizer (an
+    Event says why) for the next resync to try again."""
+    if ref:
+        try:
+            remove_pod_checkpoint(ref, config)
+        except NotFound:
+            pass
+        except StasisError as e:
+            metrics.store_error()
+            cluster.event(obj, "Warning", "DataNotRemoved", str(e), component)
+            return
+    with contextlib.suppress(Aborted):  # changed meanwhile: its next event comes back
+        cluster.remove_finalizer(obj, DATA_FINALIZER)
 
 
 def plural_of(obj: Obj) -> str:

@@ -12,14 +12,13 @@ and their data goes through the agents' finalizer.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from datetime import UTC, datetime
 from typing import Any
 
 from runtime.control import resources as r
-from runtime.control.cluster import Cluster, Informer, Obj
+from runtime.control.cluster import Cluster, Informer, Obj, remove_data
 from runtime.control.metrics import Metrics
 from runtime.errors import Aborted, FailedPrecondition, NotFound, StasisError
 from runtime.kube import pods
@@ -139,17 +138,14 @@ class Controller:
         node, ref = r.status(obj).get("node"), r.status(obj).get("ref")
         if r.phase(obj) == r.RUNNING or (node and self.cluster.node_exists(node)):
             return  # the agent's
-        if ref:
-            try:
-                pods.remove_pod_checkpoint(ref, self.config)
-            except NotFound:
-                pass
-            except StasisError as e:
-                self.metrics.store_error()
-                self.cluster.event(obj, "Warning", "DataNotRemoved", str(e), COMPONENT)
-                return
-        with contextlib.suppress(Aborted):
-            self.cluster.remove_finalizer(obj, r.DATA_FINALIZER)
+        remove_data(
+            self.cluster,
+            obj,
+            str(ref or ""),
+            config=self.config,
+            metrics=self.metrics,
+            component=COMPONENT,
+        )
 
     # -- restores ------------------------------------------------------------------------
 

@@ -21,15 +21,13 @@ from pathlib import Path
 
 import pytest
 from bed.containerd import images_dir
+from bed.hostkey import new_signing_key_removed
 
 REPO = Path(__file__).resolve().parents[2]
 SOCK = "/run/containerd/containerd.sock"
 CONFIG = Path("/etc/containerd/config.toml")
 PREFIX = Path("/opt/stasis")
 MANIFEST = PREFIX / "install" / "manifest"
-# The node's signing key: install.sh makes it, --uninstall keeps it (only --purge
-# removes it), so the test removes it when it was not there before.
-SIGNING_KEY = Path("/etc/stasis/signing.key")
 # Everything install.sh may add or change when the machine already has its packages.
 ROOTS = (
     PREFIX,
@@ -139,20 +137,12 @@ def machine() -> Iterator[bool]:
     """Yields whether Stasis was installed; afterwards installs it again from this
     checkout if it was (and leaves it uninstalled if it was not)."""
     was_installed = MANIFEST.exists()
-    key_files = (SIGNING_KEY.parent, SIGNING_KEY, Path(f"{SIGNING_KEY}.pub"))
-    made = [p for p in key_files if not p.exists()]
-    yield was_installed
-    if was_installed and not MANIFEST.exists():
-        install_sh(REPO, "--no-demo")
-    elif not was_installed and MANIFEST.exists():
-        install_sh(REPO, "--uninstall")
-    if not MANIFEST.exists():
-        for path in reversed(made):
-            with contextlib.suppress(OSError):  # the directory: only if empty
-                if path == SIGNING_KEY.parent:
-                    path.rmdir()
-                else:
-                    path.unlink()
+    with new_signing_key_removed(keep=MANIFEST.exists):
+        yield was_installed
+        if was_installed and not MANIFEST.exists():
+            install_sh(REPO, "--no-demo")
+        elif not was_installed and MANIFEST.exists():
+            install_sh(REPO, "--uninstall")
 
 
 def test_install_twice_run_and_uninstall(sources: Path, machine: bool) -> None:

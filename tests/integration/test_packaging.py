@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from bed.containerd import CRI_NAMESPACE, RUN_BASE, Containerd, images_dir
+from bed.hostkey import new_signing_key_removed
 from bed.kube import KubeCluster, kube_bed_missing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -133,25 +134,26 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     )
     containerd = Containerd.in_run_dir("1.7", [bin_dir], cri=True)
     cluster: KubeCluster | None = None
-    try:
-        containerd.start()
-        for tar in (images_dir() / "pause.tar", images_dir() / "busybox.tar"):
-            containerd.import_image(tar, namespace=CRI_NAMESPACE)
-        containerd.import_image(image_dir / "stasis-installer.tar", namespace=CRI_NAMESPACE)
-        cluster = KubeCluster.in_run_dir(containerd)
-        cluster.start()
-        yield Node(cluster, prefix, bin_dir)
-    finally:
-        leaks = cluster.stop() if cluster is not None else []
-        if (prefix / "install" / "manifest").exists():
-            subprocess.run(
-                ["bash", str(prefix / "installer" / "install.sh"), "--uninstall"],
-                env=_install_env(prefix, bin_dir),
-                check=False,
-                timeout=300,
-            )
-        containerd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with new_signing_key_removed():  # the DaemonSet's install.sh makes the host's key
+        try:
+            containerd.start()
+            for tar in (images_dir() / "pause.tar", images_dir() / "busybox.tar"):
+                containerd.import_image(tar, namespace=CRI_NAMESPACE)
+            containerd.import_image(image_dir / "stasis-installer.tar", namespace=CRI_NAMESPACE)
+            cluster = KubeCluster.in_run_dir(containerd)
+            cluster.start()
+            yield Node(cluster, prefix, bin_dir)
+        finally:
+            leaks = cluster.stop() if cluster is not None else []
+            if (prefix / "install" / "manifest").exists():
+                subprocess.run(
+                    ["bash", str(prefix / "installer" / "install.sh"), "--uninstall"],
+                    env=_install_env(prefix, bin_dir),
+                    check=False,
+                    timeout=300,
+                )
+            containerd.stop()
+            shutil.rmtree(work, ignore_errors=True)
     assert not leaks, leaks
 
 
