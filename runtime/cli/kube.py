@@ -22,9 +22,9 @@ def kube(ns: argparse.Namespace) -> int:
             progress("RuntimeClass stasis " + ("created" if created else "already there"))
             print(k.RUNTIME_CLASS)
         elif ns.kube_command == "checkpoint":
-            _checkpoint(ns, api) if not ns.on_node else _checkpoint_on_node(ns, api)
+            (_checkpoint_on_node if ns.on_node else _checkpoint)(ns, api)
         elif ns.kube_command == "restore":
-            _restore(ns, api) if not ns.on_node else _restore_on_node(ns, api)
+            (_restore_on_node if ns.on_node else _restore)(ns, api)
     finally:
         api.close()
     return 0

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from runtime.control.metrics import Metrics
-from runtime.control.resources import DATA_FINALIZER, GROUP, VERSION, message
+from runtime.control.resources import DATA_FINALIZER, GROUP, KINDS, VERSION, message
 from runtime.errors import Aborted, NotFound, StasisError
 from runtime.kube.pods import call, remove_pod_checkpoint
 
@@ -73,7 +73,11 @@ class Cluster:
                 f"list {plural} in {ns}", self.custom.list_namespaced_custom_object, GROUP,
                 VERSION, ns, plural, label_selector=labels,
             )  # fmt: skip
-        return list(out.get("items") or []), str((out.get("metadata") or {}).get("resourceVersion"))
+        items: list[Obj] = list(out.get("items") or [])
+        for obj in items:  # what a list leaves out of its items, as watch events have it
+            obj.setdefault("kind", KINDS[plural])
+            obj.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+        return items, str((out.get("metadata") or {}).get("resourceVersion"))
 
     def watch(self, plural: str, resource_version: str, timeout: int) -> Iterator[tuple[str, Obj]]:
         """(event type, object) of every change after ``resource_version``, for at most
@@ -193,10 +197,8 @@ def remove_data(
 
 
 def plural_of(obj: Obj) -> str:
-    from runtime.control.resources import CHECKPOINTS, POLICIES, RESTORES
-
-    plurals = {"Checkpoint": CHECKPOINTS, "Restore": RESTORES, "CheckpointPolicy": POLICIES}
-    return plurals[str(obj.get("kind"))]
+    """The resource (plural) of one of our objects, from its kind."""
+    return next(plural for plural, kind in KINDS.items() if kind == obj.get("kind"))
 
 
 class Informer:
@@ -219,8 +221,6 @@ class Informer:
             try:
                 items, version = self.cluster.objects(self.plural)
                 for obj in items:
-                    obj.setdefault("kind", _KINDS[self.plural])
-                    obj.setdefault("apiVersion", f"{GROUP}/{VERSION}")
                     self._handle(obj)
                 deadline = time.monotonic() + self.resync
                 while not stop.is_set() and time.monotonic() < deadline:
@@ -243,10 +243,3 @@ class Informer:
         except Exception:
             meta = obj.get("metadata") or {}
             log.exception("%s %s/%s", self.plural, meta.get("namespace"), meta.get("name"))
-
-
-_KINDS = {
-    "checkpoints": "Checkpoint",
-    "restores": "Restore",
-    "checkpointpolicies": "CheckpointPolicy",
-}

@@ -73,11 +73,9 @@ class Controller:
         restores, _ = self.cluster.objects(r.RESTORES)
         for obj in restores:
             if r.phase(obj) not in r.DONE:
-                obj.setdefault("kind", "Restore")
                 self.on_restore(obj)
         policies, _ = self.cluster.objects(r.POLICIES)
         for obj in policies:
-            obj.setdefault("kind", "CheckpointPolicy")
             try:
                 self.run_policy(obj)
             except StasisError as e:

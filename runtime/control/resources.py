@@ -20,6 +20,7 @@ VERSION = "v1alpha1"
 CHECKPOINTS = "checkpoints"
 RESTORES = "restores"
 POLICIES = "checkpointpolicies"
+KINDS = {CHECKPOINTS: "Checkpoint", RESTORES: "Restore", POLICIES: "CheckpointPolicy"}
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 DONE = frozenset({SUCCEEDED, FAILED})
@@ -71,6 +72,13 @@ def _store(value: object, what: str) -> str:
     return value
 
 
+def _flag(spec: dict[str, Any], key: str, where: str) -> bool:
+    value = spec.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}: spec.{key} must be true or false")
+    return value
+
+
 def _spec(obj: dict[str, Any], kind: str) -> dict[str, Any]:
     spec = obj.get("spec")
     if not isinstance(spec, dict):
@@ -95,13 +103,10 @@ class CheckpointSpec:
     def parse(cls, obj: dict[str, Any]) -> CheckpointSpec:
         spec = _spec(obj, "Checkpoint")
         where = f"Checkpoint {_where(obj)}"
-        stop = spec.get("stopPod", False)
-        if not isinstance(stop, bool):
-            raise InvalidArgument(f"{where}: spec.stopPod must be true or false")
         return cls(
             pod=_name(spec.get("podName"), f"{where}: spec.podName"),
             store=_store(spec.get("store"), f"{where}: spec.store"),
-            stop_pod=stop,
+            stop_pod=_flag(spec, "stopPod", where),
         )
 
 
@@ -216,14 +221,11 @@ class PolicySpec:
                 not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high
             ):
                 raise InvalidArgument(f"{where}: spec.{field} must be an integer {low}..{high}")
-        drain = spec.get("onNodeDrain", False)
-        if not isinstance(drain, bool):
-            raise InvalidArgument(f"{where}: spec.onNodeDrain must be true or false")
         return cls(
             selector=Selector.parse(spec.get("selector"), f"{where}: spec.selector"),
             interval=interval,
             keep=keep,
-            on_node_drain=drain,
+            on_node_drain=_flag(spec, "onNodeDrain", where),
             store=_store(spec.get("store"), f"{where}: spec.store"),
         )
 

@@ -47,6 +47,13 @@ def opts(tmp_path: Path, **kw: bool) -> CheckpointOpts:
     return CheckpointOpts(image_path=str(tmp_path / "images"), **kw)
 
 
+async def checkpoint_running(p: InitProcess, tmp_path: Path) -> None:
+    """A leave-running checkpoint of a running process: freeze, dump, thaw."""
+    async with p.checkpointing() as ck:
+        await ck.freeze()
+        await ck.dump(opts(tmp_path, leave_running=True))
+
+
 async def soon() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -88,12 +95,7 @@ def test_kill_goes_through_during_a_checkpoint(tmp_path: Path) -> None:
         p, runc = await running(tmp_path)
         runc.hold = asyncio.Event()
 
-        async def checkpoint() -> None:
-            async with p.checkpointing() as ck:
-                await ck.freeze()
-                await ck.dump(opts(tmp_path, leave_running=True))
-
-        task = asyncio.ensure_future(checkpoint())
+        task = asyncio.ensure_future(checkpoint_running(p, tmp_path))
         await runc.dumping.wait()
         await p.kill(signal.SIGKILL, all=True)  # does not wait for the dump
         assert ("kill", "c1", signal.SIGKILL, True) in runc.calls
@@ -131,21 +133,14 @@ def test_a_failed_checkpoint_leaves_the_container_running_and_thawed(tmp_path: P
         p, runc = await running(tmp_path)
         runc.fail["checkpoint"] = RuncError("checkpoint", 1, "criu failed")
         with pytest.raises(StasisError, match="checkpoint of c1 failed"):
-            async with p.checkpointing() as ck:
-                await ck.freeze()
-                await ck.dump(opts(tmp_path, leave_running=True))
+            await checkpoint_running(p, tmp_path)
         assert p.status is Status.RUNNING
         assert names(runc) == ["pause", "checkpoint", "resume"]
         # a cancelled one too
         runc.fail.clear()
         runc.hold = asyncio.Event()
 
-        async def checkpoint() -> None:
-            async with p.checkpointing() as ck:
-                await ck.freeze()
-                await ck.dump(opts(tmp_path, leave_running=True))
-
-        task = asyncio.ensure_future(checkpoint())
+        task = asyncio.ensure_future(checkpoint_running(p, tmp_path))
         await runc.dumping.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
